@@ -1,0 +1,1 @@
+"""Everything that turns documents into predictions. Never imports `proxy`."""

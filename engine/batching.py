@@ -1,0 +1,254 @@
+"""Gathering concurrent predictions from any task into batches, without a background task.
+
+Leader/follower: the first caller that finds no open batch opens one and leads it; later
+callers join it (followers) until it is full or `max_delay_ms` has passed since it opened.
+The leader then closes it, runs the model in a worker thread under the shared
+CapacityLimiter, and publishes the rows (or the error) to every member through the batch's
+`done` Event. Joining is synchronous (no await between looking at the open batch and adding
+to it), so no lock is needed.
+
+Cancellation: a follower just stops waiting; its rows are computed and dropped. The leader
+runs its whole duty (the short wait, then the run) inside a shielded cancel scope, so that
+cancelling it can never strand its followers: the cost is that a cancelled leader returns
+at most max_delay_ms + one model run late. Handing leadership over would avoid that delay
+but needs a second waiter per batch and more states; the model run itself cannot be
+interrupted anyway (onnxruntime runs to completion in its thread).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import trio
+
+from engine.errors import PredictionError
+from engine.inputs import ImageSource, prepare_input
+from engine.outputs import postprocess
+from engine.runtime import CompiledModel
+
+__all__ = ["BatchStats", "Batcher", "Failure", "ModelServer", "Outcome", "Prediction"]
+
+LATENCY_WINDOW = 1024
+
+
+class BatchStats:
+    """Counters and a bounded window of recent batch latencies, for `modelStatus`."""
+
+    def __init__(self, window: int = LATENCY_WINDOW) -> None:
+        self.predicted = 0  # documents that got a prediction
+        self.errors = 0  # documents that got a failure
+        self.batches = 0  # model runs (one per closed batch)
+        self.batched_items = 0  # items over all batches, for the mean batch size
+        self.batch_errors = 0  # batches whose run failed
+        self._latencies: deque[float] = deque(maxlen=window)  # seconds, open -> result
+
+    def record_batch(self, size: int, latency_s: float, *, failed: bool) -> None:
+        self.batches += 1
+        self.batched_items += size
+        if failed:
+            self.batch_errors += 1
+        self._latencies.append(latency_s)
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.batched_items / self.batches if self.batches else 0.0
+
+    def latency_percentiles_ms(self) -> dict[str, float]:
+        if not self._latencies:
+            return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+        ordered = sorted(self._latencies)
+
+        def nearest_rank(p: float) -> float:
+            index = max(0, math.ceil(p / 100 * len(ordered)) - 1)
+            return ordered[index] * 1000.0
+
+        return {"p50": nearest_rank(50), "p95": nearest_rank(95), "p99": nearest_rank(99)}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "predicted": self.predicted,
+            "errors": self.errors,
+            "batches": self.batches,
+            "failedBatches": self.batch_errors,
+            "meanBatchSize": self.mean_batch_size,
+            "latencyMs": self.latency_percentiles_ms(),
+        }
+
+
+class _Batch:
+    def __init__(self, opened_at: float) -> None:
+        self.opened_at = opened_at
+        self.items: list[np.ndarray] = []
+        self.full = trio.Event()
+        self.done = trio.Event()
+        self.result: np.ndarray | None = None
+        self.error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Slot:
+    batch: _Batch
+    start: int
+    count: int
+
+
+class Batcher:
+    """Batches `run` calls for one CompiledModel; the limiter is shared across models."""
+
+    def __init__(
+        self,
+        model: CompiledModel,
+        limiter: trio.CapacityLimiter,
+        *,
+        stats: BatchStats | None = None,
+    ) -> None:
+        self.model = model
+        self.limiter = limiter
+        self.stats = stats if stats is not None else BatchStats()
+        self.max_size = model.spec.batch.max_size
+        self.max_delay_s = model.spec.batch.max_delay_ms / 1000.0
+        self._open: _Batch | None = None
+
+    async def run(self, items: Sequence[np.ndarray]) -> np.ndarray:
+        """Output rows for `items`, in order. Raises PredictionError if any batch failed."""
+        rows = await self.run_each(items)
+        for row in rows:
+            if isinstance(row, PredictionError):
+                raise row
+        if not rows:
+            return np.empty((0,), dtype=np.float32)
+        return np.stack(rows)  # type: ignore[arg-type]
+
+    async def run_each(self, items: Sequence[np.ndarray]) -> list[np.ndarray | PredictionError]:
+        """One output row per item, or the PredictionError of the batch it ran in."""
+        slots, led = self._join(items)
+        if led:
+            async with trio.open_nursery() as nursery:
+                for batch in led:
+                    nursery.start_soon(self._lead, batch)
+        results: list[np.ndarray | PredictionError] = []
+        for slot in slots:
+            await slot.batch.done.wait()
+            if slot.batch.result is None:
+                error = PredictionError(slot.batch.error or "batch aborted")
+                results.extend([error] * slot.count)
+            else:
+                results.extend(slot.batch.result[slot.start : slot.start + slot.count])
+        return results
+
+    def _join(self, items: Sequence[np.ndarray]) -> tuple[list[_Slot], list[_Batch]]:
+        """Put items into the open batch, opening new ones (led by this caller) as needed."""
+        slots: list[_Slot] = []
+        led: list[_Batch] = []
+        position = 0
+        while position < len(items):
+            batch = self._open
+            if batch is None:
+                batch = self._open = _Batch(trio.current_time())
+                led.append(batch)
+            take = min(self.max_size - len(batch.items), len(items) - position)
+            slots.append(_Slot(batch, len(batch.items), take))
+            batch.items.extend(items[position : position + take])
+            position += take
+            if len(batch.items) >= self.max_size:
+                self._open = None  # full: the next caller opens a new batch
+                batch.full.set()
+        return slots, led
+
+    async def _lead(self, batch: _Batch) -> None:
+        # Shielded so that cancelling the leader cannot strand its followers (see module doc).
+        with trio.CancelScope(shield=True):
+            try:
+                with trio.move_on_after(self.max_delay_s):
+                    await batch.full.wait()
+                if self._open is batch:
+                    self._open = None  # closed: nobody joins from here on
+                stacked = np.stack(batch.items)
+                batch.result = await trio.to_thread.run_sync(
+                    self.model.run, stacked, limiter=self.limiter
+                )
+                if batch.result.shape[0] != len(batch.items):  # CompiledModel checks it too
+                    raise PredictionError("model returned the wrong number of rows")
+            except PredictionError as e:
+                batch.result = None
+                batch.error = e.message
+            except Exception as e:  # never leave followers without an answer
+                batch.result = None
+                batch.error = f"model '{self.model.spec.name}' failed to run: {e}"
+            finally:
+                if self._open is batch:
+                    self._open = None
+                self.stats.record_batch(
+                    len(batch.items),
+                    trio.current_time() - batch.opened_at,
+                    failed=batch.result is None,
+                )
+                batch.done.set()
+
+
+@dataclass(frozen=True)
+class Prediction:
+    value: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Failure:
+    message: str
+
+
+Outcome = Prediction | Failure
+
+
+class ModelServer:
+    """One loaded model version ready for documents: inputs -> batcher -> output values."""
+
+    def __init__(self, model: CompiledModel, limiter: trio.CapacityLimiter) -> None:
+        self.model = model
+        self.batcher = Batcher(model, limiter)
+        self.stats = self.batcher.stats
+
+    @property
+    def version(self) -> int:
+        return self.model.version
+
+    async def predict_values(
+        self, values: Sequence[Any], *, image_source: ImageSource | None = None
+    ) -> list[Outcome]:
+        """One Outcome per value, in order; a bad value fails alone, a failed run fails its
+        batch. Never raises PredictionError."""
+        outcomes: list[Outcome | None] = [None] * len(values)
+        prepared: dict[int, np.ndarray] = {}
+
+        async def prepare(index: int, value: Any) -> None:
+            try:
+                prepared[index] = await prepare_input(value, self.model, image_source=image_source)
+            except PredictionError as e:
+                outcomes[index] = Failure(e.message)
+
+        if len(values) == 1:
+            await prepare(0, values[0])  # the common inline case: no nursery needed
+        else:
+            async with trio.open_nursery() as nursery:
+                for index, value in enumerate(values):
+                    nursery.start_soon(prepare, index, value)
+
+        order = sorted(prepared)
+        rows = await self.batcher.run_each([prepared[i] for i in order])
+        for index, row in zip(order, rows, strict=True):
+            if isinstance(row, PredictionError):
+                outcomes[index] = Failure(row.message)
+                continue
+            try:
+                outcomes[index] = Prediction(postprocess(row, self.model.spec, self.model.version))
+            except PredictionError as e:
+                outcomes[index] = Failure(e.message)
+
+        final = [o if o is not None else Failure("no prediction") for o in outcomes]
+        self.stats.predicted += sum(isinstance(o, Prediction) for o in final)
+        self.stats.errors += sum(isinstance(o, Failure) for o in final)
+        return final

@@ -1,0 +1,51 @@
+"""Turning one document field value into one model input item (a numpy array)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import trio
+
+from engine.errors import PredictionError
+from engine.inputs.image import decode_image, image_to_array, preprocess_image_bytes
+from engine.inputs.tensor import tensor_from_value
+from engine.runtime import CompiledModel
+from engine.spec import ImagePreprocess
+
+__all__ = [
+    "ImageSource",
+    "decode_image",
+    "image_to_array",
+    "prepare_input",
+    "preprocess_image_bytes",
+    "tensor_from_value",
+]
+
+
+class ImageSource(Protocol):
+    """Fetches image bytes by URL (engine/fetch.py). Raises PredictionError naming the URL."""
+
+    async def fetch(self, url: str) -> bytes: ...
+
+
+async def prepare_input(
+    value: Any, model: CompiledModel, *, image_source: ImageSource | None = None
+) -> np.ndarray:
+    """One field value -> an array of `model.item_shape` and `model.input_dtype`."""
+    pre = model.spec.preprocess
+    if not isinstance(pre, ImagePreprocess):
+        return tensor_from_value(value, model.item_shape, model.input_dtype)
+    if isinstance(value, str):
+        if image_source is None:
+            raise PredictionError("image URLs are not enabled")
+        data = await image_source.fetch(value)
+    elif isinstance(value, bytes | bytearray | memoryview):  # bson.Binary is a bytes
+        data = bytes(value)
+    elif value is None:
+        raise PredictionError("expected image bytes or a URL, got null")
+    else:
+        raise PredictionError(f"expected image bytes or a URL, got {type(value).__name__}")
+    # Decoding and resizing run in a worker thread: PIL releases the GIL for most of it.
+    arr = await trio.to_thread.run_sync(preprocess_image_bytes, data, pre)
+    return arr.astype(model.input_dtype, copy=False)

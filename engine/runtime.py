@@ -1,0 +1,268 @@
+"""onnxruntime sessions: loading a model, checking it fits its spec, running batches.
+
+Everything onnxruntime raises is converted here: at load into `InvalidModel`, at run into
+`PredictionError`. `CompiledModel.run` is synchronous and meant to be called from a worker
+thread (`trio.to_thread.run_sync`); onnxruntime releases the GIL while it computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from engine.errors import InvalidModel, PredictionError
+from engine.spec import ClassifyPostprocess, ImagePreprocess, ModelSpec
+
+__all__ = ["CompiledModel", "RuntimeSettings", "load_model", "resolve_providers"]
+
+log = logging.getLogger(__name__)
+
+_CPU = "CPUExecutionProvider"
+_CUDA = "CUDAExecutionProvider"
+_TENSORRT = "TensorrtExecutionProvider"
+
+# ONNX tensor type strings as onnxruntime reports them -> numpy dtypes.
+_DTYPES: dict[str, np.dtype[Any]] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(bool)": np.dtype(np.bool_),
+}
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    # None = auto: TensorRT (only if `tensorrt` and available), CUDA if available, then CPU.
+    providers: tuple[str, ...] | None = None
+    tensorrt: bool = False
+    intra_op_threads: int = 0  # 0 = onnxruntime's default
+    inter_op_threads: int = 0
+    max_concurrent_runs: int = 2  # size of the CapacityLimiter shared by all models
+
+
+def resolve_providers(settings: RuntimeSettings) -> list[str]:
+    if settings.providers is not None:
+        return list(settings.providers)
+    available = set(ort.get_available_providers())
+    providers = []
+    if settings.tensorrt and _TENSORRT in available:
+        providers.append(_TENSORRT)
+    if _CUDA in available:
+        providers.append(_CUDA)
+    providers.append(_CPU)
+    return providers
+
+
+def _dim_text(shape: list[Any] | tuple[Any, ...]) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else repr(d) for d in shape) + "]"
+
+
+class CompiledModel:
+    """One loaded version of one model. Thread-safe: `run` may be called concurrently."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        version: int,
+        session: ort.InferenceSession,
+        *,
+        input_dtype: np.dtype[Any],
+        item_shape: tuple[int, ...],
+        max_batch: int | None,
+    ) -> None:
+        self.spec = spec
+        self.version = version
+        self.session = session
+        self.providers: tuple[str, ...] = tuple(session.get_providers())
+        self.input_name: str = session.get_inputs()[0].name
+        self.output_name: str = session.get_outputs()[0].name
+        self.input_dtype = input_dtype
+        self.item_shape = item_shape
+        self.max_batch = max_batch  # None: any batch size; else the model's fixed batch size
+        self._use_io_binding = _CUDA in self.providers
+
+    def __repr__(self) -> str:
+        return (
+            f"CompiledModel({self.spec.name!r} v{self.version}, input={self.input_name} "
+            f"{self.input_dtype}{list(self.item_shape)}, max_batch={self.max_batch}, "
+            f"providers={list(self.providers)})"
+        )
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Run a batch shaped (n, *item_shape); return the first output, one row per item.
+
+        A model with a fixed batch size runs in chunks of that size (the last one padded)."""
+        if batch.shape[1:] != self.item_shape:
+            raise PredictionError(
+                f"batch items have shape {list(batch.shape[1:])}, "
+                f"model expects {list(self.item_shape)}"
+            )
+        batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
+        n = batch.shape[0]
+        if self.max_batch is None or n == self.max_batch:
+            return self._run_checked(batch)
+        size = self.max_batch
+        outputs = []
+        for start in range(0, n, size):
+            chunk = batch[start : start + size]
+            real = chunk.shape[0]
+            if real < size:
+                pad = np.zeros((size - real, *self.item_shape), dtype=self.input_dtype)
+                chunk = np.concatenate([chunk, pad])
+            outputs.append(self._run_checked(chunk)[:real])
+        return np.concatenate(outputs)
+
+    def _run_checked(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            out = self._run_session(batch)
+        except PredictionError:
+            raise
+        except Exception as e:  # onnxruntime raises its own Fail/RuntimeException/... types
+            raise PredictionError(f"model '{self.spec.name}' failed to run: {e}") from e
+        out = np.asarray(out)
+        if out.ndim == 0 or out.shape[0] != batch.shape[0]:
+            raise PredictionError(
+                f"model '{self.spec.name}' returned shape {list(out.shape)} "
+                f"for a batch of {batch.shape[0]}"
+            )
+        return out
+
+    def _run_session(self, batch: np.ndarray) -> np.ndarray:
+        if self._use_io_binding:
+            # Input copied from host once; the output stays on the device until copied out.
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(self.input_name, batch)
+            binding.bind_output(self.output_name, "cuda")
+            self.session.run_with_iobinding(binding)
+            return np.asarray(binding.copy_outputs_to_cpu()[0])
+        return np.asarray(self.session.run([self.output_name], {self.input_name: batch})[0])
+
+
+def load_model(
+    spec: ModelSpec, version: int, onnx_bytes: bytes, settings: RuntimeSettings
+) -> CompiledModel:
+    """Build a session from ONNX bytes and check that it fits `spec`; raise InvalidModel."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only; load problems come back as InvalidModel
+    providers = resolve_providers(settings)
+    try:
+        session = ort.InferenceSession(bytes(onnx_bytes), options, providers=providers)
+    except Exception as e:  # InvalidProtobuf, Fail, InvalidGraph, NoSuchFile, ...
+        raise InvalidModel(f"model '{spec.name}': onnxruntime cannot load it: {e}") from e
+
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise InvalidModel(
+            f"model '{spec.name}' must have exactly one input, it has {len(inputs)} ({names})"
+        )
+    if not session.get_outputs():
+        raise InvalidModel(f"model '{spec.name}' has no outputs")
+    model_input = inputs[0]
+    dtype = _DTYPES.get(model_input.type)
+    if dtype is None:
+        raise InvalidModel(
+            f"model '{spec.name}' input '{model_input.name}' has unsupported type "
+            f"{model_input.type}"
+        )
+    shape = list(model_input.shape)
+    if not shape:
+        raise InvalidModel(
+            f"model '{spec.name}' input '{model_input.name}' is a scalar; "
+            "it needs a batch dimension first"
+        )
+    batch_dim = shape[0]
+    max_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
+
+    pre = spec.preprocess
+    if isinstance(pre, ImagePreprocess):
+        item_shape = _check_image_input(spec, pre, model_input.name, shape, dtype)
+    else:
+        item_shape = _check_tensor_input(spec, model_input.name, shape)
+
+    model = CompiledModel(
+        spec, version, session, input_dtype=dtype, item_shape=item_shape, max_batch=max_batch
+    )
+    _check_output(model)
+    log.info("loaded %r", model)
+    return model
+
+
+def _check_image_input(
+    spec: ModelSpec, pre: ImagePreprocess, name: str, shape: list[Any], dtype: np.dtype[Any]
+) -> tuple[int, ...]:
+    if len(shape) != 4:
+        raise InvalidModel(
+            f"model '{spec.name}': image preprocess needs a rank-4 input "
+            f"({pre.layout}), input '{name}' has shape {_dim_text(shape)}"
+        )
+    if dtype.kind != "f":
+        raise InvalidModel(
+            f"model '{spec.name}': image preprocess needs a floating-point input, "
+            f"input '{name}' is {dtype}"
+        )
+    expected = pre.item_shape
+    labels = ("C", "H", "W") if pre.layout == "NCHW" else ("H", "W", "C")
+    for dim, want, label in zip(shape[1:], expected, labels, strict=True):
+        if isinstance(dim, int) and dim > 0 and dim != want:
+            raise InvalidModel(
+                f"model '{spec.name}': input '{name}' has shape {_dim_text(shape)} but the "
+                f"preprocess (mode {pre.mode}, size {list(pre.size)}, layout {pre.layout}) "
+                f"gives {label}={want}, expected N{''.join(labels)} = "
+                f"{_dim_text(['N', *expected])}"
+            )
+    return expected
+
+
+def _check_tensor_input(spec: ModelSpec, name: str, shape: list[Any]) -> tuple[int, ...]:
+    item = shape[1:]
+    if not all(isinstance(d, int) and d > 0 for d in item):
+        # Variable-size items could not be stacked into one batch; keep the contract simple.
+        raise InvalidModel(
+            f"model '{spec.name}': tensor input '{name}' has shape {_dim_text(shape)}; "
+            "every dimension after the batch dimension must be fixed"
+        )
+    return tuple(int(d) for d in item)
+
+
+def _check_output(model: CompiledModel) -> None:
+    spec = model.spec
+    post = spec.postprocess
+    output = model.session.get_outputs()[0]
+    if isinstance(post, ClassifyPostprocess):
+        shape = list(output.shape) if output.shape is not None else []
+        last = shape[-1] if shape else None
+        if isinstance(last, int) and last > 0 and last != len(post.labels):
+            raise InvalidModel(
+                f"model '{spec.name}': output '{output.name}' has {last} classes "
+                f"(shape {_dim_text(shape)}) but {len(post.labels)} labels were given"
+            )
+    # Smoke test: one zero item through the session catches what static shapes cannot.
+    dummy = np.zeros((1, *model.item_shape), dtype=model.input_dtype)
+    try:
+        out = model.run(dummy)
+    except PredictionError as e:
+        raise InvalidModel(f"model '{spec.name}' failed a test run at load: {e.message}") from e
+    if isinstance(post, ClassifyPostprocess):
+        classes = math.prod(out.shape[1:])
+        if out.ndim < 2 or out.shape[-1] != len(post.labels) or classes != len(post.labels):
+            raise InvalidModel(
+                f"model '{spec.name}': output '{output.name}' gives shape "
+                f"{list(out.shape)} for one item, but {len(post.labels)} labels were given"
+            )

@@ -1,0 +1,490 @@
+"""The model declaration: what a `registerModel` command says, as frozen dataclasses.
+
+`parse_register_command` validates the client's command (every wrong argument becomes a
+MongoDB-shaped error: BadValue for wrong values, TypeMismatch for wrong types) and
+`ModelSpec.to_document` / `ModelSpec.from_document` round-trip the declaration through a
+BSON-able dict for the registry. Namespace errors are BadValue (code 2) throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from engine.errors import BadValue, TypeMismatch
+
+__all__ = [
+    "BatchPolicy",
+    "ClassifyPostprocess",
+    "EmbeddingPostprocess",
+    "ImagePreprocess",
+    "ModelSpec",
+    "Postprocess",
+    "Preprocess",
+    "RawPostprocess",
+    "TensorPreprocess",
+    "parse_register_command",
+]
+
+MAX_NAME_LENGTH = 120
+MAX_BATCH_SIZE = 100_000
+MODES = ("inline", "deferred")
+ON_ERROR = ("reject", "record")
+IMAGE_MODES = {"L": 1, "RGB": 3}
+LAYOUTS = ("NCHW", "NHWC")
+
+Mode = Literal["inline", "deferred"]
+OnError = Literal["reject", "record"]
+Softmax = Literal["auto"] | bool
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """Decode, convert to `mode`, resize to `size` ([H, W]), x / scale, (x - mean) / std."""
+
+    size: tuple[int, int]
+    mode: Literal["L", "RGB"] = "RGB"
+    scale: float = 255.0
+    mean: tuple[float, ...] = ()  # one per channel after parsing
+    std: tuple[float, ...] = ()
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+    @property
+    def channels(self) -> int:
+        return IMAGE_MODES[self.mode]
+
+    @property
+    def item_shape(self) -> tuple[int, int, int]:
+        h, w = self.size
+        c = self.channels
+        return (c, h, w) if self.layout == "NCHW" else (h, w, c)
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "kind": "image",
+            "size": list(self.size),
+            "mode": self.mode,
+            "scale": self.scale,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "layout": self.layout,
+        }
+
+
+@dataclass(frozen=True)
+class TensorPreprocess:
+    """The field holds numbers (a scalar or nested lists) shaped like one model input item."""
+
+    def to_document(self) -> dict[str, Any]:
+        return {"kind": "tensor"}
+
+
+@dataclass(frozen=True)
+class ClassifyPostprocess:
+    labels: tuple[str | int, ...]
+    top_k: int = 3
+    softmax: Softmax = "auto"
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "kind": "classify",
+            "labels": list(self.labels),
+            "topK": self.top_k,
+            "softmax": self.softmax,
+        }
+
+
+@dataclass(frozen=True)
+class EmbeddingPostprocess:
+    def to_document(self) -> dict[str, Any]:
+        return {"kind": "embedding"}
+
+
+@dataclass(frozen=True)
+class RawPostprocess:
+    def to_document(self) -> dict[str, Any]:
+        return {"kind": "raw"}
+
+
+Preprocess = ImagePreprocess | TensorPreprocess
+Postprocess = ClassifyPostprocess | EmbeddingPostprocess | RawPostprocess
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_size: int = 64
+    max_delay_ms: float = 2.0
+
+    def to_document(self) -> dict[str, Any]:
+        return {"maxSize": self.max_size, "maxDelayMs": self.max_delay_ms}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    namespace: str  # "db.collection"
+    input_field: str
+    output_field: str
+    mode: Mode
+    preprocess: Preprocess
+    postprocess: Postprocess
+    batch: BatchPolicy = field(default_factory=BatchPolicy)
+    on_error: OnError = "reject"
+    filter: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def db(self) -> str:
+        return self.namespace.split(".", 1)[0]
+
+    @property
+    def collection(self) -> str:
+        return self.namespace.split(".", 1)[1]
+
+    def to_document(self) -> dict[str, Any]:
+        """A BSON-able dict; `from_document` reads it back to an equal spec."""
+        doc: dict[str, Any] = {
+            "name": self.name,
+            "collection": self.namespace,
+            "input": self.input_field,
+            "output": self.output_field,
+            "mode": self.mode,
+            "preprocess": self.preprocess.to_document(),
+            "postprocess": self.postprocess.to_document(),
+            "batch": self.batch.to_document(),
+            "onError": self.on_error,
+        }
+        if self.filter is not None:
+            doc["filter"] = self.filter
+        if self.metadata is not None:
+            doc["metadata"] = self.metadata
+        return doc
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> ModelSpec:
+        """Inverse of `to_document`. Keys the registry adds (`_id`, version, ...) are ignored."""
+        fields = {k: doc[k] for k in _SPEC_KEYS if k in doc}
+        if "name" not in doc:
+            raise BadValue("missing required field 'name'")
+        return _parse_spec(doc["name"], fields)
+
+
+# --------------------------------------------------------------------------- parsing
+
+_REGISTER_FIELDS = frozenset(
+    {
+        "registerModel",
+        "collection",
+        "input",
+        "output",
+        "mode",
+        "onnx",
+        "path",
+        "preprocess",
+        "postprocess",
+        "batch",
+        "onError",
+        "filter",
+        "metadata",
+    }
+)
+_SPEC_KEYS = (
+    "collection",
+    "input",
+    "output",
+    "mode",
+    "preprocess",
+    "postprocess",
+    "batch",
+    "onError",
+    "filter",
+    "metadata",
+)
+
+
+def parse_register_command(
+    fields: Mapping[str, Any], *, allow_path: bool = True
+) -> tuple[ModelSpec, bytes]:
+    """Validate a `registerModel` command; return the spec and the ONNX bytes.
+
+    `fields` is the command document without the generic fields ($db, lsid, ...)."""
+    for key in fields:
+        if key not in _REGISTER_FIELDS:
+            raise BadValue(f"registerModel: unknown field '{key}'")
+    if "registerModel" not in fields:
+        raise BadValue("missing required field 'registerModel'")
+    spec = _parse_spec(fields["registerModel"], fields)
+    onnx_bytes = _read_model_bytes(fields, allow_path=allow_path)
+    return spec, onnx_bytes
+
+
+def _parse_spec(name_value: Any, fields: Mapping[str, Any]) -> ModelSpec:
+    name = _model_name(name_value)
+    namespace = _namespace(_required(fields, "collection"))
+    input_field = _field_path("input", _required(fields, "input"))
+    output_field = _field_path("output", fields.get("output", f"_outputs.{name}"))
+    if _paths_overlap(input_field, output_field):
+        raise BadValue(
+            f"output field '{output_field}' may not be, contain or lie inside "
+            f"the input field '{input_field}'"
+        )
+    if output_field == "_id" or output_field.startswith("_id."):
+        raise BadValue("output field may not be '_id'")
+    mode = _choice("mode", fields.get("mode", "inline"), MODES)
+    on_error = _choice("onError", fields.get("onError", "reject"), ON_ERROR)
+    preprocess = _preprocess(_required(fields, "preprocess", default={"kind": "tensor"}))
+    postprocess = _postprocess(_required(fields, "postprocess", default={"kind": "raw"}))
+    batch = _batch(fields.get("batch", {}))
+    filter_doc = _optional_doc("filter", fields.get("filter"))
+    metadata = _optional_doc("metadata", fields.get("metadata"))
+    return ModelSpec(
+        name=name,
+        namespace=namespace,
+        input_field=input_field,
+        output_field=output_field,
+        mode=mode,  # type: ignore[arg-type]
+        preprocess=preprocess,
+        postprocess=postprocess,
+        batch=batch,
+        on_error=on_error,  # type: ignore[arg-type]
+        filter=filter_doc,
+        metadata=metadata,
+    )
+
+
+def _required(fields: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    value = fields.get(key, default)
+    if value is None:
+        raise BadValue(f"missing required field '{key}'")
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _expect_str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeMismatch(f"'{key}' must be a string, got {_type_name(value)}")
+    return value
+
+
+def _expect_doc(key: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeMismatch(f"'{key}' must be a document, got {_type_name(value)}")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _expect_number(key: str, value: Any) -> float:
+    if not _is_number(value):
+        raise TypeMismatch(f"'{key}' must be a number, got {_type_name(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise BadValue(f"'{key}' must be finite, got {value}")
+    return number
+
+
+def _expect_int(key: str, value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # drivers (mongosh) send numbers as doubles
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeMismatch(f"'{key}' must be an integer, got {_type_name(value)}")
+    return value
+
+
+def _model_name(value: Any) -> str:
+    name = _expect_str("registerModel", value)
+    if not name:
+        raise BadValue("model name may not be empty")
+    if "$" in name or "\x00" in name:
+        raise BadValue(f"model name may not contain '$' or NUL: {name!r}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise BadValue(f"model name is longer than {MAX_NAME_LENGTH} characters")
+    return name
+
+
+def _namespace(value: Any) -> str:
+    namespace = _expect_str("collection", value)
+    db, dot, coll = namespace.partition(".")
+    if not dot or not db or not coll:
+        raise BadValue(f"invalid namespace '{namespace}': expected '<database>.<collection>'")
+    if "\x00" in namespace or any(c in db for c in '/\\. "$'):
+        raise BadValue(f"invalid namespace '{namespace}'")
+    if coll.startswith("$"):
+        raise BadValue(f"invalid namespace '{namespace}'")
+    return namespace
+
+
+def _field_path(key: str, value: Any) -> str:
+    path = _expect_str(key, value)
+    if not path:
+        raise BadValue(f"'{key}' field path may not be empty")
+    if "\x00" in path:
+        raise BadValue(f"'{key}' field path may not contain NUL")
+    for part in path.split("."):
+        if not part:
+            raise BadValue(f"'{key}' field path '{path}' has an empty part")
+        if part.startswith("$"):
+            raise BadValue(f"'{key}' field path '{path}' may not start a part with '$'")
+    return path
+
+
+def _paths_overlap(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    text = _expect_str(key, value)
+    if text not in allowed:
+        options = ", ".join(f"'{a}'" for a in allowed)
+        raise BadValue(f"'{key}' must be one of {options}, got '{text}'")
+    return text
+
+
+def _optional_doc(key: str, value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    return dict(_expect_doc(key, value))
+
+
+def _check_keys(where: str, doc: Mapping[str, Any], allowed: set[str]) -> None:
+    for key in doc:
+        if key not in allowed:
+            raise BadValue(f"{where}: unknown field '{key}'")
+
+
+def _preprocess(value: Any) -> Preprocess:
+    doc = _expect_doc("preprocess", value)
+    kind = _expect_str("preprocess.kind", _required(doc, "kind"))
+    if kind == "tensor":
+        _check_keys("preprocess", doc, {"kind"})
+        return TensorPreprocess()
+    if kind != "image":
+        raise BadValue(f"unknown preprocess kind '{kind}': expected 'image' or 'tensor'")
+    _check_keys("preprocess", doc, {"kind", "size", "mode", "scale", "mean", "std", "layout"})
+    size_value = _required(doc, "size")
+    if not isinstance(size_value, list | tuple):
+        raise TypeMismatch(f"'preprocess.size' must be an array, got {_type_name(size_value)}")
+    if len(size_value) != 2:
+        raise BadValue(f"'preprocess.size' must be [height, width], got {len(size_value)} values")
+    size = tuple(_expect_int("preprocess.size", s) for s in size_value)
+    if any(s < 1 or s > 16384 for s in size):
+        raise BadValue(f"'preprocess.size' values must be in 1..16384, got {list(size)}")
+    mode = _choice("preprocess.mode", doc.get("mode", "RGB"), tuple(IMAGE_MODES))
+    channels = IMAGE_MODES[mode]
+    scale = _expect_number("preprocess.scale", doc.get("scale", 255.0))
+    if scale == 0:
+        raise BadValue("'preprocess.scale' may not be 0")
+    mean = _per_channel("preprocess.mean", doc.get("mean", [0.0]), channels)
+    std = _per_channel("preprocess.std", doc.get("std", [1.0]), channels)
+    if any(s == 0 for s in std):
+        raise BadValue("'preprocess.std' values may not be 0")
+    layout = _choice("preprocess.layout", doc.get("layout", "NCHW"), LAYOUTS)
+    return ImagePreprocess(
+        size=(size[0], size[1]),
+        mode=mode,  # type: ignore[arg-type]
+        scale=scale,
+        mean=mean,
+        std=std,
+        layout=layout,  # type: ignore[arg-type]
+    )
+
+
+def _per_channel(key: str, value: Any, channels: int) -> tuple[float, ...]:
+    if _is_number(value):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise TypeMismatch(f"'{key}' must be an array of numbers, got {_type_name(value)}")
+    numbers = tuple(_expect_number(key, v) for v in value)
+    if len(numbers) == 1:
+        return numbers * channels
+    if len(numbers) != channels:
+        raise BadValue(
+            f"'{key}' has {len(numbers)} values; expected 1 or {channels} (one per channel)"
+        )
+    return numbers
+
+
+def _postprocess(value: Any) -> Postprocess:
+    doc = _expect_doc("postprocess", value)
+    kind = _expect_str("postprocess.kind", _required(doc, "kind"))
+    if kind == "embedding":
+        _check_keys("postprocess", doc, {"kind"})
+        return EmbeddingPostprocess()
+    if kind == "raw":
+        _check_keys("postprocess", doc, {"kind"})
+        return RawPostprocess()
+    if kind != "classify":
+        raise BadValue(
+            f"unknown postprocess kind '{kind}': expected 'classify', 'embedding' or 'raw'"
+        )
+    _check_keys("postprocess", doc, {"kind", "labels", "topK", "softmax"})
+    labels_value = _required(doc, "labels")
+    if not isinstance(labels_value, list | tuple):
+        raise TypeMismatch(
+            f"'postprocess.labels' must be an array, got {_type_name(labels_value)}"
+        )
+    if not labels_value:
+        raise BadValue("'postprocess.labels' may not be empty")
+    for label in labels_value:
+        if not isinstance(label, str | int) or isinstance(label, bool):
+            raise TypeMismatch(
+                f"'postprocess.labels' must hold strings or integers, got {_type_name(label)}"
+            )
+    labels = tuple(labels_value)
+    if len(set(labels)) != len(labels):
+        raise BadValue("'postprocess.labels' has duplicates")
+    top_k = _expect_int("postprocess.topK", doc.get("topK", min(3, len(labels))))
+    if top_k < 1 or top_k > len(labels):
+        raise BadValue(f"'postprocess.topK' must be in 1..{len(labels)}, got {top_k}")
+    softmax = doc.get("softmax", "auto")
+    if not isinstance(softmax, bool) and softmax != "auto":
+        if isinstance(softmax, str):
+            raise BadValue(f"'postprocess.softmax' must be 'auto', true or false, got '{softmax}'")
+        raise TypeMismatch(
+            f"'postprocess.softmax' must be 'auto' or a boolean, got {_type_name(softmax)}"
+        )
+    return ClassifyPostprocess(labels=labels, top_k=top_k, softmax=softmax)
+
+
+def _batch(value: Any) -> BatchPolicy:
+    doc = _expect_doc("batch", value)
+    _check_keys("batch", doc, {"maxSize", "maxDelayMs"})
+    max_size = _expect_int("batch.maxSize", doc.get("maxSize", 64))
+    if not 1 <= max_size <= MAX_BATCH_SIZE:
+        raise BadValue(f"'batch.maxSize' must be in 1..{MAX_BATCH_SIZE}, got {max_size}")
+    max_delay = _expect_number("batch.maxDelayMs", doc.get("maxDelayMs", 2.0))
+    if max_delay < 0:
+        raise BadValue(f"'batch.maxDelayMs' may not be negative, got {max_delay}")
+    return BatchPolicy(max_size=max_size, max_delay_ms=max_delay)
+
+
+def _read_model_bytes(fields: Mapping[str, Any], *, allow_path: bool) -> bytes:
+    has_onnx = fields.get("onnx") is not None
+    has_path = fields.get("path") is not None
+    if has_onnx == has_path:
+        raise BadValue("registerModel needs exactly one of 'onnx' (bytes) or 'path'")
+    if has_onnx:
+        data = fields["onnx"]
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeMismatch(f"'onnx' must be binary data, got {_type_name(data)}")
+        if not data:
+            raise BadValue("'onnx' is empty")
+        return bytes(data)
+    path = _expect_str("path", fields["path"])
+    if not allow_path:
+        raise BadValue("'path' is not allowed here; send the model bytes in 'onnx'")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BadValue(f"cannot read model file '{path}': {e.strerror or e}") from e
+    if not data:
+        raise BadValue(f"model file '{path}' is empty")
+    return data

@@ -1,0 +1,1 @@
+"""The wire front of modelgate: everything a MongoDB driver talks to."""

@@ -1,0 +1,40 @@
+"""Assembling and running the proxy: the services every session shares, the listener,
+and shutdown on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+
+from proxy.server import ProxyServer, listener_tls_context
+from proxy.session import SessionServices
+from proxy.settings import Settings
+from proxy.upstream import UpstreamTarget
+
+__all__ = ["run_proxy"]
+
+log = logging.getLogger(__name__)
+
+
+async def run_proxy(settings: Settings, upstream_uri: str) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down in two phases."""
+    target = UpstreamTarget.from_uri(upstream_uri, settings.connect_timeout)
+    services = SessionServices(upstream=target, commands={})
+    tls_context = None
+    if settings.tls_cert is not None:
+        tls_context = listener_tls_context(settings.tls_cert, settings.tls_key or settings.tls_cert)
+    host, port = settings.listen
+    server = ProxyServer(services, host, port, tls_context)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(server.run)
+            for address in addresses:
+                log.info("modelgate listening on %s:%d", *address)
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                break
+            await server.shutdown(settings.grace_period)
+            nursery.cancel_scope.cancel()
+    log.info("modelgate stopped")

@@ -1,0 +1,83 @@
+"""`modelgate serve | bench | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+log = logging.getLogger("modelgate")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from proxy.app import run_proxy
+    from proxy.embedded import EmbeddedUpstream, EmbeddedUpstreamError
+    from proxy.settings import Settings
+    from proxy.upstream import UpstreamError
+
+    settings = Settings.from_args(args)
+    _configure_logging(settings.log_level)
+    embedded = None
+    upstream = settings.upstream
+    if upstream is None:
+        embedded = EmbeddedUpstream(settings.data_dir / "db", log_path=None)
+        try:
+            embedded.start()
+        except EmbeddedUpstreamError as exc:
+            log.error("%s", exc)
+            return 2
+        upstream = embedded.uri
+        log.info("embedded upstream ready (data in %s)", settings.data_dir / "db")
+    try:
+        trio.run(run_proxy, settings, upstream)
+    except UpstreamError as exc:
+        log.error("%s", exc)
+        return 2
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", *settings.listen, exc.strerror or exc)
+        return 2
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from proxy.settings import add_serve_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="modelgate",
+        description="A MongoDB-wire-compatible proxy that runs ONNX models on the documents "
+        "written through it. Point any MongoDB driver at it instead of MongoDB.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve", help="run the proxy",
+        description="Run the proxy in front of a MongoDB (or an embedded SecantusDB).",
+    )
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The trio listener: one task per client connection, and a two-phase shutdown."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import ssl
+from pathlib import Path
+
+import trio
+
+from proxy.framed import FramedStream
+from proxy.session import Session, SessionServices
+
+__all__ = ["ProxyServer", "listener_tls_context"]
+
+log = logging.getLogger(__name__)
+
+
+def listener_tls_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+class ProxyServer:
+    """Accepts clients and runs a Session for each; `shutdown` stops accepting, lets the
+    requests in flight finish within a grace period, then cancels what is left."""
+
+    def __init__(
+        self,
+        services: SessionServices,
+        host: str,
+        port: int,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.services = services
+        self.host = host
+        self.port = port
+        self.tls_context = tls_context
+        self.sessions: set[Session] = set()
+        self._connection_ids = itertools.count(1)
+        self._accept_scope = trio.CancelScope()
+
+    async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(
+            await trio.open_tcp_listeners(self.port, host=self.host)
+        )
+        addresses = [listener.socket.getsockname()[:2] for listener in listeners]  # type: ignore[attr-defined]
+        if self.tls_context is not None:
+            listeners = [
+                trio.SSLListener(listener, self.tls_context, https_compatible=False)
+                for listener in listeners
+            ]
+        async with trio.open_nursery() as nursery:
+            with self._accept_scope:
+                task_status.started(addresses)
+                await trio.serve_listeners(self._serve_client, listeners, handler_nursery=nursery)
+
+    async def _serve_client(self, stream: trio.abc.Stream) -> None:
+        connection_id = next(self._connection_ids)
+        if isinstance(stream, trio.SSLStream):
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                log.warning("[conn%d] TLS handshake failed: %s", connection_id, exc.__cause__ or exc)
+                await trio.aclose_forcefully(stream)
+                return
+        session = Session(connection_id, FramedStream(stream), self.services)
+        self.sessions.add(session)
+        log.debug("[conn%d] accepted", connection_id)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+    async def shutdown(self, grace_period: float) -> None:
+        self._accept_scope.cancel()
+        log.info(
+            "shutting down: %d connections, waiting up to %gs for requests in flight",
+            len(self.sessions), grace_period,
+        )
+        with trio.move_on_after(grace_period):
+            async with trio.open_nursery() as nursery:
+                for session in list(self.sessions):
+                    nursery.start_soon(session.drain)
+        for session in list(self.sessions):
+            session.cancel()

@@ -1,0 +1,301 @@
+"""One client connection: two pumps and the routing decisions between them.
+
+Requests flow client -> upstream and replies upstream -> client in two tasks, so that
+moreToCome works both ways with no special case: w:0 writes simply get no reply, and an
+exhaust cursor's stream of replies flows as the upstream sends it. Bytes are forwarded
+untouched unless the proxy must act on a message: a hello (its reply is rewritten), a
+modelgate admin command (answered here), a write to a namespace with inline models (the
+predictions are added before it is forwarded)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import bson
+import bson.errors
+import trio
+
+from engine.errors import ModelgateError
+from proxy.framed import FramedStream
+from proxy.hello import HELLO_COMMANDS, rewrite_hello_reply
+from proxy.upstream import UpstreamError, UpstreamTarget, open_upstream
+from proxy.wire.compression import decompress
+from proxy.wire.errors import ProtocolError
+from proxy.wire.framing import Frame
+from proxy.wire.header import OpCode
+from proxy.wire.opmsg import OpMsg, command_name, decode_op_msg, encode_op_msg
+from proxy.wire.opquery import OpReply, decode_op_query, decode_op_reply, encode_op_reply
+from proxy.wire.errors import RemoteProtocolError
+
+__all__ = ["CommandContext", "ReplyHook", "Session", "SessionServices", "WriteInterceptor"]
+
+log = logging.getLogger(__name__)
+
+# A reply hook turns the upstream's reply document into the one the client gets.
+ReplyHook = Callable[[dict[str, Any]], dict[str, Any]]
+CommandHandler = Callable[["CommandContext", dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class InterceptedWrite:
+    """A write rewritten by the proxy: the message to forward (None when nothing is left
+    to forward) and how to merge the proxy's own write errors into the upstream's reply."""
+
+    message: OpMsg | None
+    reply_hook: ReplyHook
+    local_reply: dict[str, Any] | None = None
+
+
+class WriteInterceptor(Protocol):
+    def wants(self, command: str) -> bool: ...
+
+    async def intercept(
+        self, context: CommandContext, command: str, message: OpMsg
+    ) -> InterceptedWrite | None: ...
+
+
+@dataclass
+class SessionServices:
+    """What every session shares: where the upstream is and what the proxy acts on."""
+
+    upstream: UpstreamTarget
+    commands: dict[str, CommandHandler]
+    writes: WriteInterceptor | None = None
+
+
+class CommandContext:
+    """What an admin command or a write interceptor may use of its client's session."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self.connection_id = session.connection_id
+        self.log = session.log
+
+    async def upstream_command(self, document: dict[str, Any]) -> dict[str, Any]:
+        """Run a command on this client's own upstream connection (so it sees the
+        client's authentication, e.g. `connectionStatus`)."""
+        return await self._session.upstream_command(document)
+
+
+def decode_document(data: bytes) -> dict[str, Any]:
+    try:
+        return bson.decode(data)
+    except bson.errors.BSONError as exc:
+        raise RemoteProtocolError(f"invalid BSON document: {exc}") from exc
+
+
+def decode_command(message: OpMsg) -> dict[str, Any]:
+    """The whole command: body fields plus each document sequence as an array field."""
+    command = decode_document(message.body)
+    for sequence in message.sequences:
+        command[sequence.identifier] = [decode_document(doc) for doc in sequence.documents]
+    return command
+
+
+_REQUEST_IDS = itertools.count(1)
+
+
+def _next_request_id() -> int:
+    # Replies the proxy makes up need an id of their own; drivers only look at responseTo.
+    return next(_REQUEST_IDS) & 0x7FFFFFFF
+
+
+class _ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[conn{self.extra['connection_id']}] {msg}", kwargs  # type: ignore[index]
+
+
+class Session:
+    def __init__(
+        self, connection_id: int, client: FramedStream, services: SessionServices
+    ) -> None:
+        self.connection_id = connection_id
+        self.client = client
+        self.services = services
+        self.log = _ConnectionLog(log, {"connection_id": connection_id})
+        self.upstream: FramedStream | None = None
+        self._reply_hooks: dict[int, tuple[ReplyHook, bool]] = {}
+        self._internal: dict[int, trio.MemorySendChannel[Frame]] = {}
+        self._awaiting_reply: set[int] = set()
+        self._draining = False
+        self._idle = trio.Event()
+        self._idle.set()
+        self._cancel_scope = trio.CancelScope()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        with self._cancel_scope:
+            try:
+                self.upstream = await open_upstream(self.services.upstream)
+            except UpstreamError as exc:
+                # Closing the client's connection is the network error drivers retry.
+                self.log.warning("closing client connection: %s", exc)
+                await self.client.aclose()
+                return
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump_replies, nursery.cancel_scope)
+                    await self._pump_requests()
+                    nursery.cancel_scope.cancel()
+            except ProtocolError as exc:
+                self.log.warning("closing connection: %s", exc)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.log.info("connection lost: %s", exc)
+            finally:
+                await self.client.aclose()
+                await self.upstream.aclose()
+        self.log.debug("closed")
+
+    async def drain(self) -> None:
+        """Stop taking requests; return once every request in flight has its reply."""
+        self._draining = True
+        await self._idle.wait()
+        self._cancel_scope.cancel()
+
+    def cancel(self) -> None:
+        self._cancel_scope.cancel()
+
+    # -- client -> upstream ----------------------------------------------------------
+
+    async def _pump_requests(self) -> None:
+        while True:
+            frame = await self.client.receive_frame()
+            if frame is None:
+                return
+            if self._draining:
+                self.log.info("shutting down: closing the connection instead of a new request")
+                return
+            await self._handle_request(frame)
+
+    async def _handle_request(self, frame: Frame) -> None:
+        assert self.upstream is not None
+        header, payload = frame.header, frame.payload
+        if header.op_code == OpCode.OP_COMPRESSED:
+            header, payload = decompress(header, payload)
+        request_id = frame.header.request_id
+        if header.op_code == OpCode.OP_MSG:
+            message = decode_op_msg(header, payload)
+            name = command_name(message.body)
+            if not message.more_to_come:
+                self._expect_reply(request_id)
+            if name in HELLO_COMMANDS:
+                self._reply_hooks[request_id] = (rewrite_hello_reply, True)
+            elif name in self.services.commands:
+                await self._run_local_command(request_id, name, message)
+                return
+            elif self.services.writes is not None and self.services.writes.wants(name):
+                forwarded = await self._intercept_write(request_id, name, message)
+                if forwarded is not None:
+                    await self.upstream.send(forwarded or frame.to_bytes())
+                return
+        elif header.op_code == OpCode.OP_QUERY:
+            query = decode_op_query(payload)
+            self._expect_reply(request_id)
+            if query.full_collection_name.endswith(".$cmd") and (
+                command_name(query.query) in HELLO_COMMANDS
+            ):
+                self._reply_hooks[request_id] = (rewrite_hello_reply, False)
+        await self.upstream.send(frame.to_bytes())
+
+    def _expect_reply(self, request_id: int) -> None:
+        self._awaiting_reply.add(request_id)
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+
+    def _replied(self, response_to: int) -> None:
+        self._awaiting_reply.discard(response_to)
+        if not self._awaiting_reply:
+            self._idle.set()
+
+    async def _run_local_command(self, request_id: int, name: str, message: OpMsg) -> None:
+        command = decode_command(message)
+        self.log.info("command %s on %s", name, command.get("$db"))
+        try:
+            reply = await self.services.commands[name](CommandContext(self), command)
+        except ModelgateError as exc:
+            self.log.info("command %s failed: %s", name, exc.message)
+            reply = exc.to_reply()
+        if not message.more_to_come:
+            await self._send_to_client(request_id, reply)
+
+    async def _intercept_write(self, request_id: int, name: str, message: OpMsg) -> bytes | None:
+        """What to forward for a write: None when nothing is, b"" for the original bytes."""
+        assert self.services.writes is not None
+        try:
+            intercepted = await self.services.writes.intercept(CommandContext(self), name, message)
+        except ModelgateError as exc:
+            if not message.more_to_come:
+                await self._send_to_client(request_id, exc.to_reply())
+            return None
+        if intercepted is None:
+            return b""
+        if intercepted.message is None:
+            if not message.more_to_come and intercepted.local_reply is not None:
+                await self._send_to_client(request_id, intercepted.local_reply)
+            return None
+        if not message.more_to_come:
+            self._reply_hooks[request_id] = (intercepted.reply_hook, True)
+        return encode_op_msg(intercepted.message, request_id, 0)
+
+    async def _send_to_client(self, response_to: int, document: dict[str, Any]) -> None:
+        reply = OpMsg(flags=0, body=bson.encode(document))
+        await self.client.send(encode_op_msg(reply, _next_request_id(), response_to))
+        self._replied(response_to)
+
+    async def upstream_command(self, document: dict[str, Any]) -> dict[str, Any]:
+        assert self.upstream is not None
+        request_id = _next_request_id()
+        while request_id in self._awaiting_reply:
+            request_id = _next_request_id()
+        send_channel, receive_channel = trio.open_memory_channel[Frame](1)
+        self._internal[request_id] = send_channel
+        try:
+            await self.upstream.send(encode_op_msg(OpMsg(0, bson.encode(document)), request_id, 0))
+            frame = await receive_channel.receive()
+        finally:
+            del self._internal[request_id]
+        return decode_document(decode_op_msg(frame.header, frame.payload).body)
+
+    # -- upstream -> client ----------------------------------------------------------
+
+    async def _pump_replies(self, cancel_scope: trio.CancelScope) -> None:
+        assert self.upstream is not None
+        while True:
+            frame = await self.upstream.receive_frame()
+            if frame is None:
+                self.log.warning("upstream closed the connection; closing the client's")
+                cancel_scope.cancel()
+                return
+            response_to = frame.header.response_to
+            internal = self._internal.get(response_to)
+            if internal is not None:
+                internal.send_nowait(frame)
+                continue
+            hook = self._reply_hooks.pop(response_to, None)
+            data = frame.to_bytes() if hook is None else self._apply_hook(frame, *hook)
+            await self.client.send(data)
+            self._replied(response_to)
+
+    def _apply_hook(self, frame: Frame, hook: ReplyHook, is_op_msg: bool) -> bytes:
+        header, payload = frame.header, frame.payload
+        if header.op_code == OpCode.OP_COMPRESSED:
+            header, payload = decompress(header, payload)
+        if is_op_msg:
+            message = decode_op_msg(header, payload)
+            if message.more_to_come:
+                # An exhaust stream (e.g. streaming hello): the next reply answers this one.
+                self._reply_hooks[header.request_id] = (hook, True)
+            body = bson.encode(hook(decode_document(message.body)))
+            rewritten = OpMsg(flags=message.flags, body=body, sequences=message.sequences)
+            return encode_op_msg(rewritten, header.request_id, header.response_to)
+        reply = decode_op_reply(payload)
+        documents = tuple(bson.encode(hook(decode_document(doc))) for doc in reply.documents)
+        rewritten_reply = OpReply(
+            response_flags=reply.response_flags, cursor_id=reply.cursor_id,
+            starting_from=reply.starting_from, documents=documents,
+        )
+        return encode_op_reply(rewritten_reply, header.request_id, header.response_to)

@@ -1,0 +1,97 @@
+"""The one settings object: built from CLI flags and MODELGATE_* environment variables,
+then passed explicitly to whatever needs it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Settings", "add_serve_arguments", "parse_host_port"]
+
+DEFAULT_LISTEN = "127.0.0.1:27017"
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"MODELGATE_{name}", default)
+
+
+def _env_flag(name: str) -> bool:
+    return (_env(name) or "").lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: tuple[str, int] = ("127.0.0.1", 27017)
+    upstream: str | None = None
+    data_dir: Path = Path("modelgate-data")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    grace_period: float = 10.0
+    connect_timeout: float = 5.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        return cls(
+            listen=parse_host_port(args.listen),
+            upstream=args.upstream or None,
+            data_dir=Path(args.data_dir),
+            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+            tls_key=Path(args.tls_key) if args.tls_key else None,
+            grace_period=args.grace_period,
+            connect_timeout=args.connect_timeout,
+            log_level=args.log_level.upper(),
+        )
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `modelgate serve`; each defaults to its MODELGATE_* variable."""
+    parser.add_argument(
+        "--listen", default=_env("LISTEN", DEFAULT_LISTEN), metavar="HOST:PORT",
+        help="address to accept MongoDB clients on (MODELGATE_LISTEN; default %(default)s)",
+    )
+    parser.add_argument(
+        "--upstream", default=_env("UPSTREAM"), metavar="URI",
+        help="MongoDB URI to forward to, e.g. mongodb://db1:27017/?replicaSet=rs0 "
+        "(MODELGATE_UPSTREAM). Without it, an embedded SecantusDB is started "
+        "(needs the 'embedded' extra) with its data under --data-dir.",
+    )
+    parser.add_argument(
+        "--data-dir", default=_env("DATA_DIR", "modelgate-data"), metavar="DIR",
+        help="folder for the embedded upstream's data and the image cache "
+        "(MODELGATE_DATA_DIR; default %(default)s)",
+    )
+    parser.add_argument(
+        "--tls-cert", default=_env("TLS_CERT"), metavar="PEM",
+        help="serve TLS to clients with this certificate chain (MODELGATE_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key", default=_env("TLS_KEY"), metavar="PEM",
+        help="private key for --tls-cert (MODELGATE_TLS_KEY)",
+    )
+    parser.add_argument(
+        "--grace-period", type=float, default=float(_env("GRACE_PERIOD", "10") or 10),
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, how long requests in flight may take to finish "
+        "(MODELGATE_GRACE_PERIOD; default %(default)s)",
+    )
+    parser.add_argument(
+        "--connect-timeout", type=float, default=float(_env("CONNECT_TIMEOUT", "5") or 5),
+        metavar="SECONDS",
+        help="how long to wait for the upstream before closing a client's connection "
+        "(MODELGATE_CONNECT_TIMEOUT; default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level", default=_env("LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
+        help="(MODELGATE_LOG_LEVEL; default %(default)s)",
+    )

@@ -1,0 +1,75 @@
+"""Split a byte stream into wire protocol messages, without doing any I/O.
+
+The server feeds whatever the socket returned; ``next_frame`` hands back each
+complete message. A frame's length is checked as soon as its first four bytes
+arrive, so an oversized or impossible length is refused before its body is
+buffered.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .header import HEADER_SIZE, MAX_MESSAGE_SIZE, MsgHeader, check_message_length, parse_header
+
+__all__ = ["Frame", "FrameReader"]
+
+_LENGTH = struct.Struct("<i")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One whole message: its parsed header and the bytes after the header."""
+
+    header: MsgHeader
+    payload: bytes
+
+    def to_bytes(self) -> bytes:
+        """The message exactly as received (the header re-packs to the same bytes)."""
+        return self.header.encode() + self.payload
+
+
+class FrameReader:
+    """Incremental buffer: ``feed`` bytes in, take whole frames out with ``next_frame``."""
+
+    def __init__(self, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
+        self._max_message_size = max_message_size
+        self._buffer = bytearray()
+        # Bytes before _start are consumed; compacting lazily keeps many small
+        # frames in one feed from costing a memmove each.
+        self._start = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a frame (non-zero at EOF: truncated)."""
+        return len(self._buffer) - self._start
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._start and self._start >= len(self._buffer) // 2:
+            del self._buffer[: self._start]
+            self._start = 0
+        self._buffer += data
+
+    def next_frame(self) -> Frame | None:
+        """Return the next complete frame, or None until more bytes are fed.
+
+        Raises RemoteProtocolError as soon as a length prefix is out of bounds;
+        the stream cannot be resynchronised after that.
+        """
+        start = self._start
+        available = len(self._buffer) - start
+        if available < _LENGTH.size:
+            return None
+        (length,) = _LENGTH.unpack_from(self._buffer, start)
+        check_message_length(length, self._max_message_size)
+        if available < length:
+            return None
+        header = parse_header(self._buffer[start : start + HEADER_SIZE], self._max_message_size)
+        with memoryview(self._buffer) as view, view[start + HEADER_SIZE : start + length] as body:
+            payload = bytes(body)  # the one copy of a possibly 48 MB body
+        self._start = start + length
+        if self._start == len(self._buffer):
+            self._buffer.clear()
+            self._start = 0
+        return Frame(header, payload)

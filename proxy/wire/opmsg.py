@@ -1,0 +1,176 @@
+"""OP_MSG (opcode 2013): flag bits, a body section and document sequences.
+
+Layout after the header: flagBits uint32, then sections until the end (or
+until the 4-byte CRC-32C when checksumPresent is set). Section kind 0 is one
+BSON document (the command); kind 1 is int32 size, cstring identifier and
+BSON documents (drivers send ``documents``, ``updates``, ``deletes`` this way).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ._bson import check_document, encode_cstring, read_cstring, read_document
+from .checksum import crc32c
+from .errors import LocalProtocolError, RemoteProtocolError
+from .header import HEADER_SIZE, MsgHeader, OpCode
+
+__all__ = [
+    "CHECKSUM_PRESENT",
+    "EXHAUST_ALLOWED",
+    "MORE_TO_COME",
+    "DocumentSequence",
+    "OpMsg",
+    "command_name",
+    "decode_op_msg",
+    "encode_op_msg",
+]
+
+CHECKSUM_PRESENT = 1 << 0
+MORE_TO_COME = 1 << 1
+EXHAUST_ALLOWED = 1 << 16
+# Bits 0-15 are "required": a receiver that does not know one must fail.
+# Bits 16-31 are optional and may be ignored.
+_REQUIRED_BITS = 0xFFFF
+_KNOWN_REQUIRED_BITS = CHECKSUM_PRESENT | MORE_TO_COME
+
+_UINT32 = struct.Struct("<I")
+_INT32 = struct.Struct("<i")
+_KIND_BODY = 0
+_KIND_SEQUENCE = 1
+
+
+@dataclass(frozen=True)
+class DocumentSequence:
+    """A kind-1 section: its identifier and its raw BSON documents."""
+
+    identifier: str
+    documents: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class OpMsg:
+    flags: int
+    body: bytes
+    sequences: tuple[DocumentSequence, ...] = ()
+
+    @property
+    def checksum_present(self) -> bool:
+        return bool(self.flags & CHECKSUM_PRESENT)
+
+    @property
+    def more_to_come(self) -> bool:
+        return bool(self.flags & MORE_TO_COME)
+
+    @property
+    def exhaust_allowed(self) -> bool:
+        return bool(self.flags & EXHAUST_ALLOWED)
+
+
+def _check_flags(flags: int, error: type[Exception]) -> None:
+    unknown = flags & _REQUIRED_BITS & ~_KNOWN_REQUIRED_BITS
+    if unknown:
+        raise error(f"OP_MSG flags {flags:#010x} set unknown required bits {unknown:#06x}")
+
+
+def decode_op_msg(header: MsgHeader, payload: bytes) -> OpMsg:
+    """Decode an OP_MSG from its header and the bytes after the header."""
+    if header.message_length != HEADER_SIZE + len(payload):
+        raise RemoteProtocolError(
+            f"OP_MSG header says {header.message_length} bytes, "
+            f"message has {HEADER_SIZE + len(payload)}"
+        )
+    if len(payload) < _UINT32.size:
+        raise RemoteProtocolError(f"OP_MSG of {len(payload)} bytes has no room for flagBits")
+    (flags,) = _UINT32.unpack_from(payload, 0)
+    _check_flags(flags, RemoteProtocolError)
+    end = len(payload)
+    if flags & CHECKSUM_PRESENT:
+        end -= 4
+        if end < _UINT32.size:
+            raise RemoteProtocolError("OP_MSG with checksumPresent has no room for the checksum")
+        (expected,) = _UINT32.unpack_from(payload, end)
+        actual = crc32c(payload[:end], crc32c(header.encode()))
+        if actual != expected:
+            raise RemoteProtocolError(
+                f"OP_MSG checksum mismatch: message says {expected:#010x}, "
+                f"bytes give {actual:#010x}"
+            )
+
+    body: bytes | None = None
+    sequences: list[DocumentSequence] = []
+    offset = _UINT32.size
+    while offset < end:
+        kind = payload[offset]
+        offset += 1
+        if kind == _KIND_BODY:
+            if body is not None:
+                raise RemoteProtocolError("OP_MSG has more than one body (kind 0) section")
+            body, offset = read_document(payload, offset, end, "OP_MSG body section")
+        elif kind == _KIND_SEQUENCE:
+            sequence, offset = _read_sequence(payload, offset, end)
+            sequences.append(sequence)
+        else:
+            raise RemoteProtocolError(f"OP_MSG has a section of unknown kind {kind}")
+    if body is None:
+        raise RemoteProtocolError("OP_MSG has no body (kind 0) section")
+    return OpMsg(flags, body, tuple(sequences))
+
+
+def _read_sequence(payload: bytes, offset: int, end: int) -> tuple[DocumentSequence, int]:
+    if end - offset < _INT32.size:
+        raise RemoteProtocolError("OP_MSG document sequence section is truncated before its size")
+    (size,) = _INT32.unpack_from(payload, offset)
+    if size < _INT32.size + 1 or size > end - offset:
+        raise RemoteProtocolError(
+            f"OP_MSG document sequence size {size} is out of bounds ({end - offset} bytes left)"
+        )
+    stop = offset + size
+    identifier, offset = read_cstring(
+        payload, offset + _INT32.size, stop, "OP_MSG document sequence identifier"
+    )
+    documents = []
+    while offset < stop:
+        document, offset = read_document(
+            payload, offset, stop, f"OP_MSG document sequence {identifier!r}"
+        )
+        documents.append(document)
+    return DocumentSequence(identifier, tuple(documents)), stop
+
+
+def encode_op_msg(msg: OpMsg, request_id: int, response_to: int) -> bytes:
+    """The whole OP_MSG, header included, with a CRC-32C when ``msg.checksum_present``."""
+    if not 0 <= msg.flags <= 0xFFFFFFFF:
+        raise LocalProtocolError(f"OP_MSG flags {msg.flags} do not fit in a uint32")
+    _check_flags(msg.flags, LocalProtocolError)
+    check_document(msg.body, "OP_MSG body")
+    parts = [_UINT32.pack(msg.flags), bytes([_KIND_BODY]), msg.body]
+    for sequence in msg.sequences:
+        identifier = encode_cstring(sequence.identifier, "OP_MSG document sequence identifier")
+        for document in sequence.documents:
+            check_document(document, f"OP_MSG document sequence {sequence.identifier!r}")
+        size = _INT32.size + len(identifier) + sum(len(d) for d in sequence.documents)
+        parts += [bytes([_KIND_SEQUENCE]), _INT32.pack(size), identifier, *sequence.documents]
+    payload = b"".join(parts)
+    length = HEADER_SIZE + len(payload) + (4 if msg.checksum_present else 0)
+    header = MsgHeader(length, request_id, response_to, OpCode.OP_MSG).encode()
+    if msg.checksum_present:
+        return header + payload + _UINT32.pack(crc32c(payload, crc32c(header)))
+    return header + payload
+
+
+def command_name(body: bytes) -> str:
+    """The first key of a raw BSON command document, without decoding the rest."""
+    if len(body) < 5:
+        raise RemoteProtocolError(f"command document of {len(body)} bytes is too short")
+    (length,) = _INT32.unpack_from(body, 0)
+    if not 5 <= length <= len(body):
+        raise RemoteProtocolError(
+            f"command document length {length} is out of bounds ({len(body)} bytes)"
+        )
+    if length == 5 or body[4] == 0:
+        raise RemoteProtocolError("command document is empty")
+    # Element: type byte at 4, then the key as a cstring; the document ends with NUL.
+    name, _ = read_cstring(body, 5, length - 1, "command name")
+    return name
