@@ -98,7 +98,7 @@ _envs_lock = threading.Lock()
 def _lmdb_errors(action: str) -> Iterator[None]:
     try:
         yield
-    except lmdb.Error as exc:
+    except (lmdb.Error, OSError) as exc:
         raise CacheError(f"image cache: cannot {action}: {exc}") from exc
 
 

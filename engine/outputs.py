@@ -28,9 +28,7 @@ def postprocess(row: np.ndarray, spec: ModelSpec, version: int) -> dict[str, Any
     if isinstance(post, ClassifyPostprocess):
         scores = np.asarray(row, dtype=np.float64).reshape(-1)
         if scores.size != len(post.labels):
-            raise PredictionError(
-                f"model gave {scores.size} scores for {len(post.labels)} labels"
-            )
+            raise PredictionError(f"model gave {scores.size} scores for {len(post.labels)} labels")
         if not np.all(np.isfinite(scores)):
             raise PredictionError("model gave non-finite scores")
         if post.softmax is True or (post.softmax == "auto" and not is_probability_vector(scores)):

@@ -427,9 +427,7 @@ def _postprocess(value: Any) -> Postprocess:
     _check_keys("postprocess", doc, {"kind", "labels", "topK", "softmax"})
     labels_value = _required(doc, "labels")
     if not isinstance(labels_value, list | tuple):
-        raise TypeMismatch(
-            f"'postprocess.labels' must be an array, got {_type_name(labels_value)}"
-        )
+        raise TypeMismatch(f"'postprocess.labels' must be an array, got {_type_name(labels_value)}")
     if not labels_value:
         raise BadValue("'postprocess.labels' may not be empty")
     for label in labels_value:

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
-        "serve", help="run the proxy",
+        "serve",
+        help="run the proxy",
         description="Run the proxy in front of a MongoDB (or an embedded SecantusDB).",
     )
     add_serve_arguments(serve)

@@ -73,8 +73,16 @@ class EmbeddedUpstream:
         if self.storage_path != ":memory:":
             Path(self.storage_path).mkdir(parents=True, exist_ok=True)
         command = [
-            _executable(), "--host", "127.0.0.1", "--port", str(self.port),
-            "--storage-path", self.storage_path, "--log-level", "WARNING", *self.extra_args,
+            _executable(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--storage-path",
+            self.storage_path,
+            "--log-level",
+            "WARNING",
+            *self.extra_args,
         ]
         output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         log.info("starting embedded upstream on port %d (data: %s)", self.port, self.storage_path)

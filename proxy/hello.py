@@ -15,8 +15,20 @@ HELLO_COMMANDS = frozenset({"hello", "isMaster", "ismaster"})
 
 # Fields that describe a replica set (or a standalone) and that a mongos never sends.
 _REPLICA_SET_FIELDS = (
-    "setName", "setVersion", "hosts", "passives", "arbiters", "primary", "me",
-    "secondary", "arbiterOnly", "hidden", "tags", "electionId", "lastWrite", "isreplicaset",
+    "setName",
+    "setVersion",
+    "hosts",
+    "passives",
+    "arbiters",
+    "primary",
+    "me",
+    "secondary",
+    "arbiterOnly",
+    "hidden",
+    "tags",
+    "electionId",
+    "lastWrite",
+    "isreplicaset",
 )
 
 

@@ -42,7 +42,9 @@ class ProxyServer:
         self._connection_ids = itertools.count(1)
         self._accept_scope = trio.CancelScope()
 
-    async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(
             await trio.open_tcp_listeners(self.port, host=self.host)
         )
@@ -63,7 +65,9 @@ class ProxyServer:
             try:
                 await stream.do_handshake()
             except trio.BrokenResourceError as exc:
-                log.warning("[conn%d] TLS handshake failed: %s", connection_id, exc.__cause__ or exc)
+                log.warning(
+                    "[conn%d] TLS handshake failed: %s", connection_id, exc.__cause__ or exc
+                )
                 await trio.aclose_forcefully(stream)
                 return
         session = Session(connection_id, FramedStream(stream), self.services)
@@ -78,7 +82,8 @@ class ProxyServer:
         self._accept_scope.cancel()
         log.info(
             "shutting down: %d connections, waiting up to %gs for requests in flight",
-            len(self.sessions), grace_period,
+            len(self.sessions),
+            grace_period,
         )
         with trio.move_on_after(grace_period):
             async with trio.open_nursery() as nursery:

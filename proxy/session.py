@@ -23,13 +23,18 @@ from engine.errors import ModelgateError
 from proxy.framed import FramedStream
 from proxy.hello import HELLO_COMMANDS, rewrite_hello_reply
 from proxy.upstream import UpstreamError, UpstreamTarget, open_upstream
-from proxy.wire.compression import decompress
-from proxy.wire.errors import ProtocolError
+from proxy.wire.compression import (
+    SUPPORTED_COMPRESSORS,
+    Compressor,
+    compress,
+    decode_compressed,
+    decompress,
+)
+from proxy.wire.errors import ProtocolError, RemoteProtocolError
 from proxy.wire.framing import Frame
-from proxy.wire.header import OpCode
+from proxy.wire.header import HEADER_SIZE, MsgHeader, OpCode
 from proxy.wire.opmsg import OpMsg, command_name, decode_op_msg, encode_op_msg
 from proxy.wire.opquery import OpReply, decode_op_query, decode_op_reply, encode_op_reply
-from proxy.wire.errors import RemoteProtocolError
 
 __all__ = ["CommandContext", "ReplyHook", "Session", "SessionServices", "WriteInterceptor"]
 
@@ -110,9 +115,7 @@ class _ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 
 class Session:
-    def __init__(
-        self, connection_id: int, client: FramedStream, services: SessionServices
-    ) -> None:
+    def __init__(self, connection_id: int, client: FramedStream, services: SessionServices) -> None:
         self.connection_id = connection_id
         self.client = client
         self.services = services
@@ -120,6 +123,9 @@ class Session:
         self.upstream: FramedStream | None = None
         self._reply_hooks: dict[int, tuple[ReplyHook, bool]] = {}
         self._internal: dict[int, trio.MemorySendChannel[Frame]] = {}
+        # request id -> compressor the client used, for replies the proxy compresses itself
+        self._compress_replies: dict[int, int] = {}
+        self._upstream_compressors: frozenset[str] = frozenset()
         self._awaiting_reply: set[int] = set()
         self._draining = False
         self._idle = trio.Event()
@@ -175,32 +181,56 @@ class Session:
     async def _handle_request(self, frame: Frame) -> None:
         assert self.upstream is not None
         header, payload = frame.header, frame.payload
+        request_id = header.request_id
+        forward = frame.to_bytes()
         if header.op_code == OpCode.OP_COMPRESSED:
+            compressor_id = decode_compressed(payload).compressor_id
             header, payload = decompress(header, payload)
-        request_id = frame.header.request_id
+            if Compressor(compressor_id).name.lower() not in self._upstream_compressors:
+                # The client compressed for us, the upstream does not take that compressor:
+                # forward the plain message and compress the reply as mongod would.
+                forward = header.encode() + payload
+                self._compress_replies[request_id] = compressor_id
         if header.op_code == OpCode.OP_MSG:
             message = decode_op_msg(header, payload)
             name = command_name(message.body)
             if not message.more_to_come:
                 self._expect_reply(request_id)
             if name in HELLO_COMMANDS:
-                self._reply_hooks[request_id] = (rewrite_hello_reply, True)
+                self._reply_hooks[request_id] = (self._hello_hook(message.body), True)
             elif name in self.services.commands:
                 await self._run_local_command(request_id, name, message)
                 return
             elif self.services.writes is not None and self.services.writes.wants(name):
-                forwarded = await self._intercept_write(request_id, name, message)
-                if forwarded is not None:
-                    await self.upstream.send(forwarded or frame.to_bytes())
-                return
+                rewritten = await self._intercept_write(request_id, name, message)
+                if rewritten is None:
+                    return
+                forward = rewritten or forward
         elif header.op_code == OpCode.OP_QUERY:
             query = decode_op_query(payload)
             self._expect_reply(request_id)
             if query.full_collection_name.endswith(".$cmd") and (
                 command_name(query.query) in HELLO_COMMANDS
             ):
-                self._reply_hooks[request_id] = (rewrite_hello_reply, False)
-        await self.upstream.send(frame.to_bytes())
+                self._reply_hooks[request_id] = (self._hello_hook(query.query), False)
+        await self.upstream.send(forward)
+
+    def _hello_hook(self, request_body: bytes) -> ReplyHook:
+        """Rewrites the hello reply, and negotiates compression with the client on the
+        proxy's own account: whatever the client offers that the proxy can decompress."""
+        offered = decode_document(request_body).get("compression") or []
+
+        def hook(reply: dict[str, Any]) -> dict[str, Any]:
+            self._upstream_compressors = frozenset(reply.get("compression") or ())
+            rewritten = rewrite_hello_reply(reply)
+            agreed = [name for name in offered if name in SUPPORTED_COMPRESSORS]
+            if agreed:
+                rewritten["compression"] = agreed
+            else:
+                rewritten.pop("compression", None)
+            return rewritten
+
+        return hook
 
     def _expect_reply(self, request_id: int) -> None:
         self._awaiting_reply.add(request_id)
@@ -276,26 +306,55 @@ class Session:
                 internal.send_nowait(frame)
                 continue
             hook = self._reply_hooks.pop(response_to, None)
-            data = frame.to_bytes() if hook is None else self._apply_hook(frame, *hook)
+            compressor_id = self._compress_replies.pop(response_to, None)
+            if hook is None and compressor_id is None:
+                data = frame.to_bytes()
+            else:
+                data = self._transform_reply(frame, hook, compressor_id)
             await self.client.send(data)
             self._replied(response_to)
 
-    def _apply_hook(self, frame: Frame, hook: ReplyHook, is_op_msg: bool) -> bytes:
+    def _transform_reply(
+        self, frame: Frame, hook: tuple[ReplyHook, bool] | None, compressor_id: int | None
+    ) -> bytes:
         header, payload = frame.header, frame.payload
         if header.op_code == OpCode.OP_COMPRESSED:
             header, payload = decompress(header, payload)
+        if header.op_code == OpCode.OP_MSG and decode_op_msg(header, payload).more_to_come:
+            # An exhaust stream (a cursor, or streaming hello): the upstream's next reply
+            # answers this one, and is transformed the same way.
+            if hook is not None:
+                self._reply_hooks[header.request_id] = hook
+            if compressor_id is not None:
+                self._compress_replies[header.request_id] = compressor_id
+        if hook is not None:
+            payload = self._apply_hook(header, payload, *hook)
+        if compressor_id is not None:
+            return compress(
+                header.op_code, payload, compressor_id, header.request_id, header.response_to
+            )
+        return (
+            MsgHeader(
+                HEADER_SIZE + len(payload), header.request_id, header.response_to, header.op_code
+            ).encode()
+            + payload
+        )
+
+    def _apply_hook(
+        self, header: MsgHeader, payload: bytes, hook: ReplyHook, is_op_msg: bool
+    ) -> bytes:
+        """The reply's payload (bytes after the header) with the hook applied."""
         if is_op_msg:
             message = decode_op_msg(header, payload)
-            if message.more_to_come:
-                # An exhaust stream (e.g. streaming hello): the next reply answers this one.
-                self._reply_hooks[header.request_id] = (hook, True)
             body = bson.encode(hook(decode_document(message.body)))
             rewritten = OpMsg(flags=message.flags, body=body, sequences=message.sequences)
-            return encode_op_msg(rewritten, header.request_id, header.response_to)
+            return encode_op_msg(rewritten, header.request_id, header.response_to)[HEADER_SIZE:]
         reply = decode_op_reply(payload)
         documents = tuple(bson.encode(hook(decode_document(doc))) for doc in reply.documents)
         rewritten_reply = OpReply(
-            response_flags=reply.response_flags, cursor_id=reply.cursor_id,
-            starting_from=reply.starting_from, documents=documents,
+            response_flags=reply.response_flags,
+            cursor_id=reply.cursor_id,
+            starting_from=reply.starting_from,
+            documents=documents,
         )
-        return encode_op_reply(rewritten_reply, header.request_id, header.response_to)
+        return encode_op_reply(rewritten_reply, header.request_id, header.response_to)[HEADER_SIZE:]

@@ -56,42 +56,57 @@ class Settings:
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `modelgate serve`; each defaults to its MODELGATE_* variable."""
     parser.add_argument(
-        "--listen", default=_env("LISTEN", DEFAULT_LISTEN), metavar="HOST:PORT",
+        "--listen",
+        default=_env("LISTEN", DEFAULT_LISTEN),
+        metavar="HOST:PORT",
         help="address to accept MongoDB clients on (MODELGATE_LISTEN; default %(default)s)",
     )
     parser.add_argument(
-        "--upstream", default=_env("UPSTREAM"), metavar="URI",
+        "--upstream",
+        default=_env("UPSTREAM"),
+        metavar="URI",
         help="MongoDB URI to forward to, e.g. mongodb://db1:27017/?replicaSet=rs0 "
         "(MODELGATE_UPSTREAM). Without it, an embedded SecantusDB is started "
         "(needs the 'embedded' extra) with its data under --data-dir.",
     )
     parser.add_argument(
-        "--data-dir", default=_env("DATA_DIR", "modelgate-data"), metavar="DIR",
+        "--data-dir",
+        default=_env("DATA_DIR", "modelgate-data"),
+        metavar="DIR",
         help="folder for the embedded upstream's data and the image cache "
         "(MODELGATE_DATA_DIR; default %(default)s)",
     )
     parser.add_argument(
-        "--tls-cert", default=_env("TLS_CERT"), metavar="PEM",
+        "--tls-cert",
+        default=_env("TLS_CERT"),
+        metavar="PEM",
         help="serve TLS to clients with this certificate chain (MODELGATE_TLS_CERT)",
     )
     parser.add_argument(
-        "--tls-key", default=_env("TLS_KEY"), metavar="PEM",
+        "--tls-key",
+        default=_env("TLS_KEY"),
+        metavar="PEM",
         help="private key for --tls-cert (MODELGATE_TLS_KEY)",
     )
     parser.add_argument(
-        "--grace-period", type=float, default=float(_env("GRACE_PERIOD", "10") or 10),
+        "--grace-period",
+        type=float,
+        default=float(_env("GRACE_PERIOD", "10") or 10),
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long requests in flight may take to finish "
         "(MODELGATE_GRACE_PERIOD; default %(default)s)",
     )
     parser.add_argument(
-        "--connect-timeout", type=float, default=float(_env("CONNECT_TIMEOUT", "5") or 5),
+        "--connect-timeout",
+        type=float,
+        default=float(_env("CONNECT_TIMEOUT", "5") or 5),
         metavar="SECONDS",
         help="how long to wait for the upstream before closing a client's connection "
         "(MODELGATE_CONNECT_TIMEOUT; default %(default)s)",
     )
     parser.add_argument(
-        "--log-level", default=_env("LOG_LEVEL", "INFO"),
+        "--log-level",
+        default=_env("LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
         help="(MODELGATE_LOG_LEVEL; default %(default)s)",
     )

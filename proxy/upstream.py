@@ -15,8 +15,8 @@ import trio
 from pymongo.uri_parser import parse_uri
 
 from proxy.framed import FramedStream
-from proxy.wire.opmsg import OpMsg, decode_op_msg, encode_op_msg
 from proxy.wire.header import OpCode
+from proxy.wire.opmsg import OpMsg, decode_op_msg, encode_op_msg
 
 __all__ = ["UpstreamError", "UpstreamTarget", "open_upstream"]
 

@@ -32,7 +32,9 @@ def upstream_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def proxy(upstream_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     log_dir = tmp_path_factory.mktemp("proxy")
-    with ProxyProcess(upstream_uri, log_dir / "modelgate.log", args=("--data-dir", str(log_dir))) as process:
+    with ProxyProcess(
+        upstream_uri, log_dir / "modelgate.log", args=("--data-dir", str(log_dir))
+    ) as process:
         yield process
 
 

@@ -18,9 +18,7 @@ def tensor_from_value(value: Any, item_shape: tuple[int, ...], dtype: np.dtype[A
     Nested lists shaped like the item are used as they are; any other nesting with the right
     number of elements is reshaped (so a flat list can feed a [4, 4] item)."""
     if isinstance(value, bool) or value is None or isinstance(value, str | bytes | dict):
-        raise PredictionError(
-            f"expected a number or an array of numbers, got {_describe(value)}"
-        )
+        raise PredictionError(f"expected a number or an array of numbers, got {_describe(value)}")
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError, OverflowError) as e:
@@ -37,7 +35,7 @@ def tensor_from_value(value: Any, item_shape: tuple[int, ...], dtype: np.dtype[A
             f"expected {expected} values (shape {list(item_shape)}), "
             f"got {arr.size} (shape {list(arr.shape)})"
         )
-    return np.ascontiguousarray(arr.reshape(item_shape).astype(dtype, copy=False))
+    return arr.reshape(item_shape).astype(dtype, order="C")  # a copy: never aliases the value
 
 
 def _describe(value: Any) -> str:

@@ -52,12 +52,8 @@ def linear_classifier(
     *,
     batch: Dim = "N",
     softmax: bool = False,
-    output_classes_dim: Dim = None,
 ) -> bytes:
-    """x [batch, features] -> x @ W + b [batch, classes] (logits, or probabilities if softmax).
-
-    `output_classes_dim` overrides the declared class dimension of the output (e.g. "C" to
-    hide the real size from static checks); by default it is `classes`."""
+    """x [batch, features] -> x @ W + b [batch, classes] (logits, or probabilities if softmax)."""
     w, b = linear_weights(features, classes)
     nodes = [
         helper.make_node("MatMul", ["x", "W"], ["xw"]),
@@ -65,11 +61,10 @@ def linear_classifier(
     ]
     if softmax:
         nodes.append(helper.make_node("Softmax", ["logits"], ["y"], axis=-1))
-    out_dim = classes if output_classes_dim is None else output_classes_dim
     return _finish(
         nodes,
         [_float_input("x", [batch, features])],
-        [_float_input("y", [batch, out_dim])],
+        [_float_input("y", [batch, classes])],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
         "linear_classifier",
     )
@@ -79,6 +74,30 @@ def linear_logits(x: np.ndarray, features: int = 4, classes: int = 3) -> np.ndar
     """What `linear_classifier` computes, in numpy (for expected values)."""
     w, b = linear_weights(features, classes)
     return np.asarray(x, dtype=np.float32) @ w + b
+
+
+def reshaped_classifier(
+    features: int = 4, classes: int = 6, item: tuple[int, int] = (3, 2)
+) -> bytes:
+    """x [N, features] -> logits reshaped to [N, *item]: the last dimension is item[-1], but
+    an item has classes values. Static checks on the last dimension alone cannot tell."""
+    w, b = linear_weights(features, classes)
+    shape = np.array([-1, *item], dtype=np.int64)
+    return _finish(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["logits"]),
+            helper.make_node("Reshape", ["logits", "shape"], ["y"]),
+        ],
+        [_float_input("x", ["N", features])],
+        [_float_input("y", ["N", *item])],
+        [
+            numpy_helper.from_array(w, "W"),
+            numpy_helper.from_array(b, "b"),
+            numpy_helper.from_array(shape, "shape"),
+        ],
+        "reshaped_classifier",
+    )
 
 
 def embedding_model(dim: int = 8, *, factor: float = 2.0, batch: Dim = "N") -> bytes:

@@ -1,3 +1,4 @@
+import itertools
 import struct
 
 import pytest
@@ -62,7 +63,7 @@ def test_any_chunking_gives_the_same_frames(cuts: list[int]) -> None:
     bounds = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
     reader = FrameReader()
     frames = []
-    for start, stop in zip(bounds, bounds[1:], strict=False):
+    for start, stop in itertools.pairwise(bounds):
         reader.feed(stream[start:stop])
         frames += _drain(reader)
     assert b"".join(f.to_bytes() for f in frames) == stream

@@ -1,3 +1,4 @@
+import contextlib
 import struct
 
 import bson
@@ -6,7 +7,6 @@ from bson.codec_options import DEFAULT_CODEC_OPTIONS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pymongo import message as pymongo_message
-from tests.wire.wire_strategies import command_documents, op_msgs
 
 from proxy.wire import (
     CHECKSUM_PRESENT,
@@ -24,6 +24,7 @@ from proxy.wire import (
     encode_op_msg,
     parse_header,
 )
+from tests.wire.wire_strategies import command_documents, op_msgs
 
 BODY = bson.encode({"insert": "coll", "$db": "db"})
 DOCS = (bson.encode({"_id": 1}), bson.encode({"_id": 2, "x": "y"}))
@@ -52,9 +53,7 @@ def test_matches_spec_bytes_built_by_hand() -> None:
 
 def test_pymongo_built_op_msg_decodes_and_re_encodes_identically() -> None:
     command = {"insert": "coll", "ordered": True, "documents": [{"_id": 1}, {"_id": 2}]}
-    request_id, raw, _, _ = pymongo_message._op_msg(
-        0, command, "db", None, DEFAULT_CODEC_OPTIONS
-    )
+    request_id, raw, _, _ = pymongo_message._op_msg(0, command, "db", None, DEFAULT_CODEC_OPTIONS)
     msg = _decode(raw)
     assert command_name(msg.body) == "insert"
     assert bson.decode(msg.body) == {"insert": "coll", "ordered": True, "$db": "db"}
@@ -248,7 +247,5 @@ def test_arbitrary_payload(payload: bytes) -> None:
 
 @given(st.binary(max_size=40))
 def test_command_name_arbitrary_bytes(body: bytes) -> None:
-    try:
+    with contextlib.suppress(ProtocolError):
         command_name(body)
-    except ProtocolError:
-        pass

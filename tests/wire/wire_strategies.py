@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from proxy.wire import CHECKSUM_PRESENT, EXHAUST_ALLOWED, MORE_TO_COME, DocumentSequence, OpMsg
 
 _keys = st.text(
-    alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+    alphabet=st.characters(codec="utf-8", exclude_characters="\x00"),
     min_size=1,
     max_size=8,
 )

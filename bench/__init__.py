@@ -1,0 +1,1 @@
+"""modelgate benchmarks: `python -m bench --help`."""

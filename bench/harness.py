@@ -1,0 +1,455 @@
+"""Shared pieces of the benchmarks: the processes, the timing, the output.
+
+Every benchmark (`wire`, and later `inline`, `deferred`, `cache`) compares the same
+work done straight against the upstream and through modelgate. This module starts
+both ends (an embedded SecantusDB unless a URI is given, and `modelgate serve` as a
+child process, the way users run it), times callables with the two targets
+alternating, and prints a table and writes JSON with the machine's description.
+
+Typical use::
+
+    with bench_stack(args.upstream, proxy_args=("--data-dir", tmp)) as stack:
+        with connect(stack.direct_uri) as direct, connect(stack.proxy_uri) as proxied:
+            times = run_alternating(
+                {"direct": lambda: work(direct), "proxy": lambda: work(proxied)},
+                iterations=5,
+                setup=lambda target: direct.drop_database("bench"),
+            )
+    print(format_table(["task", "median ms"], rows))
+    write_json(path, {"benchmark": "mine", "results": ...})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import pymongo.errors
+
+__all__ = [
+    "DIRECT",
+    "MB",
+    "PROXY",
+    "BenchError",
+    "ProxyProcess",
+    "Stack",
+    "bench_stack",
+    "connect",
+    "exit_on_sigterm",
+    "format_table",
+    "latency_samples",
+    "machine_info",
+    "mb_per_s",
+    "median",
+    "percentile",
+    "redact_uri",
+    "run_alternating",
+    "summarize",
+    "upstream",
+    "wait_for_ping",
+    "write_json",
+]
+
+#: The benchmarking spec's megabyte: 1,000,000 bytes.
+MB = 1_000_000
+#: Target names used by every benchmark's results, so that tools can compare them.
+DIRECT = "direct"
+PROXY = "proxy"
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not be set up (a process that did not start, a bad argument)."""
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def wait_for_ping(
+    uri: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Block until `uri` answers `ping`; fail early if `process` exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise BenchError(f"process exited with status {process.returncode}")
+        try:
+            with pymongo.MongoClient(uri, serverSelectionTimeoutMS=500) as client:
+                client.admin.command("ping")
+            return
+        except pymongo.errors.PyMongoError as exc:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{redact_uri(uri)} did not answer ping in {timeout:.0f}s") from exc
+            time.sleep(0.1)
+
+
+class ProxyProcess:
+    """`python -m proxy.cli serve` as a child process on a free port.
+
+    Stopped with SIGTERM (then SIGKILL after `stop_timeout`). Its log goes to
+    `log_path` (a temporary file unless given), whose tail is put in the error
+    when it does not start."""
+
+    def __init__(
+        self,
+        upstream_uri: str,
+        *,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_path: Path | None = None,
+        log_level: str = "WARNING",
+        grace_period: float = 2.0,
+        ready_timeout: float = 30.0,
+    ) -> None:
+        from proxy.embedded import free_port
+
+        self.upstream_uri = upstream_uri
+        self.args = tuple(args)
+        self.env = dict(env or {})
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_level = log_level
+        self.grace_period = grace_period
+        self.ready_timeout = ready_timeout
+        self._own_log = log_path is None
+        if log_path is None:
+            handle, name = tempfile.mkstemp(prefix="modelgate-bench-", suffix=".log")
+            os.close(handle)
+            log_path = Path(name)
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://{self.host}:{self.port}/"
+
+    @property
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "proxy.cli", "serve",
+            "--listen", f"{self.host}:{self.port}",
+            "--upstream", self.upstream_uri,
+            "--log-level", self.log_level,
+            "--grace-period", str(self.grace_period),
+            *self.args,
+        ]
+
+    def start(self) -> None:
+        env = {**os.environ, **self.env}
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        try:
+            wait_for_ping(self.uri, self.ready_timeout, self._process)
+        except BenchError as exc:
+            self.stop()
+            raise BenchError(f"modelgate did not start: {exc}\n{self.log_tail()}") from None
+
+    def stop(self, stop_timeout: float | None = None) -> int | None:
+        """SIGTERM, wait, SIGKILL if needed; returns the exit status (None if never started)."""
+        process, self._process = self._process, None
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(stop_timeout if stop_timeout is not None else self.grace_period + 10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def cleanup(self) -> None:
+        """Remove the log file if it was a temporary one."""
+        if self._own_log:
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
+
+    def __enter__(self) -> ProxyProcess:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.stop()
+        if exc_type is None:
+            self.cleanup()
+
+
+@contextlib.contextmanager
+def upstream(uri: str | None = None) -> Iterator[str]:
+    """Yield the upstream URI: `uri` as given, or an embedded in-memory SecantusDB
+    started now and stopped on exit."""
+    if uri:
+        wait_for_ping(uri, timeout=10)
+        yield uri
+        return
+    from proxy.embedded import EmbeddedUpstream, EmbeddedUpstreamError
+
+    embedded = EmbeddedUpstream(":memory:")
+    try:
+        embedded.start()
+    except EmbeddedUpstreamError as exc:
+        raise BenchError(str(exc)) from None
+    try:
+        yield embedded.uri
+    finally:
+        embedded.stop()
+
+
+@dataclass
+class Stack:
+    """The two ends a benchmark compares: the upstream itself and modelgate in front."""
+
+    direct_uri: str
+    proxy_uri: str
+    proxy: ProxyProcess
+    embedded: bool
+
+    @property
+    def uris(self) -> dict[str, str]:
+        return {DIRECT: self.direct_uri, PROXY: self.proxy_uri}
+
+
+@contextlib.contextmanager
+def bench_stack(
+    upstream_uri: str | None = None,
+    *,
+    proxy_args: Sequence[str] = (),
+    proxy_env: Mapping[str, str] | None = None,
+    log_path: Path | None = None,
+) -> Iterator[Stack]:
+    """Start (or reach) the upstream, start modelgate in front, yield both URIs; stop
+    everything on exit, also on error and Ctrl-C (and SIGTERM with `exit_on_sigterm`)."""
+    with upstream(upstream_uri) as uri:
+        proxy = ProxyProcess(uri, args=proxy_args, env=proxy_env, log_path=log_path)
+        with proxy:
+            yield Stack(direct_uri=uri, proxy_uri=proxy.uri, proxy=proxy, embedded=not upstream_uri)
+
+
+def connect(uri: str, **kwargs: Any) -> pymongo.MongoClient[dict[str, Any]]:
+    """A MongoClient for benchmarking: connected now (so connecting is never timed)."""
+    options: dict[str, Any] = {"serverSelectionTimeoutMS": 10_000, **kwargs}
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(uri, **options)
+    client.admin.command("ping")
+    return client
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so that `finally` blocks stop the child processes."""
+
+    def _handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _handler)
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without a password, for logs and JSON."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return uri
+    credentials, _, host = rest.partition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear interpolation between closest ranks."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def mb_per_s(size_bytes: float, seconds: float) -> float:
+    """The spec's score: dataset size in MB (10^6 bytes) over the (median) time."""
+    return size_bytes / MB / seconds if seconds > 0 else float("inf")
+
+
+def summarize(samples: Sequence[float], scale: float = 1.0) -> dict[str, float]:
+    """n, min, p50, p90, p99, max and mean of `samples`, each multiplied by `scale`."""
+    return {
+        "n": len(samples),
+        "min": min(samples) * scale,
+        "p50": percentile(samples, 50) * scale,
+        "p90": percentile(samples, 90) * scale,
+        "p99": percentile(samples, 99) * scale,
+        "max": max(samples) * scale,
+        "mean": statistics.fmean(samples) * scale,
+    }
+
+
+def run_alternating(
+    targets: Mapping[str, Callable[[], object]],
+    *,
+    iterations: int,
+    warmup: int = 1,
+    setup: Callable[[str], object] | None = None,
+    budget_s: float | None = None,
+) -> dict[str, list[float]]:
+    """Time `targets[name]()` for each target, alternating, `iterations` times each.
+
+    `setup(name)` runs untimed before every call (warm-up included). The order of the
+    targets rotates from one iteration to the next so that neither always runs on a
+    cooler or warmer machine. Warm-up calls are not returned. With `budget_s`, stop
+    after the first full round in which the timed calls together passed the budget.
+    Returns the durations in seconds per target."""
+    names = list(targets)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(warmup):
+        for name in names:
+            if setup is not None:
+                setup(name)
+            targets[name]()
+    spent = 0.0
+    for index in range(iterations):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if setup is not None:
+                setup(name)
+            start = time.perf_counter()
+            targets[name]()
+            elapsed = time.perf_counter() - start
+            times[name].append(elapsed)
+            spent += elapsed
+        if budget_s is not None and spent > budget_s:
+            break
+    return times
+
+
+def latency_samples(
+    targets: Mapping[str, Callable[[], object]], count: int, *, block: int = 100, warmup: int = 50
+) -> dict[str, list[float]]:
+    """Per-call latency in seconds of `count` sequential calls per target, the targets
+    interleaved in blocks of `block` calls so that both see the same machine state."""
+    names = list(targets)
+    for name in names:
+        for _ in range(warmup):
+            targets[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    clock = time.perf_counter_ns
+    done = 0
+    while done < count:
+        size = min(block, count - done)
+        for name in names:
+            call, out = targets[name], samples[name]
+            for _ in range(size):
+                start = clock()
+                call()
+                out.append((clock() - start) / 1e9)
+        done += size
+    return samples
+
+
+# --------------------------------------------------------------------------- output
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "pymongo": pymongo.version,
+    }
+    with contextlib.suppress(AttributeError, OSError):
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+                break
+    return info
+
+
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], *, floatfmt: str = ".2f"
+) -> str:
+    """A plain-text table: text left-aligned, numbers right-aligned."""
+
+    def cell(value: object) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return format(value, floatfmt)
+        return str(value)
+
+    text_rows = [[cell(value) for value in row] for row in rows]
+    numeric = [
+        all(isinstance(row[i], int | float) or row[i] is None for row in rows) if rows else False
+        for i in range(len(headers))
+    ]
+    widths = [
+        max([len(headers[i]), *(len(row[i]) for row in text_rows)]) for i in range(len(headers))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            value.rjust(widths[i]) if numeric[i] else value.ljust(widths[i])
+            for i, value in enumerate(values)
+        ).rstrip()
+
+    separator = "  ".join("-" * width for width in widths)
+    return "\n".join([line(headers), separator, *(line(row) for row in text_rows)])
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write `payload` (with a `machine` entry added when missing) as indented JSON,
+    creating parent folders."""
+    path = Path(path)
+    document = dict(payload)
+    document.setdefault("machine", machine_info())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, default=_json_default) + "\n")
+    return path
+

@@ -1,0 +1,507 @@
+"""`python -m bench wire`: the MongoDB driver benchmark tasks that matter for a proxy,
+run straight against the upstream and through modelgate, alternating, same data.
+
+Tasks and scores follow the driver benchmarking specification
+(mongodb/specifications, source/benchmarking/benchmarking.md): the score is
+MB/s = dataset size (10^6 bytes) / median time of one iteration. The spec's data sets
+cannot be downloaded here, so documents of the same shapes and sizes are generated
+(SMALL_DOC about 275 bytes, TWEET about 1.6 KB, LARGE_DOC about 2.7 MB), from a fixed
+seed. Dataset sizes are measured from the generated BSON, not copied from the spec.
+
+Besides throughput, the latency the proxy adds to one round trip is measured from
+sequential `ping`s: p50 and p99 of each distribution and their differences."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import string
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import bson
+import pymongo
+from pymongo.database import Database
+
+from bench.harness import (
+    DIRECT,
+    MB,
+    PROXY,
+    BenchError,
+    bench_stack,
+    connect,
+    exit_on_sigterm,
+    format_table,
+    latency_samples,
+    machine_info,
+    mb_per_s,
+    median,
+    redact_uri,
+    run_alternating,
+    summarize,
+    write_json,
+)
+
+__all__ = ["TASKS", "Dataset", "main", "make_dataset"]
+
+DB_NAME = "modelgate_bench_wire"
+COLLECTION = "corpus"
+
+# Spec sizes, in bytes of BSON.
+SMALL_DOC_BYTES = 275
+TWEET_BYTES = 1_622
+LARGE_DOC_BYTES = 2_731_089
+
+# Mode defaults: (scale, iterations, pings, per-task budget in seconds).
+QUICK = (0.05, 3, 2_000, 8.0)
+FULL = (0.5, 5, 10_000, 90.0)
+
+Db = Database[dict[str, Any]]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _element_size(key: str, value: object) -> int:
+    # An element's bytes inside a document: the one-element document less its
+    # 4-byte length and trailing NUL.
+    return len(bson.encode({key: value})) - 5
+
+
+def _word(rng: random.Random, low: int, high: int) -> str:
+    return "".join(rng.choices(string.ascii_letters, k=rng.randint(low, high)))
+
+
+def _fill(rng: random.Random, target: int, value: Callable[[], object], key_len: tuple[int, int],
+          doc: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Add random keys with `value()` values to `doc` until its BSON is about `target`."""
+    doc = {} if doc is None else doc
+    size = len(bson.encode(doc))
+    while True:
+        key = _word(rng, *key_len)
+        if key in doc:
+            continue
+        item = value()
+        grow = _element_size(key, item)
+        if size + grow > target:
+            break
+        doc[key] = item
+        size += grow
+    # Top up with one string so the size lands on the target exactly (where it can).
+    room = target - size - (1 + 3 + 1 + 4 + 1)  # type, 3-byte key, NUL, length, NUL
+    if room >= 0:
+        key = _word(rng, 3, 3)
+        while key in doc:
+            key = _word(rng, 3, 3)
+        doc[key] = "x" * room
+    return doc
+
+
+def small_doc(rng: random.Random) -> dict[str, Any]:
+    """SMALL_DOC's shape: about 30 fields of short random ASCII keys, ints and strings."""
+    def value() -> object:
+        return rng.randint(0, 2**31 - 1) if rng.random() < 0.5 else _word(rng, 2, 6)
+
+    doc: dict[str, Any] = {}
+    for _ in range(29):
+        key = _word(rng, 3, 5)
+        doc[key] = value()
+    return _fill(rng, SMALL_DOC_BYTES, value, (3, 5), doc)
+
+
+def tweet_doc(rng: random.Random) -> dict[str, Any]:
+    """TWEET's shape: a status with a nested user, entities and counters."""
+    user = {
+        "id": rng.randint(10**8, 10**9),
+        "name": _word(rng, 6, 14),
+        "screen_name": _word(rng, 6, 12),
+        "location": _word(rng, 5, 15),
+        "url": "http://" + _word(rng, 5, 12).lower() + ".example.com/",
+        "description": "",
+        "protected": False,
+        "followers_count": rng.randint(0, 10**5),
+        "friends_count": rng.randint(0, 10**4),
+        "listed_count": rng.randint(0, 500),
+        "created_at": "Mon Dec 16 02:53:17 +0000 2013",
+        "favourites_count": rng.randint(0, 10**4),
+        "utc_offset": -18000,
+        "time_zone": "Eastern Time (US & Canada)",
+        "geo_enabled": True,
+        "verified": False,
+        "statuses_count": rng.randint(0, 10**5),
+        "lang": "en",
+        "profile_background_color": "C0DEED",
+        "profile_image_url": "http://pbs.example.com/profile_images/" + _word(rng, 10, 10),
+        "default_profile": True,
+    }
+    doc: dict[str, Any] = {
+        "text": " ".join(_word(rng, 2, 9) for _ in range(18)),
+        "in_reply_to_status_id": None,
+        "retweet_count": rng.randint(0, 1000),
+        "contributors": None,
+        "created_at": "Fri Jan 03 22:26:51 +0000 2014",
+        "geo": None,
+        "source": '<a href="http://example.com" rel="nofollow">Example client</a>',
+        "coordinates": None,
+        "in_reply_to_screen_name": None,
+        "truncated": False,
+        "entities": {
+            "user_mentions": [
+                {"indices": [0, 12], "screen_name": _word(rng, 6, 10),
+                 "id": rng.randint(10**8, 10**9), "name": _word(rng, 6, 12)}
+            ],
+            "hashtags": [{"indices": [20, 28], "text": _word(rng, 4, 8)}],
+            "urls": [],
+        },
+        "retweeted": False,
+        "place": None,
+        "user": user,
+        "favorited": False,
+        "in_reply_to_user_id": None,
+        "id": rng.randint(10**17, 10**18),
+    }
+    room = TWEET_BYTES - len(bson.encode(doc))
+    user["description"] = " ".join(_word(rng, 3, 8) for _ in range(room // 5 + 1))[: max(room, 0)]
+    return doc
+
+
+def large_doc(rng: random.Random) -> dict[str, Any]:
+    """LARGE_DOC's shape: thousands of fields, mostly strings, some ints and arrays."""
+    def value() -> object:
+        roll = rng.random()
+        if roll < 0.1:
+            return rng.randint(0, 2**31 - 1)
+        if roll < 0.15:
+            return [_word(rng, 4, 12) for _ in range(rng.randint(2, 8))]
+        return _word(rng, 20, 220)
+
+    return _fill(rng, LARGE_DOC_BYTES, value, (4, 12))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    small: dict[str, Any]
+    tweet: dict[str, Any]
+    large: dict[str, Any]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {
+            "small_doc": len(bson.encode(self.small)),
+            "tweet": len(bson.encode(self.tweet)),
+            "large_doc": len(bson.encode(self.large)),
+        }
+
+
+def make_dataset(seed: int = 20160813) -> Dataset:
+    rng = random.Random(seed)
+    return Dataset(small=small_doc(rng), tweet=tweet_doc(rng), large=large_doc(rng))
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class Task:
+    """One spec task. `load` runs once (untimed) before its iterations, `before` before
+    each iteration (untimed), `run` is the timed part, given the target's database."""
+
+    name: str
+    title: str
+    ops: int
+    dataset_bytes: int
+    run: Callable[[Db], object]
+    load: Callable[[Db], object] = lambda db: None
+    before: Callable[[Db], object] = lambda db: None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def _count(base: int, scale: float) -> int:
+    return max(1, round(base * scale))
+
+
+def _reset_collection(db: Db) -> None:
+    db.drop_collection(COLLECTION)
+    db.create_collection(COLLECTION)
+
+
+def _run_command(n: int) -> Task:
+    size = len(bson.encode({"hello": True}))
+
+    def run(db: Db) -> None:
+        for _ in range(n):
+            db.command("hello")
+
+    return Task("run_command", f"run command (hello x{n})", n, n * size, run)
+
+
+def _find_one(n: int, tweet: dict[str, Any]) -> Task:
+    size = sum(len(bson.encode({"_id": i, **tweet})) for i in (1, n))  # ints: same size
+    size = size // 2 * n
+
+    def load(db: Db) -> None:
+        db[COLLECTION].insert_many([{"_id": i, **tweet} for i in range(1, n + 1)])
+
+    def run(db: Db) -> None:
+        collection = db[COLLECTION]
+        for i in range(1, n + 1):
+            collection.find_one({"_id": i})
+
+    return Task("find_one_by_id", f"find one by _id (x{n})", n, size, run, load=load)
+
+
+def _insert_one(name: str, title: str, n: int, doc: dict[str, Any]) -> Task:
+    size = n * len(bson.encode(doc))
+    task = Task(name, f"{title} (x{n})", n, size, run=lambda db: None)
+
+    def before(db: Db) -> None:
+        _reset_collection(db)
+        task.state["docs"] = [dict(doc) for _ in range(n)]  # inserts add _id in place
+
+    def run(db: Db) -> None:
+        collection = db[COLLECTION]
+        for item in task.state.pop("docs"):
+            collection.insert_one(item)
+
+    task.before, task.run = before, run
+    return task
+
+
+def _find_many(n: int, tweet: dict[str, Any]) -> Task:
+    size = n * len(bson.encode(tweet))
+
+    def load(db: Db) -> None:
+        db[COLLECTION].insert_many([dict(tweet) for _ in range(n)])
+
+    def run(db: Db) -> None:
+        for _ in db[COLLECTION].find({}):
+            pass
+
+    return Task("find_many", f"find many, empty cursor ({n} tweets)", n, size, run, load=load)
+
+
+def _bulk_insert(name: str, title: str, n: int, doc: dict[str, Any]) -> Task:
+    size = n * len(bson.encode(doc))
+    task = Task(name, f"{title} ({n} docs)", n, size, run=lambda db: None)
+
+    def before(db: Db) -> None:
+        _reset_collection(db)
+        task.state["docs"] = [dict(doc) for _ in range(n)]
+
+    def run(db: Db) -> None:
+        db[COLLECTION].insert_many(task.state.pop("docs"), ordered=True)
+
+    task.before, task.run = before, run
+    return task
+
+
+#: Task names in the order they run.
+TASKS = (
+    "run_command", "find_one_by_id", "small_insert_one", "large_insert_one",
+    "find_many", "small_bulk_insert", "large_bulk_insert",
+)
+
+
+def make_tasks(data: Dataset, scale: float) -> list[Task]:
+    return [
+        _run_command(_count(10_000, scale)),
+        _find_one(_count(10_000, scale), data.tweet),
+        _insert_one("small_insert_one", "small doc insertOne", _count(10_000, scale), data.small),
+        _insert_one("large_insert_one", "large doc insertOne", _count(10, scale), data.large),
+        _find_many(_count(10_000, scale), data.tweet),
+        _bulk_insert("small_bulk_insert", "small doc bulk insert", _count(10_000, scale),
+                     data.small),
+        _bulk_insert("large_bulk_insert", "large doc bulk insert", _count(10, scale), data.large),
+    ]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _run_task(task: Task, dbs: dict[str, Db], direct_db: Db, iterations: int,
+              budget: float) -> dict[str, Any]:
+    direct_db.client.drop_database(DB_NAME)
+    task.load(direct_db)
+    try:
+        times = run_alternating(
+            {name: (lambda db=db: task.run(db)) for name, db in dbs.items()},
+            iterations=iterations,
+            setup=lambda name: task.before(dbs[name]),
+            budget_s=budget,
+        )
+    finally:
+        task.state.clear()
+        direct_db.client.drop_database(DB_NAME)
+    result: dict[str, Any] = {
+        "name": task.name, "title": task.title, "ops": task.ops,
+        "dataset_bytes": task.dataset_bytes, "dataset_mb": task.dataset_bytes / MB,
+    }
+    for name, samples in times.items():
+        seconds = median(samples)
+        result[name] = {
+            "median_s": seconds, "times_s": samples, "iterations": len(samples),
+            "mb_per_s": mb_per_s(task.dataset_bytes, seconds),
+            "ops_per_s": task.ops / seconds,
+        }
+    result["ratio"] = result[PROXY]["mb_per_s"] / result[DIRECT]["mb_per_s"]
+    return result
+
+
+def _ping_latency(clients: dict[str, pymongo.MongoClient[dict[str, Any]]],
+                  count: int) -> dict[str, Any]:
+    admin = {name: client.admin for name, client in clients.items()}
+    samples = latency_samples(
+        {name: (lambda db=db: db.command("ping")) for name, db in admin.items()}, count
+    )
+    result: dict[str, Any] = {
+        "count": count, "unit": "us",
+        **{name: summarize(values, 1e6) for name, values in samples.items()},
+    }
+    result["added_p50_us"] = result[PROXY]["p50"] - result[DIRECT]["p50"]
+    result["added_p99_us"] = result[PROXY]["p99"] - result[DIRECT]["p99"]
+    result["added_mean_us"] = result[PROXY]["mean"] - result[DIRECT]["mean"]
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    scale, iterations, pings, budget = QUICK if args.quick else FULL
+    scale = args.scale if args.scale is not None else scale
+    iterations = args.iterations if args.iterations is not None else iterations
+    pings = args.pings if args.pings is not None else pings
+    budget = args.budget if args.budget is not None else budget
+    selected = [name.strip() for name in args.tasks.split(",")] if args.tasks else list(TASKS)
+    unknown = sorted(set(selected) - set(TASKS))
+    if unknown:
+        raise BenchError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+
+    started = time.perf_counter()
+    data = make_dataset()
+    tasks = [task for task in make_tasks(data, scale) if task.name in selected]
+    results: list[dict[str, Any]] = []
+    with bench_stack(args.upstream) as stack:
+        _progress(f"upstream {redact_uri(stack.direct_uri)}"
+                  f"{' (embedded SecantusDB)' if stack.embedded else ''}; "
+                  f"modelgate {stack.proxy_uri}")
+        clients = {name: connect(uri) for name, uri in stack.uris.items()}
+        try:
+            dbs = {name: client[DB_NAME] for name, client in clients.items()}
+            for task in tasks:
+                _progress(f"  {task.title} ...")
+                result = _run_task(task, dbs, dbs[DIRECT], iterations, budget)
+                _progress(f"    direct {result[DIRECT]['mb_per_s']:.2f} MB/s, "
+                          f"proxy {result[PROXY]['mb_per_s']:.2f} MB/s "
+                          f"(x{result['ratio']:.2f}, {result[DIRECT]['iterations']} iterations)")
+                results.append(result)
+            latency = _ping_latency(clients, pings) if pings > 0 else None
+        finally:
+            for client in clients.values():
+                client.close()
+    return {
+        "benchmark": "wire",
+        "spec": "https://github.com/mongodb/specifications/blob/master/source/benchmarking/"
+                "benchmarking.md",
+        "config": {
+            "quick": args.quick, "scale": scale, "iterations": iterations, "warmup": 1,
+            "pings": pings, "task_budget_s": budget,
+            "upstream": redact_uri(args.upstream) if args.upstream else "embedded SecantusDB",
+            "document_bytes": data.sizes,
+        },
+        "machine": machine_info(),
+        "tasks": results,
+        "ping_latency": latency,
+        "elapsed_s": time.perf_counter() - started,
+    }
+
+
+def report(payload: dict[str, Any]) -> str:
+    rows = [
+        [t["name"], t["ops"], t["dataset_mb"], t[DIRECT]["mb_per_s"], t[PROXY]["mb_per_s"],
+         t["ratio"], t[DIRECT]["median_s"] * 1e3, t[PROXY]["median_s"] * 1e3]
+        for t in payload["tasks"]
+    ]
+    config = payload["config"]
+    machine = payload["machine"]
+    parts = [
+        f"modelgate wire benchmark — {machine['date']}, {machine['cpu_count']} CPUs, "
+        f"Python {machine['python']}, upstream: {config['upstream']}, scale {config['scale']}, "
+        f"median of {config['iterations']} (after 1 warm-up)",
+        "",
+        format_table(
+            ["task", "ops", "MB", "direct MB/s", "proxy MB/s", "proxy/direct",
+             "direct ms", "proxy ms"],
+            rows,
+        ),
+    ]
+    latency = payload["ping_latency"]
+    if latency:
+        rows = [
+            [name, latency[name]["p50"], latency[name]["p99"], latency[name]["mean"],
+             latency[name]["max"]]
+            for name in (DIRECT, PROXY)
+        ]
+        rows.append(["added by proxy", latency["added_p50_us"], latency["added_p99_us"],
+                     latency["added_mean_us"], None])
+        parts += ["", f"ping round trip, {latency['count']} sequential pings each (µs)",
+                  format_table(["", "p50", "p99", "mean", "max"], rows, floatfmt=".1f")]
+    return "\n".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench wire",
+        description="Driver-benchmark-spec tasks (hello, find one by _id, small/large "
+        "insertOne, find many, small/large bulk insert) straight against the upstream and "
+        "through modelgate, alternating on the same data; MB/s per the spec (dataset size "
+        "/ median iteration time) and the proxy/direct ratio, plus the latency the proxy "
+        "adds to a ping round trip (p50, p99).",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help=f"short run: scale {QUICK[0]}, {QUICK[1]} iterations, "
+                        f"{QUICK[2]} pings (default: scale {FULL[0]}, {FULL[1]} iterations, "
+                        f"{FULL[2]} pings)")
+    parser.add_argument("--json", metavar="PATH", help="write every number and the machine's "
+                        "description as JSON to PATH")
+    parser.add_argument("--upstream", metavar="URI", help="MongoDB to use (its database "
+                        f"{DB_NAME!r} is dropped); default: an embedded in-memory SecantusDB")
+    parser.add_argument("--iterations", type=int, metavar="K",
+                        help="timed iterations per task and target (median reported)")
+    parser.add_argument("--scale", type=float, metavar="F",
+                        help="multiply the spec's operation and document counts by F "
+                        "(1 = spec: 10,000 ops, 10 large docs); document sizes stay the spec's")
+    parser.add_argument("--pings", type=int, metavar="N",
+                        help="sequential pings per target for the latency (0: skip)")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="stop a task's iterations once its timed calls passed this")
+    parser.add_argument("--tasks", metavar="A,B", help=f"run only these: {', '.join(TASKS)}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.iterations is not None and args.iterations < 1:
+        print("--iterations must be at least 1", file=sys.stderr)
+        return 2
+    if args.scale is not None and args.scale <= 0:
+        print("--scale must be positive", file=sys.stderr)
+        return 2
+    exit_on_sigterm()
+    try:
+        payload = run(args)
+    except BenchError as exc:
+        print(f"bench wire: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(report(payload))
+    if args.json:
+        path = write_json(args.json, payload)
+        print(f"\nwrote {path}")
+    return 0
