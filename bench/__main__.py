@@ -17,8 +17,7 @@ __all__ = ["BENCHMARKS", "main"]
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "wire": (
         "bench.wire",
-        "driver-spec tasks (commands, finds, inserts) direct vs through the proxy, "
-        "and the latency the proxy adds to a round trip",
+        "driver-spec tasks direct vs through the proxy (MB/s, ratio), ping latency added",
     ),
     # Registered by the engineers who write them, e.g.:
     # "inline": ("bench.inline", "inserts into a collection with an inline model"),

@@ -93,7 +93,8 @@ def wait_for_ping(
             return
         except pymongo.errors.PyMongoError as exc:
             if time.monotonic() > deadline:
-                raise BenchError(f"{redact_uri(uri)} did not answer ping in {timeout:.0f}s") from exc
+                message = f"{redact_uri(uri)} did not answer ping within {timeout:.0f}s"
+                raise BenchError(message) from exc
             time.sleep(0.1)
 
 

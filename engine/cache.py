@@ -41,8 +41,8 @@ from engine.errors import ModelgateError
 __all__ = ["CacheError", "CachedEntry", "EntryMeta", "ImageCache"]
 
 _U64 = struct.Struct(">Q")
-_FLUSH_EVERY = 256  # pending access times before a get() writes them
-_FLUSH_SECONDS = 2.0  # or this long since the last write
+_FLUSH_EVERY = 1024  # pending access times before a get() writes them
+_FLUSH_SECONDS = 5.0  # or this long since the last write
 
 
 class CacheError(ModelgateError):
@@ -127,8 +127,13 @@ class ImageCache:
             if shared is None:
                 os.makedirs(self.path, exist_ok=True)
                 env = lmdb.open(
-                    self.path, map_size=map_size, max_dbs=8, lock=True, subdir=True,
-                    readahead=False, max_readers=256,
+                    self.path,
+                    map_size=map_size,
+                    max_dbs=8,
+                    lock=True,
+                    subdir=True,
+                    readahead=False,
+                    max_readers=256,
                 )
                 shared = _envs[self.path] = _SharedEnv(env)
             shared.users += 1

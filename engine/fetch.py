@@ -34,7 +34,7 @@ import httpx
 import trio
 
 from engine.addresses import AddressPolicy, resolve_checked
-from engine.cache import CacheError, CachedEntry, EntryMeta, ImageCache
+from engine.cache import CachedEntry, CacheError, EntryMeta, ImageCache
 from engine.errors import PredictionError
 
 __all__ = ["FetchSettings", "Fetcher"]
@@ -133,7 +133,10 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
         for address in addresses:
             try:
                 return await self._inner.connect_tcp(
-                    address, port, timeout=timeout, local_address=local_address,
+                    address,
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
                     socket_options=socket_options,
                 )
             except httpcore.ConnectError as exc:
@@ -142,7 +145,9 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
         raise error
 
     async def connect_unix_socket(
-        self, path: str, timeout: float | None = None,
+        self,
+        path: str,
+        timeout: float | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         raise httpcore.ConnectError("unix sockets are not used by the fetcher")
@@ -203,8 +208,17 @@ class Fetcher:
         self._host_limiters: dict[str, trio.CapacityLimiter] = {}
         self._latencies: deque[float] = deque(maxlen=_LATENCY_WINDOW)
         self._counts = dict.fromkeys(
-            ("hits", "misses", "fetches", "bytes_fetched", "errors", "negative_hits",
-             "shared", "revalidated", "retries"),
+            (
+                "hits",
+                "misses",
+                "fetches",
+                "bytes_fetched",
+                "errors",
+                "negative_hits",
+                "shared",
+                "revalidated",
+                "retries",
+            ),
             0,
         )
 
@@ -228,8 +242,10 @@ class Fetcher:
             follow_redirects=False,  # followed by hand, so each hop is checked
             trust_env=False,  # an environment proxy would bypass the address pinning
             timeout=httpx.Timeout(
-                connect=s.connect_timeout, read=s.read_timeout,
-                write=s.read_timeout, pool=s.connect_timeout,
+                connect=s.connect_timeout,
+                read=s.read_timeout,
+                write=s.read_timeout,
+                pool=s.connect_timeout,
             ),
             headers={
                 "User-Agent": "modelgate",
@@ -316,8 +332,9 @@ class Fetcher:
         scheme = urlsplit(url).scheme.lower()
         if scheme == "file":
             if not self.settings.allow_file:
-                raise _Failure("unsupported scheme 'file' (file URLs are disabled)",
-                               retryable=False)
+                raise _Failure(
+                    "unsupported scheme 'file' (file URLs are disabled)", retryable=False
+                )
             return await self._fetch_file(url)
         if scheme not in ("http", "https"):
             raise _Failure(f"unsupported scheme {scheme!r}", retryable=False)
@@ -358,8 +375,10 @@ class Fetcher:
             await self._cache_call(self._refresh, url)
             return entry.body
         meta = EntryMeta(
-            content_type=hop.content_type, etag=hop.etag,
-            last_modified=hop.last_modified, fetched_at=time.time(),
+            content_type=hop.content_type,
+            etag=hop.etag,
+            last_modified=hop.last_modified,
+            fetched_at=time.time(),
         )
         await self._cache_call(self._put, url, hop.body, meta)
         return hop.body
@@ -479,9 +498,8 @@ class Fetcher:
         except httpx.ConnectError as exc:
             raise _Failure(_describe_connect_error(exc), retryable=True) from None
         except httpx.TransportError as exc:
-            raise _Failure(f"network error ({exc or type(exc).__name__})",
-                           retryable=True) from None
-        except httpx.HTTPError as exc:
+            raise _Failure(f"network error ({exc or type(exc).__name__})", retryable=True) from None
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
             raise _Failure(f"HTTP error ({exc})", retryable=False) from None
 
     # -- cache calls (worker threads; a broken cache degrades to no cache) ----------

@@ -92,7 +92,8 @@ class CompiledModel:
         self.input_dtype = input_dtype
         self.item_shape = item_shape
         self.max_batch = max_batch  # None: any batch size; else the model's fixed batch size
-        self._use_io_binding = _CUDA in self.providers
+        # With CUDA the output is bound to the device (IO binding); on CPU plain `run` is best.
+        self.output_device: str | None = "cuda" if _CUDA in self.providers else None
 
     def __repr__(self) -> str:
         return (
@@ -141,11 +142,11 @@ class CompiledModel:
         return out
 
     def _run_session(self, batch: np.ndarray) -> np.ndarray:
-        if self._use_io_binding:
+        if self.output_device is not None:
             # Input copied from host once; the output stays on the device until copied out.
             binding = self.session.io_binding()
             binding.bind_cpu_input(self.input_name, batch)
-            binding.bind_output(self.output_name, "cuda")
+            binding.bind_output(self.output_name, self.output_device)
             self.session.run_with_iobinding(binding)
             return np.asarray(binding.copy_outputs_to_cpu()[0])
         return np.asarray(self.session.run([self.output_name], {self.input_name: batch})[0])

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import logging
 import signal
+from typing import Any
 
+import pymongo
 import trio
 
+from engine.models import ModelSet
+from proxy.commands import COMMANDS
+from proxy.inline import InlineWrites
 from proxy.server import ProxyServer, listener_tls_context
 from proxy.session import SessionServices
 from proxy.settings import Settings
@@ -21,7 +26,15 @@ log = logging.getLogger(__name__)
 async def run_proxy(settings: Settings, upstream_uri: str) -> None:
     """Serve until SIGINT or SIGTERM, then shut down in two phases."""
     target = UpstreamTarget.from_uri(upstream_uri, settings.connect_timeout)
-    services = SessionServices(upstream=target, commands={})
+    # The proxy's own connection to the upstream (registry, deferred work), used from
+    # worker threads; the credentials in the URI are the proxy's service account.
+    own_client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        upstream_uri, appname="modelgate", connect=False
+    )
+    models = ModelSet(own_client, settings.runtime)
+    services = SessionServices(
+        upstream=target, commands=COMMANDS, writes=InlineWrites(models), models=models
+    )
     tls_context = None
     if settings.tls_cert is not None:
         tls_context = listener_tls_context(settings.tls_cert, settings.tls_key or settings.tls_cert)
@@ -29,6 +42,7 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
     server = ProxyServer(services, host, port, tls_context)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(models.refresh_forever, settings.registry_refresh)
             addresses = await nursery.start(server.run)
             for address in addresses:
                 log.info("modelgate listening on %s:%d", *address)
@@ -37,4 +51,5 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
                 break
             await server.shutdown(settings.grace_period)
             nursery.cancel_scope.cancel()
+    own_client.close()
     log.info("modelgate stopped")

@@ -75,6 +75,9 @@ class ProxyServer:
         log.debug("[conn%d] accepted", connection_id)
         try:
             await session.run()
+        except Exception:
+            # Whatever one connection runs into must never take the listener down.
+            log.exception("[conn%d] closing connection after an unexpected error", connection_id)
         finally:
             self.sessions.discard(session)
 

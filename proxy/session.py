@@ -20,6 +20,7 @@ import bson.errors
 import trio
 
 from engine.errors import ModelgateError
+from engine.models import ModelSet
 from proxy.framed import FramedStream
 from proxy.hello import HELLO_COMMANDS, rewrite_hello_reply
 from proxy.upstream import UpstreamError, UpstreamTarget, open_upstream
@@ -70,6 +71,7 @@ class SessionServices:
     upstream: UpstreamTarget
     commands: dict[str, CommandHandler]
     writes: WriteInterceptor | None = None
+    models: ModelSet | None = None
 
 
 class CommandContext:
@@ -79,6 +81,7 @@ class CommandContext:
         self._session = session
         self.connection_id = session.connection_id
         self.log = session.log
+        self.models = session.services.models
 
     async def upstream_command(self, document: dict[str, Any]) -> dict[str, Any]:
         """Run a command on this client's own upstream connection (so it sees the
@@ -99,6 +102,14 @@ def decode_command(message: OpMsg) -> dict[str, Any]:
     for sequence in message.sequences:
         command[sequence.identifier] = [decode_document(doc) for doc in sequence.documents]
     return command
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first exception in a (possibly nested) exception group, for the log line."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 _REQUEST_IDS = itertools.count(1)
@@ -148,10 +159,12 @@ class Session:
                     nursery.start_soon(self._pump_replies, nursery.cancel_scope)
                     await self._pump_requests()
                     nursery.cancel_scope.cancel()
-            except ProtocolError as exc:
-                self.log.warning("closing connection: %s", exc)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self.log.info("connection lost: %s", exc)
+            # The nursery wraps what its tasks raise (strict exception groups), so the
+            # errors that end only this connection are caught with except*.
+            except* ProtocolError as group:
+                self.log.warning("closing connection: %s", _first_leaf(group))
+            except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
+                self.log.info("connection lost: %s", _first_leaf(group))
             finally:
                 await self.client.aclose()
                 await self.upstream.aclose()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from engine.runtime import RuntimeSettings
 
 __all__ = ["Settings", "add_serve_arguments", "parse_host_port"]
 
@@ -38,6 +40,8 @@ class Settings:
     grace_period: float = 10.0
     connect_timeout: float = 5.0
     log_level: str = "INFO"
+    registry_refresh: float = 2.0
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -50,6 +54,14 @@ class Settings:
             grace_period=args.grace_period,
             connect_timeout=args.connect_timeout,
             log_level=args.log_level.upper(),
+            registry_refresh=args.registry_refresh,
+            runtime=RuntimeSettings(
+                providers=tuple(args.providers.split(",")) if args.providers else None,
+                tensorrt=args.tensorrt,
+                intra_op_threads=args.intra_op_threads,
+                inter_op_threads=args.inter_op_threads,
+                max_concurrent_runs=args.max_concurrent_runs,
+            ),
         )
 
 
@@ -109,4 +121,48 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env("LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
         help="(MODELGATE_LOG_LEVEL; default %(default)s)",
+    )
+    models = parser.add_argument_group("models")
+    models.add_argument(
+        "--providers",
+        default=_env("PROVIDERS"),
+        metavar="LIST",
+        help="onnxruntime execution providers in order of preference, comma-separated "
+        "(MODELGATE_PROVIDERS; default: CUDA when available, else CPU)",
+    )
+    models.add_argument(
+        "--tensorrt",
+        action="store_true",
+        default=_env_flag("TENSORRT"),
+        help="prefer the TensorRT execution provider where it is available (MODELGATE_TENSORRT=1)",
+    )
+    models.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=int(_env("INTRA_OP_THREADS", "0") or 0),
+        metavar="N",
+        help="onnxruntime threads per run; 0 = onnxruntime's choice (MODELGATE_INTRA_OP_THREADS)",
+    )
+    models.add_argument(
+        "--inter-op-threads",
+        type=int,
+        default=int(_env("INTER_OP_THREADS", "0") or 0),
+        metavar="N",
+        help="(MODELGATE_INTER_OP_THREADS)",
+    )
+    models.add_argument(
+        "--max-concurrent-runs",
+        type=int,
+        default=int(_env("MAX_CONCURRENT_RUNS", "2") or 2),
+        metavar="N",
+        help="model runs at once across all models (MODELGATE_MAX_CONCURRENT_RUNS; "
+        "default %(default)s)",
+    )
+    models.add_argument(
+        "--registry-refresh",
+        type=float,
+        default=float(_env("REGISTRY_REFRESH", "2") or 2),
+        metavar="SECONDS",
+        help="how often to pick up models registered through other "
+        "modelgate processes (MODELGATE_REGISTRY_REFRESH; default %(default)s)",
     )

@@ -16,10 +16,12 @@ stop() closes the listening socket and every open connection, so later requests 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import random
 import socket
+import sys
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -68,7 +70,10 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _send(
-        self, status: int, body: bytes = b"", content_type: str = "text/plain",
+        self,
+        status: int,
+        body: bytes = b"",
+        content_type: str = "text/plain",
         headers: dict[str, str] | None = None,
     ) -> None:
         self.send_response(status)
@@ -85,14 +90,17 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path = parts.path
         owner._record(self.path, path)
+        owner._active(+1)
         try:
             self._route(owner, path, parts.query)
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             self.close_connection = True
+        finally:
+            owner._active(-1)
 
     def _route(self, owner: ImageServer, path: str, query: str) -> None:
         if path.startswith("/img/") and path.endswith(".png"):
-            body = owner.images.get(path[len("/img/"):-len(".png")])
+            body = owner.images.get(path[len("/img/") : -len(".png")])
             if body is None:
                 self._send(404, b"no such image")
                 return
@@ -138,7 +146,14 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # socketserver's 5 drops SYNs under concurrent clients
     owner: ImageServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that hang up mid-request (timeouts, size caps) are expected here.
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 class ImageServer:
@@ -146,6 +161,8 @@ class ImageServer:
         self.slow_seconds = slow_seconds
         self.images: dict[str, bytes] = {}
         self.not_modified = 0
+        self.active = 0
+        self.max_active = 0  # the most requests in progress at once
         self._counts: Counter[str] = Counter()
         self._failures: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -179,10 +196,8 @@ class ImageServer:
         with self._lock:
             connections = list(self._connections)
         for conn in connections:
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -222,6 +237,11 @@ class ImageServer:
             self._counts[path] += 1
             if target != path:
                 self._counts[target] += 1
+
+    def _active(self, delta: int) -> None:
+        with self._lock:
+            self.active += delta
+            self.max_active = max(self.max_active, self.active)
 
     def _count_304(self) -> None:
         with self._lock:

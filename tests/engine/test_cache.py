@@ -24,15 +24,23 @@ def body(n: int, fill: int = 0) -> bytes:
 def test_put_get_roundtrip_with_metadata(tmp_path: Path) -> None:
     with ImageCache(tmp_path / "c", max_bytes=1 << 20) as cache:
         assert cache.get("http://x/a.png") is None
-        meta = EntryMeta(content_type="image/png", etag='"abc"',
-                         last_modified="Wed, 21 Oct 2015 07:28:00 GMT", fetched_at=1234.5)
+        meta = EntryMeta(
+            content_type="image/png",
+            etag='"abc"',
+            last_modified="Wed, 21 Oct 2015 07:28:00 GMT",
+            fetched_at=1234.5,
+        )
         assert cache.put("http://x/a.png", b"PNGDATA", meta)
         entry = cache.get("http://x/a.png")
         assert entry is not None
         assert entry.body == b"PNGDATA"
         assert entry.size == 7
         assert (entry.content_type, entry.etag, entry.last_modified, entry.fetched_at) == (
-            "image/png", '"abc"', "Wed, 21 Oct 2015 07:28:00 GMT", 1234.5)
+            "image/png",
+            '"abc"',
+            "Wed, 21 Oct 2015 07:28:00 GMT",
+            1234.5,
+        )
         assert "http://x/a.png" in cache
         stats = cache.stats()
         assert stats["entries"] == 1 and stats["bytes"] == 7
@@ -139,16 +147,24 @@ def test_threads_share_one_cache(tmp_path: Path) -> None:
 
 
 def _run_child(path: Path, code: str) -> subprocess.Popen[str]:
-    snippet = textwrap.dedent(
-        f"""
+    snippet = (
+        textwrap.dedent(
+            f"""
         from engine.cache import ImageCache, EntryMeta
         cache = ImageCache({str(path)!r}, max_bytes=5_000)
         """
-    ) + textwrap.dedent(code) + "\ncache.close()\n"
+        )
+        + textwrap.dedent(code)
+        + "\ncache.close()\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
-        [sys.executable, "-c", snippet], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", snippet],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -162,11 +178,16 @@ def test_two_processes_share_entries_and_the_bound(tmp_path: Path) -> None:
     path = tmp_path / "c"
     with ImageCache(path, max_bytes=5_000) as cache:
         cache.put("from-parent", b"parent-bytes")
-        out = _wait(_run_child(path, """
+        out = _wait(
+            _run_child(
+                path,
+                """
             entry = cache.get("from-parent")
             print(entry.body.decode() if entry else "MISSING")
             cache.put("from-child", b"child-bytes", EntryMeta(content_type="image/png"))
-        """))
+        """,
+            )
+        )
         assert out.strip() == "parent-bytes"
         entry = cache.get("from-child")
         assert entry is not None
@@ -175,11 +196,14 @@ def test_two_processes_share_entries_and_the_bound(tmp_path: Path) -> None:
         # Two processes filling concurrently: the bound holds and the totals stored in
         # the database match what is really there.
         children = [
-            _run_child(path, f"""
+            _run_child(
+                path,
+                f"""
                 for i in range(30):
                     cache.put("p{n}-%d" % i, bytes(400))
                     assert cache.stats()["bytes"] <= 5_000
-            """)
+            """,
+            )
             for n in range(2)
         ]
         for child in children:

@@ -7,6 +7,7 @@ test whose fetcher tries to connect elsewhere.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,10 @@ import httpcore
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
-from engine.addresses import AddressPolicy, BlockedAddress, resolve_checked
+from engine.addresses import METADATA_ADDRESSES, AddressPolicy, BlockedAddress, resolve_checked
 from engine.cache import ImageCache
 from engine.errors import PredictionError
 from engine.fetch import Fetcher, FetchSettings
@@ -88,9 +91,7 @@ async def test_fetch_then_cache_hit(server: ImageServer, cache: ImageCache) -> N
     assert stats["latency_p99_ms"] >= stats["latency_p50_ms"] > 0
 
 
-async def test_cache_serves_after_server_stops(
-    server: ImageServer, cache: ImageCache
-) -> None:
+async def test_cache_serves_after_server_stops(server: ImageServer, cache: ImageCache) -> None:
     cached = server.add_png("a")
     uncached = server.add_png("b")
     async with Fetcher(FAST, cache) as fetcher:
@@ -196,6 +197,22 @@ async def test_file_urls(tmp_path: Path) -> None:
         assert "cannot read file" in await fetch_error(fetcher, (tmp_path / "no").as_uri())
     async with Fetcher(FAST) as fetcher:
         assert "unsupported scheme" in await fetch_error(fetcher, path.as_uri())
+
+
+@pytest.mark.parametrize(("limit", "expect_at_most"), [(2, 2), (8, 8)])
+async def test_per_host_concurrency_limit(
+    server: ImageServer, limit: int, expect_at_most: int
+) -> None:
+    server.slow_seconds = 0.1
+    urls = [server.url(f"/slow?i={i}") for i in range(12)]
+    async with (
+        Fetcher(settings(per_host_concurrency=limit, read_timeout=2.0)) as fetcher,
+        trio.open_nursery() as nursery,
+    ):
+        for url in urls:
+            nursery.start_soon(fetcher.fetch, url)
+    assert server.count("/slow") == 12
+    assert 1 < server.max_active <= expect_at_most
 
 
 # -- failures ----------------------------------------------------------------------
@@ -422,7 +439,36 @@ async def test_resolution_step_checks_literals_without_connecting(
             await resolve_checked(host, 80, policy)
     assert await resolve_checked("127.0.0.1", 80, policy) == ["127.0.0.1"]
     async with Fetcher(settings(allow_private=True)) as fetcher:
-        for url in ("http://169.254.169.254/latest/meta-data/", "http://[fd00:ec2::254]/",
-                    "http://[::ffff:169.254.169.254]/"):
+        for url in (
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[fd00:ec2::254]/",
+            "http://[::ffff:169.254.169.254]/",
+        ):
             assert "metadata address" in await fetch_error(fetcher, url)
     assert only_loopback == []
+
+
+_any_ip = st.one_of(
+    st.ip_addresses(v=4), st.ip_addresses(v=6), st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}")
+)
+
+
+@given(address=_any_ip)
+def test_guard_never_lets_through_private_or_metadata(address: Any) -> None:
+    ip = ipaddress.ip_address(str(address))
+    judged = (ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None) or ip
+    never = judged in METADATA_ADDRESSES or (judged.version == 4 and judged.is_link_local)
+    for policy in (AddressPolicy.create(), AddressPolicy.create(allow_private=True)):
+        try:
+            policy.check_address(ip)
+        except BlockedAddress as exc:
+            assert str(ip) in exc.message
+        else:
+            assert not never
+            if not policy.allow_private:
+                assert judged.is_global and ip.is_global and not judged.is_multicast
+    if never:
+        with pytest.raises(BlockedAddress):
+            AddressPolicy.create(
+                allow_private=True, allow_hosts=("::/0", "0.0.0.0/0")
+            ).check_address(ip)

@@ -70,6 +70,15 @@ def test_load_linear_classifier() -> None:
     assert out.argmax(axis=1).tolist() == [0, 1, 2, 0]
 
 
+def test_io_binding_path() -> None:
+    # The CUDA path binds input and output; exercise the same calls with the output on CPU.
+    model = classifier(batch=2)
+    assert model.output_device is None  # CPU provider: plain session.run
+    model.output_device = "cpu"
+    x = np.stack([one_hot(i % 3) for i in range(3)])
+    np.testing.assert_allclose(model.run(x), onnx_models.linear_logits(x), rtol=1e-6)
+
+
 def test_auto_providers_include_cpu() -> None:
     providers = resolve_providers(RuntimeSettings())
     assert providers[-1] == "CPUExecutionProvider"

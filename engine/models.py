@@ -1,0 +1,131 @@
+"""The models this process serves: the registry's current versions, loaded and ready.
+
+Every modelgate process on an upstream keeps its ModelSet in step with the registry by
+polling it, so a model registered through one proxy is served by all of them, and a
+restarted proxy serves what was registered before. Switching to a new version replaces
+one dictionary entry: requests in flight keep the ModelServer they started with."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pymongo
+import trio
+
+from engine.batching import ModelServer
+from engine.errors import ModelgateError
+from engine.inputs import ImageSource
+from engine.registry import ModelRecord, ModelRegistry
+from engine.runtime import CompiledModel, RuntimeSettings, load_model
+from engine.spec import ModelSpec
+
+__all__ = ["ModelSet"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelSet:
+    def __init__(
+        self,
+        client: pymongo.MongoClient[dict[str, Any]],
+        runtime: RuntimeSettings,
+        *,
+        image_source: ImageSource | None = None,
+    ) -> None:
+        self.registry = ModelRegistry(client)
+        self.runtime = runtime
+        self.image_source = image_source
+        self.limiter = trio.CapacityLimiter(runtime.max_concurrent_runs)
+        self.servers: dict[str, ModelServer] = {}
+        self.records: dict[str, ModelRecord] = {}
+        self._inline: dict[str, list[ModelServer]] = {}
+        self._refresh_lock = trio.Lock()
+
+    # -- lookups used on every write ---------------------------------------------------
+
+    @property
+    def has_inline(self) -> bool:
+        return bool(self._inline)
+
+    def inline_for(self, namespace: str) -> list[ModelServer]:
+        return self._inline.get(namespace, [])
+
+    def get(self, name: str) -> ModelServer | None:
+        return self.servers.get(name)
+
+    # -- changes -------------------------------------------------------------------------
+
+    async def register(self, spec: ModelSpec, onnx_bytes: bytes) -> ModelRecord:
+        """Validate by loading, store as version n+1, and serve it at once."""
+        model = await trio.to_thread.run_sync(load_model, spec, 0, onnx_bytes, self.runtime)
+        record = await trio.to_thread.run_sync(self.registry.register, spec, onnx_bytes)
+        model.version = record.version
+        self._install(record, model)
+        return record
+
+    async def drop(self, name: str) -> ModelRecord:
+        record = await trio.to_thread.run_sync(self.registry.drop, name)
+        self._remove(name)
+        return record
+
+    async def refresh(self) -> None:
+        """Bring the served models in step with the registry."""
+        async with self._refresh_lock:
+            records = await trio.to_thread.run_sync(self.registry.current)
+            current = {record.spec.name: record for record in records}
+            for name in list(self.servers):
+                if name not in current:
+                    log.info("model '%s' was dropped", name)
+                    self._remove(name)
+            for name, record in current.items():
+                served = self.records.get(name)
+                if served is not None and served.version >= record.version:
+                    continue
+                try:
+                    model = await trio.to_thread.run_sync(self._load, record)
+                except ModelgateError as exc:
+                    # Keep serving the previous version (if any) rather than none.
+                    log.error("cannot load model '%s' v%d: %s", name, record.version, exc)
+                    continue
+                self._install(record, model)
+
+    def _load(self, record: ModelRecord) -> CompiledModel:
+        onnx_bytes = self.registry.onnx_bytes(record)
+        return load_model(record.spec, record.version, onnx_bytes, self.runtime)
+
+    async def refresh_forever(self, interval: float) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except ModelgateError as exc:
+                log.warning("model registry refresh failed: %s", exc)
+            await trio.sleep(interval)
+
+    def _install(self, record: ModelRecord, model: CompiledModel) -> None:
+        previous = self.records.get(record.spec.name)
+        if previous is not None and previous.version > record.version:
+            return
+        self.records[record.spec.name] = record
+        self.servers[record.spec.name] = ModelServer(model, self.limiter)
+        log.info(
+            "serving model '%s' v%d on %s (%s, %s)",
+            record.spec.name,
+            record.version,
+            record.spec.namespace,
+            record.spec.mode,
+            ", ".join(model.providers),
+        )
+        self._reindex()
+
+    def _remove(self, name: str) -> None:
+        self.records.pop(name, None)
+        self.servers.pop(name, None)
+        self._reindex()
+
+    def _reindex(self) -> None:
+        inline: dict[str, list[ModelServer]] = {}
+        for server in self.servers.values():
+            if server.model.spec.mode == "inline":
+                inline.setdefault(server.model.spec.namespace, []).append(server)
+        self._inline = inline

@@ -1,0 +1,31 @@
+"""modelStatus: counts, batch sizes, latencies and provider of one model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.errors import ModelNotFound
+from proxy.commands.common import models_of, require_admin_db, string_arg
+from proxy.session import CommandContext
+
+__all__ = ["handle"]
+
+
+async def handle(context: CommandContext, command: dict[str, Any]) -> dict[str, Any]:
+    require_admin_db("modelStatus", command)
+    name = string_arg("modelStatus", command)
+    models = models_of(context)
+    await models.refresh()
+    server = models.get(name)
+    record = models.records.get(name)
+    if server is None or record is None:
+        raise ModelNotFound(f"no model named '{name}'")
+    status: dict[str, Any] = {
+        "ok": 1.0,
+        **record.summary(),
+        "providers": list(server.model.providers),
+        **server.stats.snapshot(),
+    }
+    if record.spec.metadata:
+        status["metadata"] = record.spec.metadata
+    return status

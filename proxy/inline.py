@@ -1,0 +1,349 @@
+"""Inline predictions: writes to a namespace with inline models get their predictions
+before they are forwarded, so the upstream's acknowledgement covers them.
+
+insert, update (upserts, replacements, and operator updates that set the input field),
+findAndModify and the bulkWrite command are handled. A document the model cannot
+predict is stored with an error record (onError "record") or refused with a write error
+(onError "reject"); refusals keep MongoDB's ordered/unordered semantics: an ordered
+write stops at the first refused statement, an unordered one goes on, and every
+writeErrors index in the reply is the client's own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import bson
+
+from engine.batching import Failure, ModelServer
+from engine.documents import FAITHFUL, MISSING, get_path, path_touches, set_path
+from engine.errors import BadValue
+from engine.models import ModelSet
+from engine.outputs import error_record
+from proxy.session import CommandContext, InterceptedWrite
+from proxy.wire.opmsg import DocumentSequence, OpMsg
+
+__all__ = ["InlineWrites"]
+
+WRITE_COMMANDS = frozenset({"insert", "update", "findAndModify", "findandmodify", "bulkWrite"})
+
+# MongoDB's code for a document refused before it is stored (as by schema validation).
+REFUSED_CODE = 121
+REFUSED_CODE_NAME = "DocumentValidationFailure"
+
+
+# Finds a statement's model input for an input field: (value or MISSING, and a function
+# that stores an output value where it belongs for that statement).
+_Sink = Callable[[str, Any], None]
+
+
+@dataclass
+class _Target:
+    """One write statement whose new document may need a prediction."""
+
+    statement: int
+    locate: Callable[[str], tuple[Any, _Sink]]
+
+
+def _document_target(statement: int, document: dict[str, Any]) -> _Target:
+    def locate(field: str) -> tuple[Any, _Sink]:
+        return get_path(document, field), lambda out, value: set_path(document, out, value)
+
+    return _Target(statement, locate)
+
+
+def _update_target(statement: int, mods: Any, query: Any, upsert: bool) -> _Target | None:
+    """An update's target: a replacement document is a document; an operator update
+    counts when it sets the input field ($set, or $setOnInsert and the query's equality
+    on an upsert), and the output goes into the same operator. Pipelines are left alone."""
+    if not isinstance(mods, dict) or not mods:
+        return None
+    if not next(iter(mods)).startswith("$"):
+        return _document_target(statement, mods)
+
+    def locate(field: str) -> tuple[Any, _Sink]:
+        value, operator = _operator_input(mods, query, upsert, field)
+
+        def sink(out: str, prediction: Any) -> None:
+            mods.setdefault(operator, {})[out] = prediction
+
+        return value, sink
+
+    return _Target(statement, locate)
+
+
+def _operator_input(mods: dict[str, Any], query: Any, upsert: bool, field: str) -> tuple[Any, str]:
+    operators = ("$set", "$setOnInsert") if upsert else ("$set",)
+    for operator in operators:
+        fields = mods.get(operator)
+        if not isinstance(fields, dict):
+            continue
+        for key, value in fields.items():
+            if key == field:
+                return value, operator
+            if field.startswith(key + ".") and isinstance(value, dict):
+                nested = get_path(value, field[len(key) + 1 :])
+                if nested is not MISSING:
+                    return nested, operator
+    if upsert and isinstance(query, dict):
+        value = query.get(field, MISSING)
+        if value is not MISSING and not (
+            isinstance(value, dict) and any(str(k).startswith("$") for k in value)
+        ):
+            return value, "$setOnInsert"
+    return MISSING, "$set"
+
+
+def _unsets_input(mods: Any, field: str) -> bool:
+    unset = mods.get("$unset") if isinstance(mods, dict) else None
+    return isinstance(unset, dict) and any(path_touches(key, field) for key in unset)
+
+
+class InlineWrites:
+    """The session's WriteInterceptor for inline models."""
+
+    def __init__(self, models: ModelSet) -> None:
+        self.models = models
+
+    def wants(self, command: str) -> bool:
+        return command in WRITE_COMMANDS and self.models.has_inline
+
+    async def intercept(
+        self, context: CommandContext, command: str, message: OpMsg
+    ) -> InterceptedWrite | None:
+        body = bson.decode(message.body, codec_options=FAITHFUL)
+        if command == "bulkWrite":
+            return await self._bulk_write(context, body, message)
+        namespace = f"{body.get('$db')}.{body.get(command)}"
+        servers = self.models.inline_for(namespace)
+        if not servers:
+            return None
+        if command == "insert":
+            return await self._insert(context, body, message, servers)
+        if command == "update":
+            return await self._update(context, body, message, servers)
+        return await self._find_and_modify(context, body, servers)
+
+    # -- the commands --------------------------------------------------------------------
+
+    async def _insert(
+        self,
+        context: CommandContext,
+        body: dict[str, Any],
+        message: OpMsg,
+        servers: list[ModelServer],
+    ) -> InterceptedWrite:
+        documents, in_sequence = _statements(body, message, "documents")
+        targets = [_document_target(i, doc) for i, doc in enumerate(documents)]
+        refusals = await self._predict(context, servers, targets)
+        return _rebuild(body, message, "documents", documents, in_sequence, refusals)
+
+    async def _update(
+        self,
+        context: CommandContext,
+        body: dict[str, Any],
+        message: OpMsg,
+        servers: list[ModelServer],
+    ) -> InterceptedWrite:
+        updates, in_sequence = _statements(body, message, "updates")
+        targets = []
+        for i, update in enumerate(updates):
+            mods = update.get("u")
+            for server in servers:
+                if _unsets_input(mods, server.model.spec.input_field):
+                    mods.setdefault("$unset", {})[server.model.spec.output_field] = ""
+            target = _update_target(i, mods, update.get("q"), bool(update.get("upsert")))
+            if target is not None:
+                targets.append(target)
+        refusals = await self._predict(context, servers, targets)
+        return _rebuild(body, message, "updates", updates, in_sequence, refusals)
+
+    async def _find_and_modify(
+        self, context: CommandContext, body: dict[str, Any], servers: list[ModelServer]
+    ) -> InterceptedWrite:
+        mods = body.get("update")
+        if body.get("remove") or mods is None:
+            return InterceptedWrite(OpMsg(0, bson.encode(body, codec_options=FAITHFUL)), _same)
+        target = _update_target(0, mods, body.get("query"), bool(body.get("upsert")))
+        refusals = await self._predict(context, servers, [target] if target else [])
+        if refusals:
+            error = BadValue(refusals[0])
+            error.code, error.code_name = REFUSED_CODE, REFUSED_CODE_NAME
+            return InterceptedWrite(None, _same, local_reply=error.to_reply())
+        return InterceptedWrite(OpMsg(0, bson.encode(body, codec_options=FAITHFUL)), _same)
+
+    async def _bulk_write(
+        self, context: CommandContext, body: dict[str, Any], message: OpMsg
+    ) -> InterceptedWrite | None:
+        ops, in_sequence = _statements(body, message, "ops")
+        ns_info, _ = _statements(body, message, "nsInfo")
+        namespaces = [info.get("ns") for info in ns_info]
+        refusals: dict[int, str] = {}
+        touched = False
+        for namespace_index, namespace in enumerate(namespaces):
+            servers = self.models.inline_for(str(namespace))
+            if not servers:
+                continue
+            touched = True
+            targets = []
+            for i, op in enumerate(ops):
+                if op.get("insert") == namespace_index and isinstance(op.get("document"), dict):
+                    targets.append(_document_target(i, op["document"]))
+                elif op.get("update") == namespace_index:
+                    target = _update_target(
+                        i, op.get("updateMods"), op.get("filter"), bool(op.get("upsert"))
+                    )
+                    if target is not None:
+                        targets.append(target)
+            refusals.update(await self._predict(context, servers, targets))
+        if not touched:
+            return None
+        return _rebuild(body, message, "ops", ops, in_sequence, refusals, bulk=True)
+
+    async def _predict(
+        self, context: CommandContext, servers: list[ModelServer], targets: list[_Target]
+    ) -> dict[int, str]:
+        """Run every model over its targets, in registration order (so a model may read
+        an earlier one's output). Returns the refused statements and why."""
+        refusals: dict[int, str] = {}
+        for server in servers:
+            spec = server.model.spec
+            located = [
+                (target, *target.locate(spec.input_field))
+                for target in targets
+                if target.statement not in refusals
+            ]
+            located = [item for item in located if item[1] is not MISSING]
+            if not located:
+                continue
+            outcomes = await server.predict_values(
+                [value for _, value, _ in located], image_source=self.models.image_source
+            )
+            for (target, _, sink), outcome in zip(located, outcomes, strict=True):
+                if not isinstance(outcome, Failure):
+                    sink(spec.output_field, outcome.value)
+                elif spec.on_error == "record":
+                    sink(spec.output_field, error_record(outcome.message, server.version))
+                else:
+                    refusals[target.statement] = (
+                        f"model '{spec.name}' v{server.version} could not predict "
+                        f"'{spec.input_field}': {outcome.message}"
+                    )
+            if refusals:
+                context.log.info("refused %d statements for model '%s'", len(refusals), spec.name)
+        return refusals
+
+
+def _same(reply: dict[str, Any]) -> dict[str, Any]:
+    return reply
+
+
+def _statements(
+    body: dict[str, Any], message: OpMsg, field: str
+) -> tuple[list[dict[str, Any]], bool]:
+    """The statements of a write, from its body or its document sequence."""
+    for sequence in message.sequences:
+        if sequence.identifier == field:
+            return [bson.decode(doc, codec_options=FAITHFUL) for doc in sequence.documents], True
+    value = body.get(field)
+    return (list(value) if isinstance(value, list) else []), False
+
+
+def _rebuild(
+    body: dict[str, Any],
+    message: OpMsg,
+    field: str,
+    statements: list[dict[str, Any]],
+    in_sequence: bool,
+    refusals: dict[int, str],
+    *,
+    bulk: bool = False,
+) -> InterceptedWrite:
+    """The message to forward without the refused statements, and the reply hook that
+    puts the refusals back into the upstream's reply at the client's indices."""
+    ordered = body.get("ordered", True) is not False
+    if ordered and refusals:
+        first = min(refusals)
+        refusals = {first: refusals[first]}
+        kept = list(range(first))
+    else:
+        kept = [i for i in range(len(statements)) if i not in refusals]
+    errors = [_write_error(i, reason, bulk) for i, reason in sorted(refusals.items())]
+    if not kept:
+        return InterceptedWrite(None, _same, local_reply=_empty_reply(body, errors, bulk))
+    encoded = [bson.encode(statements[i], codec_options=FAITHFUL) for i in kept]
+    sequences = tuple(s for s in message.sequences if s.identifier != field)
+    if in_sequence:
+        sequences = (*sequences, DocumentSequence(field, tuple(encoded)))
+    else:
+        body[field] = [statements[i] for i in kept]
+    forwarded = OpMsg(message.flags, bson.encode(body, codec_options=FAITHFUL), sequences)
+    hook = (_bulk_reply_hook if bulk else _reply_hook)(kept, errors, ordered)
+    return InterceptedWrite(forwarded, hook if refusals else _same)
+
+
+def _write_error(index: int, reason: str, bulk: bool) -> dict[str, Any]:
+    key = "idx" if bulk else "index"
+    error = {key: index, "code": REFUSED_CODE, "codeName": REFUSED_CODE_NAME, "errmsg": reason}
+    return {"ok": 0.0, **error} if bulk else error
+
+
+def _empty_reply(body: dict[str, Any], errors: list[dict[str, Any]], bulk: bool) -> dict[str, Any]:
+    if bulk:
+        return {
+            "ok": 1.0,
+            "nErrors": len(errors),
+            "nInserted": 0,
+            "nMatched": 0,
+            "nModified": 0,
+            "nUpserted": 0,
+            "nDeleted": 0,
+            "cursor": {
+                "id": bson.int64.Int64(0),
+                "firstBatch": errors,
+                "ns": "admin.$cmd.bulkWrite",
+            },
+        }
+    reply: dict[str, Any] = {"n": 0, "writeErrors": errors, "ok": 1.0}
+    if "updates" in body or body.get("update"):
+        reply["nModified"] = 0
+    return reply
+
+
+def _reply_hook(
+    kept: list[int], errors: list[dict[str, Any]], ordered: bool
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def hook(reply: dict[str, Any]) -> dict[str, Any]:
+        upstream_errors = reply.get("writeErrors") or []
+        for error in upstream_errors:
+            error["index"] = kept[error["index"]]
+        for upserted in reply.get("upserted") or []:
+            upserted["index"] = kept[upserted["index"]]
+        # An ordered write that failed upstream stopped before our refusal was reached.
+        ours = [] if ordered and upstream_errors else errors
+        merged = sorted(upstream_errors + ours, key=lambda e: e["index"])
+        if merged:
+            reply["writeErrors"] = merged
+        return reply
+
+    return hook
+
+
+def _bulk_reply_hook(
+    kept: list[int], errors: list[dict[str, Any]], ordered: bool
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def hook(reply: dict[str, Any]) -> dict[str, Any]:
+        cursor = reply.get("cursor")
+        if not isinstance(cursor, dict):
+            return reply
+        batch = cursor.get("firstBatch") or []
+        for result in batch:
+            result["idx"] = kept[result["idx"]]
+        upstream_failed = any(not result.get("ok") for result in batch)
+        ours = [] if ordered and upstream_failed else errors
+        cursor["firstBatch"] = sorted(batch + ours, key=lambda r: r["idx"])
+        reply["nErrors"] = int(reply.get("nErrors", 0)) + len(ours)
+        return reply
+
+    return hook
