@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "bench.wire",
         "driver-spec tasks direct vs through the proxy (MB/s, ratio), ping latency added",
     ),
+    "inline": ("bench.inline", "inline-model inserts through modelgate vs plain onnxruntime"),
     # Registered by the engineers who write them, e.g.:
     # "inline": ("bench.inline", "inserts into a collection with an inline model"),
     # "deferred": ("bench.deferred", "time until deferred predictions are written"),

@@ -408,18 +408,23 @@ def machine_info() -> dict[str, Any]:
 
 
 def format_table(
-    headers: Sequence[str], rows: Sequence[Sequence[object]], *, floatfmt: str = ".2f"
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    *,
+    floatfmt: str | Sequence[str] = ".2f",
 ) -> str:
-    """A plain-text table: text left-aligned, numbers right-aligned."""
+    """A plain-text table: text left-aligned, numbers right-aligned, floats formatted
+    with `floatfmt` (one format, or one per column), None shown as "-"."""
+    formats = [floatfmt] * len(headers) if isinstance(floatfmt, str) else list(floatfmt)
 
-    def cell(value: object) -> str:
+    def cell(value: object, column: int) -> str:
         if value is None:
             return "-"
         if isinstance(value, float):
-            return format(value, floatfmt)
+            return format(value, formats[column])
         return str(value)
 
-    text_rows = [[cell(value) for value in row] for row in rows]
+    text_rows = [[cell(value, i) for i, value in enumerate(row)] for row in rows]
     numeric = [
         all(isinstance(row[i], int | float) or row[i] is None for row in rows) if rows else False
         for i in range(len(headers))

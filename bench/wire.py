@@ -440,7 +440,7 @@ def report(payload: dict[str, Any]) -> str:
         format_table(
             ["task", "ops", "MB", "direct MB/s", "proxy MB/s", "proxy/direct",
              "direct ms", "proxy ms"],
-            rows,
+            rows, floatfmt=["", "", ".4g", ".4g", ".4g", ".2f", ".1f", ".1f"],
         ),
     ]
     latency = payload["ping_latency"]

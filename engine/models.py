@@ -40,6 +40,7 @@ class ModelSet:
         self.servers: dict[str, ModelServer] = {}
         self.records: dict[str, ModelRecord] = {}
         self._inline: dict[str, list[ModelServer]] = {}
+        self._deferred: frozenset[str] = frozenset()
         self._refresh_lock = trio.Lock()
 
     # -- lookups used on every write ---------------------------------------------------
@@ -50,6 +51,13 @@ class ModelSet:
 
     def inline_for(self, namespace: str) -> list[ModelServer]:
         return self._inline.get(namespace, [])
+
+    @property
+    def has_deferred(self) -> bool:
+        return bool(self._deferred)
+
+    def has_deferred_on(self, namespace: str) -> bool:
+        return namespace in self._deferred
 
     def get(self, name: str) -> ModelServer | None:
         return self.servers.get(name)
@@ -125,7 +133,11 @@ class ModelSet:
 
     def _reindex(self) -> None:
         inline: dict[str, list[ModelServer]] = {}
+        deferred = set()
         for server in self.servers.values():
             if server.model.spec.mode == "inline":
                 inline.setdefault(server.model.spec.namespace, []).append(server)
+            else:
+                deferred.add(server.model.spec.namespace)
         self._inline = inline
+        self._deferred = frozenset(deferred)

@@ -10,6 +10,7 @@ from typing import Any
 import pymongo
 import trio
 
+from engine.deferred import DeferredWorkers
 from engine.models import ModelSet
 from proxy.commands import COMMANDS
 from proxy.inline import InlineWrites
@@ -29,11 +30,21 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
     # The proxy's own connection to the upstream (registry, deferred work), used from
     # worker threads; the credentials in the URI are the proxy's service account.
     own_client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        upstream_uri, appname="modelgate", connect=False
+        upstream_uri,
+        appname="modelgate",
+        connect=False,
+        # Give up as promptly as client sessions do: a registry read stuck in server
+        # selection (30 s by default) holds up shutdown while the upstream is away.
+        serverSelectionTimeoutMS=max(1, int(settings.connect_timeout * 1000)),
     )
     models = ModelSet(own_client, settings.runtime)
+    deferred = DeferredWorkers(models, own_client, settings.deferred)
     services = SessionServices(
-        upstream=target, commands=COMMANDS, writes=InlineWrites(models), models=models
+        upstream=target,
+        commands=COMMANDS,
+        writes=InlineWrites(models, on_written=deferred.kick_namespace),
+        models=models,
+        deferred=deferred,
     )
     tls_context = None
     if settings.tls_cert is not None:
@@ -43,6 +54,7 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(models.refresh_forever, settings.registry_refresh)
+            nursery.start_soon(deferred.run)
             addresses = await nursery.start(server.run)
             for address in addresses:
                 log.info("modelgate listening on %s:%d", *address)

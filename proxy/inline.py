@@ -101,29 +101,57 @@ def _unsets_input(mods: Any, field: str) -> bool:
 
 
 class InlineWrites:
-    """The session's WriteInterceptor for inline models."""
+    """The session's WriteInterceptor: inline predictions, and a nudge to the deferred
+    workers of the namespace once the upstream has acknowledged a write."""
 
-    def __init__(self, models: ModelSet) -> None:
+    def __init__(self, models: ModelSet, on_written: Callable[[str], None] | None = None) -> None:
         self.models = models
+        self.on_written = on_written
 
     def wants(self, command: str) -> bool:
-        return command in WRITE_COMMANDS and self.models.has_inline
+        return command in WRITE_COMMANDS and (self.models.has_inline or self.models.has_deferred)
 
     async def intercept(
         self, context: CommandContext, command: str, message: OpMsg
     ) -> InterceptedWrite | None:
         body = bson.decode(message.body, codec_options=FAITHFUL)
         if command == "bulkWrite":
-            return await self._bulk_write(context, body, message)
-        namespace = f"{body.get('$db')}.{body.get(command)}"
-        servers = self.models.inline_for(namespace)
-        if not servers:
-            return None
-        if command == "insert":
-            return await self._insert(context, body, message, servers)
-        if command == "update":
-            return await self._update(context, body, message, servers)
-        return await self._find_and_modify(context, body, servers)
+            ns_info, _ = _statements(body, message, "nsInfo")
+            namespaces = [str(info.get("ns")) for info in ns_info]
+            intercepted = await self._bulk_write(context, body, message, namespaces)
+        else:
+            namespaces = [f"{body.get('$db')}.{body.get(command)}"]
+            servers = self.models.inline_for(namespaces[0])
+            if not servers:
+                intercepted = None
+            elif command == "insert":
+                intercepted = await self._insert(context, body, message, servers)
+            elif command == "update":
+                intercepted = await self._update(context, body, message, servers)
+            else:
+                intercepted = await self._find_and_modify(context, body, servers)
+        return self._notify_deferred(intercepted, namespaces)
+
+    def _notify_deferred(
+        self, intercepted: InterceptedWrite | None, namespaces: list[str]
+    ) -> InterceptedWrite | None:
+        deferred = [ns for ns in namespaces if self.models.has_deferred_on(ns)]
+        if (
+            not deferred
+            or self.on_written is None
+            or (intercepted is not None and intercepted.local_reply is not None)
+        ):
+            return intercepted
+        notify = self.on_written
+        inner = intercepted.reply_hook if intercepted is not None else None
+
+        def hook(reply: dict[str, Any]) -> dict[str, Any]:
+            for namespace in deferred:
+                notify(namespace)
+            return inner(reply) if inner is not None else reply
+
+        message = intercepted.message if intercepted is not None else None
+        return InterceptedWrite(message, hook)
 
     # -- the commands --------------------------------------------------------------------
 
@@ -161,24 +189,26 @@ class InlineWrites:
 
     async def _find_and_modify(
         self, context: CommandContext, body: dict[str, Any], servers: list[ModelServer]
-    ) -> InterceptedWrite:
+    ) -> InterceptedWrite | None:
         mods = body.get("update")
         if body.get("remove") or mods is None:
-            return InterceptedWrite(OpMsg(0, bson.encode(body, codec_options=FAITHFUL)), _same)
+            return None
         target = _update_target(0, mods, body.get("query"), bool(body.get("upsert")))
         refusals = await self._predict(context, servers, [target] if target else [])
         if refusals:
             error = BadValue(refusals[0])
             error.code, error.code_name = REFUSED_CODE, REFUSED_CODE_NAME
-            return InterceptedWrite(None, _same, local_reply=error.to_reply())
-        return InterceptedWrite(OpMsg(0, bson.encode(body, codec_options=FAITHFUL)), _same)
+            return InterceptedWrite(local_reply=error.to_reply())
+        return InterceptedWrite(OpMsg(0, bson.encode(body, codec_options=FAITHFUL)))
 
     async def _bulk_write(
-        self, context: CommandContext, body: dict[str, Any], message: OpMsg
+        self,
+        context: CommandContext,
+        body: dict[str, Any],
+        message: OpMsg,
+        namespaces: list[str],
     ) -> InterceptedWrite | None:
         ops, in_sequence = _statements(body, message, "ops")
-        ns_info, _ = _statements(body, message, "nsInfo")
-        namespaces = [info.get("ns") for info in ns_info]
         refusals: dict[int, str] = {}
         touched = False
         for namespace_index, namespace in enumerate(namespaces):
@@ -235,10 +265,6 @@ class InlineWrites:
         return refusals
 
 
-def _same(reply: dict[str, Any]) -> dict[str, Any]:
-    return reply
-
-
 def _statements(
     body: dict[str, Any], message: OpMsg, field: str
 ) -> tuple[list[dict[str, Any]], bool]:
@@ -271,7 +297,7 @@ def _rebuild(
         kept = [i for i in range(len(statements)) if i not in refusals]
     errors = [_write_error(i, reason, bulk) for i, reason in sorted(refusals.items())]
     if not kept:
-        return InterceptedWrite(None, _same, local_reply=_empty_reply(body, errors, bulk))
+        return InterceptedWrite(local_reply=_empty_reply(body, errors, bulk))
     encoded = [bson.encode(statements[i], codec_options=FAITHFUL) for i in kept]
     sequences = tuple(s for s in message.sequences if s.identifier != field)
     if in_sequence:
@@ -280,7 +306,7 @@ def _rebuild(
         body[field] = [statements[i] for i in kept]
     forwarded = OpMsg(message.flags, bson.encode(body, codec_options=FAITHFUL), sequences)
     hook = (_bulk_reply_hook if bulk else _reply_hook)(kept, errors, ordered)
-    return InterceptedWrite(forwarded, hook if refusals else _same)
+    return InterceptedWrite(forwarded, hook if refusals else None)
 
 
 def _write_error(index: int, reason: str, bulk: bool) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import bson
 import bson.errors
 import trio
 
+from engine.deferred import DeferredWorkers
 from engine.errors import ModelgateError
 from engine.models import ModelSet
 from proxy.framed import FramedStream
@@ -48,11 +49,12 @@ CommandHandler = Callable[["CommandContext", dict[str, Any]], Awaitable[dict[str
 
 @dataclass(frozen=True)
 class InterceptedWrite:
-    """A write rewritten by the proxy: the message to forward (None when nothing is left
-    to forward) and how to merge the proxy's own write errors into the upstream's reply."""
+    """What the proxy does with a write it acted on: answer it here (`local_reply`, and
+    nothing is forwarded), or forward `message` (None: the original bytes), with an
+    optional hook that turns the upstream's reply into the client's."""
 
-    message: OpMsg | None
-    reply_hook: ReplyHook
+    message: OpMsg | None = None
+    reply_hook: ReplyHook | None = None
     local_reply: dict[str, Any] | None = None
 
 
@@ -72,6 +74,7 @@ class SessionServices:
     commands: dict[str, CommandHandler]
     writes: WriteInterceptor | None = None
     models: ModelSet | None = None
+    deferred: DeferredWorkers | None = None
 
 
 class CommandContext:
@@ -82,6 +85,7 @@ class CommandContext:
         self.connection_id = session.connection_id
         self.log = session.log
         self.models = session.services.models
+        self.deferred = session.services.deferred
 
     async def upstream_command(self, document: dict[str, Any]) -> dict[str, Any]:
         """Run a command on this client's own upstream connection (so it sees the
@@ -207,7 +211,9 @@ class Session:
         if header.op_code == OpCode.OP_MSG:
             message = decode_op_msg(header, payload)
             name = command_name(message.body)
-            if not message.more_to_come:
+            # A hello is not work in flight: drivers' monitors keep an awaitable hello
+            # waiting upstream (maxAwaitTimeMS, 10 s), and shutdown must not wait for it.
+            if not message.more_to_come and name not in HELLO_COMMANDS:
                 self._expect_reply(request_id)
             if name in HELLO_COMMANDS:
                 self._reply_hooks[request_id] = (self._hello_hook(message.body), True)
@@ -271,17 +277,17 @@ class Session:
         try:
             intercepted = await self.services.writes.intercept(CommandContext(self), name, message)
         except ModelgateError as exc:
-            if not message.more_to_come:
-                await self._send_to_client(request_id, exc.to_reply())
-            return None
+            intercepted = InterceptedWrite(local_reply=exc.to_reply())
         if intercepted is None:
             return b""
-        if intercepted.message is None:
-            if not message.more_to_come and intercepted.local_reply is not None:
+        if intercepted.local_reply is not None:
+            if not message.more_to_come:
                 await self._send_to_client(request_id, intercepted.local_reply)
             return None
-        if not message.more_to_come:
+        if intercepted.reply_hook is not None and not message.more_to_come:
             self._reply_hooks[request_id] = (intercepted.reply_hook, True)
+        if intercepted.message is None:
+            return b""
         return encode_op_msg(intercepted.message, request_id, 0)
 
     async def _send_to_client(self, response_to: int, document: dict[str, Any]) -> None:
@@ -334,12 +340,14 @@ class Session:
         if header.op_code == OpCode.OP_COMPRESSED:
             header, payload = decompress(header, payload)
         if header.op_code == OpCode.OP_MSG and decode_op_msg(header, payload).more_to_come:
-            # An exhaust stream (a cursor, or streaming hello): the upstream's next reply
-            # answers this one, and is transformed the same way.
-            if hook is not None:
-                self._reply_hooks[header.request_id] = hook
-            if compressor_id is not None:
-                self._compress_replies[header.request_id] = compressor_id
+            # An exhaust stream (a cursor, or streaming hello): more replies follow and
+            # are transformed the same way. mongod answers each with responseTo set to
+            # the previous reply's id; some servers keep the request's id: accept both.
+            for key in (header.request_id, header.response_to):
+                if hook is not None:
+                    self._reply_hooks[key] = hook
+                if compressor_id is not None:
+                    self._compress_replies[key] = compressor_id
         if hook is not None:
             payload = self._apply_hook(header, payload, *hook)
         if compressor_id is not None:

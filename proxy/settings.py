@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.deferred import DeferredSettings
 from engine.runtime import RuntimeSettings
 
 __all__ = ["Settings", "add_serve_arguments", "parse_host_port"]
@@ -42,6 +43,7 @@ class Settings:
     log_level: str = "INFO"
     registry_refresh: float = 2.0
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    deferred: DeferredSettings = field(default_factory=DeferredSettings)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -61,6 +63,13 @@ class Settings:
                 intra_op_threads=args.intra_op_threads,
                 inter_op_threads=args.inter_op_threads,
                 max_concurrent_runs=args.max_concurrent_runs,
+            ),
+            deferred=DeferredSettings(
+                change_streams=args.change_streams,
+                sweep_interval=args.sweep_interval,
+                lease_seconds=args.lease_seconds,
+                max_attempts=args.max_attempts,
+                retry_backoff=args.retry_backoff,
             ),
         )
 
@@ -165,4 +174,45 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how often to pick up models registered through other "
         "modelgate processes (MODELGATE_REGISTRY_REFRESH; default %(default)s)",
+    )
+    deferred = parser.add_argument_group("deferred models")
+    deferred.add_argument(
+        "--no-change-streams",
+        dest="change_streams",
+        action="store_false",
+        default=(_env("CHANGE_STREAMS", "1") or "1").lower() not in {"0", "false", "no", "off"},
+        help="find writes made around the proxy by the periodic sweep only, without change "
+        "streams (MODELGATE_CHANGE_STREAMS=0)",
+    )
+    deferred.add_argument(
+        "--sweep-interval",
+        type=float,
+        default=float(_env("SWEEP_INTERVAL", "5") or 5),
+        metavar="SECONDS",
+        help="how often each deferred model looks for pending documents "
+        "when nothing woke it (MODELGATE_SWEEP_INTERVAL; default %(default)s)",
+    )
+    deferred.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=float(_env("LEASE_SECONDS", "30") or 30),
+        metavar="SECONDS",
+        help="how long a claim on a document lasts before another process "
+        "may take it over (MODELGATE_LEASE_SECONDS; default %(default)s)",
+    )
+    deferred.add_argument(
+        "--max-attempts",
+        type=int,
+        default=int(_env("MAX_ATTEMPTS", "3") or 3),
+        metavar="N",
+        help="attempts before a failing document gets an error record "
+        "(MODELGATE_MAX_ATTEMPTS; default %(default)s)",
+    )
+    deferred.add_argument(
+        "--retry-backoff",
+        type=float,
+        default=float(_env("RETRY_BACKOFF", "1") or 1),
+        metavar="SECONDS",
+        help="first retry delay, doubled each attempt "
+        "(MODELGATE_RETRY_BACKOFF; default %(default)s)",
     )

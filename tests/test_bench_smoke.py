@@ -17,7 +17,7 @@ from bench.wire import TASKS
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(60)
 def test_bench_wire_quick_writes_every_task(tmp_path: Path) -> None:
     report = tmp_path / "x.json"
     command = [
@@ -33,11 +33,11 @@ def test_bench_wire_quick_writes_every_task(tmp_path: Path) -> None:
         start_new_session=True,
     )
     try:
-        output, _ = process.communicate(timeout=75)
+        output, _ = process.communicate(timeout=55)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"bench wire did not finish in 75 s:\n{output.decode(errors='replace')}")
+        pytest.fail(f"bench wire did not finish in 55 s:\n{output.decode(errors='replace')}")
     text = output.decode(errors="replace")
     assert process.returncode == 0, text
 

@@ -4,7 +4,13 @@ Commands not in the table go to MongoDB as before."""
 
 from __future__ import annotations
 
-from proxy.commands import drop_model, list_models, model_status, register_model
+from proxy.commands import (
+    backfill_model,
+    drop_model,
+    list_models,
+    model_status,
+    register_model,
+)
 from proxy.session import CommandHandler
 
 __all__ = ["COMMANDS"]
@@ -14,4 +20,5 @@ COMMANDS: dict[str, CommandHandler] = {
     "listModels": list_models.handle,
     "modelStatus": model_status.handle,
     "dropModel": drop_model.handle,
+    "backfillModel": backfill_model.handle,
 }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
+
 from engine.errors import ModelNotFound
 from proxy.commands.common import models_of, require_admin_db, string_arg
 from proxy.session import CommandContext
@@ -28,4 +30,10 @@ async def handle(context: CommandContext, command: dict[str, Any]) -> dict[str, 
     }
     if record.spec.metadata:
         status["metadata"] = record.spec.metadata
+    if record.spec.mode == "deferred" and context.deferred is not None:
+        queue = context.deferred.queue_for(server)
+        status["deferred"] = {
+            **await trio.to_thread.run_sync(queue.status),
+            **(context.deferred.status(name) or {}),
+        }
     return status

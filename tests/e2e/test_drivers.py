@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import bson
 import pymongo
@@ -190,3 +191,14 @@ def test_second_proxy_process_on_same_upstream(upstream_uri, db, tmp_path) -> No
     with ProxyProcess(upstream_uri, tmp_path / "second.log") as second:
         with pymongo.MongoClient(second.uri) as other:
             assert other[db.name].shared.find_one()["from"] == "first"
+
+
+def test_streaming_hello_keeps_the_driver_on_the_proxy(proxy) -> None:
+    # pymongo's monitor switches to streaming (exhaust) hello after its first heartbeat;
+    # every streamed reply must be rewritten too, or the driver drops the "mongos".
+    with pymongo.MongoClient(proxy.uri, heartbeatFrequencyMS=500) as monitored:
+        monitored.admin.command("ping")
+        time.sleep(3)
+        assert monitored.admin.command("ping")["ok"] == 1.0
+        servers = monitored.topology_description.server_descriptions().values()
+        assert [s.server_type_name for s in servers] == ["Mongos"]

@@ -1,0 +1,300 @@
+"""Deferred models: predictions in the background with at-least-once delivery.
+
+Each process runs one worker per deferred model. A worker wakes up when it is kicked
+(a write through this proxy, a change-stream event for writes that went around it, or
+another model's output appearing in a chain) and at least every sweep interval; then it
+claims pending documents with leases in MongoDB, predicts them in batches through the
+same batching and runtime as inline models, and writes the results with bulk updates
+conditioned on the input being unchanged. The documents are the queue (engine/leases.py),
+so a killed process loses nothing: its leases expire and another process takes over."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pymongo
+import pymongo.errors
+import trio
+
+from engine.batching import Failure, ModelServer
+from engine.documents import get_path
+from engine.leases import WorkQueue
+from engine.models import ModelSet
+from engine.outputs import error_record
+
+__all__ = ["DeferredSettings", "DeferredWorkers"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeferredSettings:
+    change_streams: bool = True
+    sweep_interval: float = 5.0
+    lease_seconds: float = 30.0
+    claim_size: int = 256
+    max_attempts: int = 3
+    retry_backoff: float = 1.0
+    pause_seconds: float = 30.0
+    progress_interval: float = 10.0
+
+
+def process_owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class ModelWorker:
+    """Works off one deferred model's pending documents, in this process."""
+
+    def __init__(self, workers: DeferredWorkers, name: str) -> None:
+        self.workers = workers
+        self.name = name
+        self.wakeup = trio.Event()
+        self.paused_until = 0.0
+        self.pause_reason: str | None = None
+        self.processed = 0
+        self.duplicates = 0
+        self.recent: list[tuple[float, int]] = []  # (time, documents) for the throughput
+
+    def kick(self) -> None:
+        self.wakeup.set()
+
+    def throughput(self, window: float = 60.0) -> float:
+        now = time.monotonic()
+        self.recent = [(t, n) for t, n in self.recent if now - t <= window]
+        if not self.recent:
+            return 0.0
+        span = max(now - self.recent[0][0], 1.0)
+        return sum(n for _, n in self.recent) / span
+
+    async def run(self) -> None:
+        settings = self.workers.settings
+        ensured: int | None = None
+        while True:
+            with trio.move_on_after(settings.sweep_interval):
+                await self.wakeup.wait()
+            self.wakeup = trio.Event()
+            if time.monotonic() < self.paused_until:
+                continue
+            server = self.workers.models.get(self.name)
+            if server is None:
+                return
+            queue = self.workers.queue_for(server)
+            try:
+                if ensured != server.version:
+                    await trio.to_thread.run_sync(queue.ensure_index)
+                    ensured = server.version
+                await self._drain(server, queue)
+            except pymongo.errors.PyMongoError as exc:
+                log.warning("deferred model '%s': upstream error, retrying: %s", self.name, exc)
+
+    async def _drain(self, server: ModelServer, queue: WorkQueue) -> None:
+        """Claim and predict until nothing is pending (or the model was replaced)."""
+        settings = self.workers.settings
+        started = time.monotonic()
+        last_progress = started
+        done = 0
+        while self.workers.models.get(self.name) is server:
+            claimed = await trio.to_thread.run_sync(
+                queue.claim, settings.claim_size, settings.lease_seconds
+            )
+            if not claimed.documents:
+                break
+            written = await self._predict_batch(server, queue, claimed.documents)
+            if written is None:
+                return
+            done += written
+            self.workers.kick_namespace(server.model.spec.namespace, except_model=self.name)
+            now = time.monotonic()
+            if now - last_progress >= settings.progress_interval:
+                last_progress = now
+                status = await trio.to_thread.run_sync(queue.status)
+                log.info(
+                    "deferred model '%s' v%d: %d done in %.0fs (%.1f/s), %d pending",
+                    self.name,
+                    server.version,
+                    done,
+                    now - started,
+                    done / max(now - started, 1e-9),
+                    status["pending"],
+                )
+
+    async def _predict_batch(
+        self, server: ModelServer, queue: WorkQueue, documents: list[dict[str, Any]]
+    ) -> int | None:
+        """Predict and store one claimed batch; None when the model itself is failing."""
+        spec = server.model.spec
+        values = [get_path(doc, spec.input_field) for doc in documents]
+        image_source = self.workers.models.image_source
+        runs_failed = server.stats.batch_errors
+        outcomes = await server.predict_values(values, image_source=image_source)
+        if server.stats.batch_errors > runs_failed and len(documents) > 1:
+            # A failed run fails its whole batch: try each document alone, so one
+            # poisonous document does not take the others down with it.
+            outcomes = []
+            for value in values:
+                outcomes += await server.predict_values([value], image_source=image_source)
+        failures = [o for o in outcomes if isinstance(o, Failure)]
+        if failures and len(failures) == len(outcomes) and server.stats.batch_errors > runs_failed:
+            await self._pause(server, queue, documents, failures[0].message)
+            return None
+        results = [
+            (doc, o.value)
+            for doc, o in zip(documents, outcomes, strict=True)
+            if not isinstance(o, Failure)
+        ]
+        failed = [
+            (doc, o.message)
+            for doc, o in zip(documents, outcomes, strict=True)
+            if isinstance(o, Failure)
+        ]
+        settings = self.workers.settings
+        if failed:
+            exhausted = await trio.to_thread.run_sync(
+                queue.record_failures, failed, settings.retry_backoff, settings.max_attempts
+            )
+            results += [
+                (doc, error_record(message, server.version, attempts))
+                for doc, message, attempts in exhausted
+            ]
+        duplicates = await trio.to_thread.run_sync(queue.write_outputs, results)
+        self.duplicates += duplicates
+        self.processed += len(results)
+        self.recent.append((time.monotonic(), len(results)))
+        return len(results)
+
+    async def _pause(
+        self, server: ModelServer, queue: WorkQueue, documents: list[dict[str, Any]], reason: str
+    ) -> None:
+        """The model fails whatever the document: stop instead of spinning (and instead
+        of marking every document failed), and say so in modelStatus."""
+        settings = self.workers.settings
+        self.paused_until = time.monotonic() + settings.pause_seconds
+        self.pause_reason = reason
+        log.error(
+            "deferred model '%s' v%d fails for every document; pausing %gs: %s",
+            self.name,
+            server.version,
+            settings.pause_seconds,
+            reason,
+        )
+        await trio.to_thread.run_sync(queue.release, [doc["_id"] for doc in documents])
+
+    def status(self) -> dict[str, Any]:
+        paused = time.monotonic() < self.paused_until
+        return {
+            "paused": paused,
+            "pausedReason": self.pause_reason if paused else None,
+            "throughputPerSecond": round(self.throughput(), 2),
+            "processedHere": self.processed,
+            "duplicatesHere": self.duplicates,
+        }
+
+
+class DeferredWorkers:
+    """All deferred workers of this process, started and stopped as models come and go."""
+
+    def __init__(
+        self,
+        models: ModelSet,
+        client: pymongo.MongoClient[dict[str, Any]],
+        settings: DeferredSettings,
+    ) -> None:
+        self.models = models
+        self.client = client
+        self.settings = settings
+        self.owner = process_owner_id()
+        self.workers: dict[str, ModelWorker] = {}
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._watched: dict[str, trio.CancelScope] = {}
+
+    def queue_for(self, server: ModelServer) -> WorkQueue:
+        return WorkQueue(self.client, server.model.spec, server.version, self.owner)
+
+    def namespaces(self) -> set[str]:
+        return {
+            server.model.spec.namespace
+            for server in self.models.servers.values()
+            if server.model.spec.mode == "deferred"
+        }
+
+    def kick_namespace(self, namespace: str, except_model: str | None = None) -> None:
+        """Writes happened in `namespace`: wake its deferred workers."""
+        for name, worker in self.workers.items():
+            server = self.models.get(name)
+            if (
+                name != except_model
+                and server is not None
+                and (server.model.spec.namespace == namespace)
+            ):
+                worker.kick()
+
+    async def run(self, *, poll_interval: float = 0.5) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                self._sync_workers(nursery)
+                await trio.sleep(poll_interval)
+
+    def _sync_workers(self, nursery: trio.Nursery) -> None:
+        deferred = {
+            name
+            for name, server in self.models.servers.items()
+            if server.model.spec.mode == "deferred"
+        }
+        for name in deferred - set(self.workers):
+            worker = ModelWorker(self, name)
+            self.workers[name] = worker
+            nursery.start_soon(self._run_worker, worker)
+            worker.kick()  # a new model (or version) backfills at once
+        for name in set(self.workers) - deferred:
+            self._scopes.pop(name).cancel()
+            del self.workers[name]
+        if self.settings.change_streams:
+            namespaces = self.namespaces()
+            for namespace in namespaces - set(self._watched):
+                self._watched[namespace] = trio.CancelScope()
+                nursery.start_soon(self._watch, namespace, self._watched[namespace])
+            for namespace in set(self._watched) - namespaces:
+                self._watched.pop(namespace).cancel()
+
+    async def _run_worker(self, worker: ModelWorker) -> None:
+        scope = trio.CancelScope()
+        self._scopes[worker.name] = scope
+        with scope:
+            await worker.run()
+        if self.workers.get(worker.name) is worker:
+            del self.workers[worker.name]
+            self._scopes.pop(worker.name, None)
+
+    async def _watch(self, namespace: str, scope: trio.CancelScope) -> None:
+        """Wake the namespace's workers on every write, whoever made it. If the change
+        stream fails or the upstream has none, the sweep still finds everything."""
+        db, _, collection = namespace.partition(".")
+        stop = False
+        token = trio.lowlevel.current_trio_token()
+
+        def watch() -> None:
+            with self.client[db][collection].watch(max_await_time_ms=500) as stream:
+                while not stop:
+                    if stream.try_next() is not None:
+                        trio.from_thread.run_sync(self.kick_namespace, namespace, trio_token=token)
+
+        with scope:
+            while True:
+                try:
+                    await trio.to_thread.run_sync(watch, abandon_on_cancel=True)
+                except pymongo.errors.PyMongoError as exc:
+                    log.info("change stream on %s unavailable (%s); sweeping only", namespace, exc)
+                    await trio.sleep(self.settings.sweep_interval * 4)
+                finally:
+                    stop = scope.cancel_called
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        worker = self.workers.get(name)
+        return None if worker is None else worker.status()

@@ -1,0 +1,122 @@
+"""Publishing a model from Python: export a torch module to ONNX and register it.
+
+The registration helpers send modelgate's admin commands through any pymongo client
+pointed at modelgate, so errors arrive as pymongo's usual `OperationFailure`. torch is
+an optional extra (`pip install 'modelgate[train]'`), imported only by `export_onnx`."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import bson
+
+if TYPE_CHECKING:
+    import pymongo
+    import torch
+
+__all__ = ["drop_model", "export_onnx", "list_models", "model_status", "register_model"]
+
+_TORCH_MISSING = "exporting a torch model needs torch: pip install 'modelgate[train]'"
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:
+        raise ImportError(_TORCH_MISSING) from exc
+    return torch
+
+
+def export_onnx(module: torch.nn.Module, example_input: torch.Tensor, *, opset: int = 17) -> bytes:
+    """The module as ONNX bytes, with input `x` and output `y` whose first (batch)
+    dimension is dynamic. `example_input` is one batch (any batch size)."""
+    torch = _import_torch()
+    was_training = module.training
+    module.eval()
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The TorchScript exporter warns about its own deprecation and about tracing;
+            # neither concerns the caller (the dynamo exporter needs onnxscript).
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example_input,),
+                buffer,
+                input_names=["x"],
+                output_names=["y"],
+                dynamic_axes={"x": {0: "N"}, "y": {0: "N"}},
+                opset_version=opset,
+                dynamo=False,
+            )
+    finally:
+        module.train(was_training)
+    return buffer.getvalue()
+
+
+def register_model(
+    client: pymongo.MongoClient[Any],
+    name: str,
+    *,
+    collection: str,
+    input: str,
+    model: bytes | torch.nn.Module | None = None,
+    example_input: torch.Tensor | None = None,
+    output: str | None = None,
+    mode: str = "inline",
+    preprocess: Mapping[str, Any] | None = None,
+    postprocess: Mapping[str, Any] | None = None,
+    batch: Mapping[str, Any] | None = None,
+    on_error: str | None = None,
+    filter: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    path: str | None = None,
+) -> dict[str, Any]:
+    """Send `registerModel` and return the reply ({name, version, providers}).
+
+    `model` is ONNX bytes or a torch module (exported with `example_input`); or, instead
+    of `model`, `path` names an ONNX file that the proxy reads from its own disk."""
+    command: dict[str, Any] = {
+        "registerModel": name,
+        "collection": collection,
+        "input": input,
+        "mode": mode,
+    }
+    if (model is None) == (path is None):
+        raise ValueError("pass exactly one of model (bytes or a torch module) or path")
+    if path is not None:
+        command["path"] = path
+    elif isinstance(model, bytes | bytearray | memoryview):
+        command["onnx"] = bson.Binary(bytes(model))
+    else:
+        if example_input is None:
+            raise ValueError("a torch module needs an example_input to be exported")
+        command["onnx"] = bson.Binary(export_onnx(model, example_input))
+    optional = {
+        "output": output,
+        "preprocess": preprocess,
+        "postprocess": postprocess,
+        "batch": batch,
+        "onError": on_error,
+        "filter": filter,
+        "metadata": metadata,
+    }
+    for key, value in optional.items():
+        if value is not None:
+            command[key] = dict(value) if isinstance(value, Mapping) else value
+    return dict(client.admin.command(command))
+
+
+def list_models(client: pymongo.MongoClient[Any]) -> list[dict[str, Any]]:
+    return list(client.admin.command("listModels")["models"])
+
+
+def model_status(client: pymongo.MongoClient[Any], name: str) -> dict[str, Any]:
+    return dict(client.admin.command("modelStatus", name))
+
+
+def drop_model(client: pymongo.MongoClient[Any], name: str) -> dict[str, Any]:
+    return dict(client.admin.command("dropModel", name))
