@@ -24,7 +24,7 @@ import trio
 
 from engine.batching import Failure, ModelServer
 from engine.documents import get_path
-from engine.leases import WorkQueue
+from engine.leases import Claimed, WorkQueue
 from engine.models import ModelSet
 from engine.outputs import error_record
 
@@ -106,7 +106,7 @@ class ModelWorker:
             )
             if not claimed.documents:
                 break
-            written = await self._predict_batch(server, queue, claimed.documents)
+            written = await self._predict_batch(server, queue, claimed)
             if written is None:
                 return
             done += written
@@ -126,10 +126,11 @@ class ModelWorker:
                 )
 
     async def _predict_batch(
-        self, server: ModelServer, queue: WorkQueue, documents: list[dict[str, Any]]
+        self, server: ModelServer, queue: WorkQueue, claimed: Claimed
     ) -> int | None:
         """Predict and store one claimed batch; None when the model itself is failing."""
         spec = server.model.spec
+        documents = claimed.documents
         values = [get_path(doc, spec.input_field) for doc in documents]
         image_source = self.workers.models.image_source
         runs_failed = server.stats.batch_errors
@@ -142,7 +143,7 @@ class ModelWorker:
                 outcomes += await server.predict_values([value], image_source=image_source)
         failures = [o for o in outcomes if isinstance(o, Failure)]
         if failures and len(failures) == len(outcomes) and server.stats.batch_errors > runs_failed:
-            await self._pause(server, queue, documents, failures[0].message)
+            await self._pause(server, queue, claimed, failures[0].message)
             return None
         results = [
             (doc, o.value)
@@ -163,14 +164,14 @@ class ModelWorker:
                 (doc, error_record(message, server.version, attempts))
                 for doc, message, attempts in exhausted
             ]
-        duplicates = await trio.to_thread.run_sync(queue.write_outputs, results)
+        duplicates = await trio.to_thread.run_sync(queue.write_outputs, claimed, results)
         self.duplicates += duplicates
         self.processed += len(results)
         self.recent.append((time.monotonic(), len(results)))
         return len(results)
 
     async def _pause(
-        self, server: ModelServer, queue: WorkQueue, documents: list[dict[str, Any]], reason: str
+        self, server: ModelServer, queue: WorkQueue, claimed: Claimed, reason: str
     ) -> None:
         """The model fails whatever the document: stop instead of spinning (and instead
         of marking every document failed), and say so in modelStatus."""
@@ -184,7 +185,7 @@ class ModelWorker:
             settings.pause_seconds,
             reason,
         )
-        await trio.to_thread.run_sync(queue.release, [doc["_id"] for doc in documents])
+        await trio.to_thread.run_sync(queue.release, claimed)
 
     def status(self) -> dict[str, Any]:
         paused = time.monotonic() < self.paused_until

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +35,19 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+def _aware(moment: datetime.datetime) -> datetime.datetime:
+    # pymongo decodes dates as naive UTC unless asked otherwise.
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
+
+
 @dataclass(frozen=True)
 class Claimed:
-    """Documents this process leased, with the input values it read."""
+    """Documents this process leased (with the input it read), under one batch id."""
 
+    batch: str
     documents: list[dict[str, Any]]
+    # Documents of the batch with earlier failed attempts, whose records go once done.
+    retried: frozenset[Any] = frozenset()
 
 
 class WorkQueue:
@@ -66,11 +75,12 @@ class WorkQueue:
 
     def pending_filter(self) -> dict[str, Any]:
         """Documents that need this version's prediction: the output is missing, of an
-        older version, or marked stale by backfillModel; and the input is there."""
-        out = self.spec.output_field
+        older version, or set aside by backfillModel; and the input is there.
+
+        (No $or here: the upstream must be able to answer this from the index.)"""
         clauses: list[dict[str, Any]] = [
             {self.spec.input_field: {"$exists": True}},
-            {"$or": [{f"{out}.version": {"$ne": self.version}}, {f"{out}.stale": True}]},
+            {f"{self.spec.output_field}.version": {"$ne": self.version}},
         ]
         if self.spec.filter:
             clauses.append(self.spec.filter)
@@ -79,139 +89,120 @@ class WorkQueue:
     def ensure_index(self) -> None:
         # The sweep asks for documents by their output's version: keep that cheap.
         self.collection.create_index(f"{self.spec.output_field}.version")
-        self.leases.create_index("expires")
-
-    def _busy_ids(self) -> list[Any]:
-        """Documents someone holds a live lease on, or that wait for a retry."""
-        now = _now()
-        leased = self.leases.find(
-            {"_id.model": self.spec.name, "expires": {"$gt": now}}, {"_id": 1}
-        )
-        waiting = self.failures.find(
-            {"_id.model": self.spec.name, "retry_at": {"$gt": now}}, {"_id": 1}
-        )
-        return [doc["_id"]["doc"] for doc in leased] + [doc["_id"]["doc"] for doc in waiting]
+        self.leases.create_index([("model", 1), ("expires", 1)])
+        self.leases.create_index("batch")
+        self.failures.create_index("model")
 
     def claim(self, limit: int, lease_seconds: float) -> Claimed:
-        """Lease up to `limit` pending documents that nobody else holds."""
-        busy = self._busy_ids()
+        """Lease up to `limit` pending documents that nobody else holds.
+
+        Written for few round trips and no long $in lists (SecantusDB, and any upstream,
+        answers those slowly): live leases and retry waits are read whole (they are
+        small), candidates are read with their input, leases are inserted in one
+        unordered batch whose duplicate-key errors are the documents others hold."""
+        now = _now()
+        name = self.spec.name
+        self.leases.delete_many({"model": name, "expires": {"$lte": now}})  # holders died
+        busy = [lease["doc"] for lease in self.leases.find({"model": name}, {"doc": 1})]
+        failures = list(self.failures.find({"model": name}, {"doc": 1, "retry_at": 1}))
+        busy += [f["doc"] for f in failures if f.get("retry_at") and _aware(f["retry_at"]) > now]
         query = self.pending_filter()
         if busy:
             query = {"$and": [query, {"_id": {"$nin": busy}}]}
-        candidates = list(self.collection.find(query, {"_id": 1}).sort("_id", 1).limit(limit))
-        if not candidates:
-            return Claimed([])
-        now = _now()
-        expires = now + datetime.timedelta(seconds=lease_seconds)
-        # Expired leases of these documents are taken over (their holder died).
-        self.leases.delete_many(
-            {
-                "_id": {"$in": [{"model": self.spec.name, "doc": c["_id"]} for c in candidates]},
-                "expires": {"$lte": now},
-            }
+        # The input is read before the lease: the write is conditioned on it, so a
+        # document that changes in between is never given a stale prediction.
+        candidates = list(
+            self.collection.find(query, {self.spec.input_field: 1}).sort("_id", 1).limit(limit)
         )
+        batch = uuid.uuid4().hex
+        if not candidates:
+            return Claimed(batch, [])
+        expires = now + datetime.timedelta(seconds=lease_seconds)
         leases = [
             {
-                "_id": {"model": self.spec.name, "doc": c["_id"]},
+                "_id": {"model": name, "doc": doc["_id"]},
+                "model": name,
+                "doc": doc["_id"],
                 "owner": self.owner,
+                "batch": batch,
                 "expires": expires,
             }
-            for c in candidates
+            for doc in candidates
         ]
-        won: list[Any]
+        won = candidates
         try:
             self.leases.insert_many(leases, ordered=False)
-            won = [c["_id"] for c in candidates]
         except pymongo.errors.BulkWriteError as exc:
-            lost = {leases[e["index"]]["_id"]["doc"] for e in exc.details["writeErrors"]}
-            won = [c["_id"] for c in candidates if c["_id"] not in lost]
-        if not won:
-            return Claimed([])
-        # Read the documents after leasing them: the input we predict from is the one we
-        # condition the write on, so a concurrent update is never overwritten.
-        projection = {self.spec.input_field: 1}
-        documents = list(
-            self.collection.find(
-                {"$and": [{"_id": {"$in": won}}, self.pending_filter()]}, projection
-            )
-        )
-        found = {doc["_id"] for doc in documents}
-        self.release([doc_id for doc_id in won if doc_id not in found])
-        return Claimed(documents)
+            lost = {e["index"] for e in exc.details["writeErrors"]}
+            won = [doc for index, doc in enumerate(candidates) if index not in lost]
+        retried = frozenset(f["doc"] for f in failures) & {doc["_id"] for doc in won}
+        return Claimed(batch, won, retried)
 
-    def release(self, doc_ids: list[Any]) -> None:
-        if doc_ids:
-            self.leases.delete_many(
-                {
-                    "_id": {"$in": [{"model": self.spec.name, "doc": d} for d in doc_ids]},
-                    "owner": self.owner,
-                }
-            )
+    def release(self, claimed: Claimed) -> None:
+        self.leases.delete_many({"batch": claimed.batch})
 
     # -- results -----------------------------------------------------------------------
 
-    def write_outputs(self, results: list[tuple[dict[str, Any], dict[str, Any]]]) -> int:
+    def write_outputs(
+        self, claimed: Claimed, results: list[tuple[dict[str, Any], dict[str, Any]]]
+    ) -> int:
         """Store (document as read, output value) pairs with one bulk write, each
-        conditioned on the input being unchanged since it was read. Returns how many
-        were already done by someone else (duplicate work)."""
-        if not results:
-            return 0
+        conditioned on the input being unchanged since it was read, then release the
+        batch. Returns how many were already done by someone else (duplicate work)."""
         out = self.spec.output_field
-        updates = [
-            pymongo.UpdateOne(
-                {
-                    "_id": doc["_id"],
-                    self.spec.input_field: get_path(doc, self.spec.input_field),
-                    "$or": [{f"{out}.version": {"$ne": self.version}}, {f"{out}.stale": True}],
-                },
-                {"$set": {out: value}},
-            )
-            for doc, value in results
-        ]
-        result = self.collection.bulk_write(updates, ordered=False)
-        skipped = len(results) - result.matched_count
         duplicates = 0
-        if skipped:
-            duplicates = (
-                self.collection.count_documents(
+        modified = 0
+        if results:
+            updates = [
+                pymongo.UpdateOne(
+                    {
+                        "_id": doc["_id"],
+                        self.spec.input_field: get_path(doc, self.spec.input_field),
+                        f"{out}.version": {"$ne": self.version},
+                    },
+                    {"$set": {out: value}},
+                )
+                for doc, value in results
+            ]
+            result = self.collection.bulk_write(updates, ordered=False)
+            modified = result.modified_count
+            if result.matched_count < len(results):
+                # Not matched: the input changed (it is pending again), or another
+                # process stored this version first: that is duplicate work.
+                done_elsewhere = self.collection.count_documents(
                     {
                         "_id": {"$in": [doc["_id"] for doc, _ in results]},
                         f"{out}.version": self.version,
-                        f"{out}.stale": {"$ne": True},
                     }
                 )
-                - result.matched_count
-            )
-        done_ids = [doc["_id"] for doc, _ in results]
-        self.failures.delete_many(
-            {"_id": {"$in": [{"model": self.spec.name, "doc": d} for d in done_ids]}}
-        )
-        self.release(done_ids)
+                duplicates = max(done_elsewhere - result.matched_count, 0)
+        done = {doc["_id"] for doc, _ in results} & claimed.retried
+        if done:
+            self.failures.delete_many({"model": self.spec.name, "doc": {"$in": list(done)}})
+        self.release(claimed)
         errors = sum(1 for _, value in results if "error" in value)
         self.stats.update_one(
             {"_id": self.spec.name},
-            {
-                "$inc": {
-                    "done": result.modified_count - errors,
-                    "failed": errors,
-                    "duplicates": max(duplicates, 0),
-                }
-            },
+            {"$inc": {"done": modified - errors, "failed": errors, "duplicates": duplicates}},
             upsert=True,
         )
-        return max(duplicates, 0)
+        return duplicates
 
     def record_failures(
         self, failed: list[tuple[dict[str, Any], str]], backoff: float, max_attempts: int
     ) -> list[tuple[dict[str, Any], str, int]]:
         """Count a failed attempt for each document; returns those that reached the
-        limit (document, error, attempts) so they get an error record instead."""
+        limit (document, error, attempts) so they get an error record instead. The
+        others wait for their retry time (exponential backoff) before being claimed."""
         exhausted = []
         now = _now()
         for doc, message in failed:
             record = self.failures.find_one_and_update(
                 {"_id": {"model": self.spec.name, "doc": doc["_id"]}},
-                {"$inc": {"attempts": 1}, "$set": {"error": message}},
+                {
+                    "$inc": {"attempts": 1},
+                    "$set": {"model": self.spec.name, "doc": doc["_id"], "error": message},
+                },
                 upsert=True,
                 return_document=pymongo.ReturnDocument.AFTER,
             )
@@ -221,7 +212,6 @@ class WorkQueue:
             else:
                 retry_at = now + datetime.timedelta(seconds=backoff * 2 ** (attempts - 1))
                 self.failures.update_one({"_id": record["_id"]}, {"$set": {"retry_at": retry_at}})
-        self.release([doc["_id"] for doc, _ in failed])
         return exhausted
 
     # -- status ------------------------------------------------------------------------
@@ -250,7 +240,7 @@ class WorkQueue:
             }
         )
         live = list(
-            self.leases.find({"_id.model": self.spec.name, "expires": {"$gt": now}}, {"owner": 1})
+            self.leases.find({"model": self.spec.name, "expires": {"$gt": now}}, {"owner": 1})
         )
         oldest = self.collection.find_one(self.pending_filter(), {"_id": 1}, sort=[("_id", 1)])
         lag = None
@@ -263,19 +253,24 @@ class WorkQueue:
             "inProgress": len(live),
             "done": done,
             "failed": failed,
-            "retrying": self.failures.count_documents({"_id.model": self.spec.name}),
+            "retrying": self.failures.count_documents({"model": self.spec.name}),
             "lagSeconds": lag,
             "leaseHolders": sorted({lease["owner"] for lease in live}),
             "duplicates": int(counters.get("duplicates", 0)),
         }
 
     def mark_stale(self, extra_filter: dict[str, Any] | None) -> int:
-        """backfillModel: recompute outputs that exist (pending ones are already due)."""
+        """backfillModel: recompute outputs that exist (pending ones are already due).
+
+        The output's `version` moves to `backfillOf`, so the document is pending again
+        and still says which version made the output it holds until it is replaced."""
         out = self.spec.output_field
         clauses: list[dict[str, Any]] = [{f"{out}.version": {"$exists": True}}]
         if self.spec.filter:
             clauses.append(self.spec.filter)
         if extra_filter:
             clauses.append(extra_filter)
-        result = self.collection.update_many({"$and": clauses}, {"$set": {f"{out}.stale": True}})
+        result = self.collection.update_many(
+            {"$and": clauses}, {"$rename": {f"{out}.version": f"{out}.backfillOf"}}
+        )
         return int(result.modified_count)
