@@ -407,10 +407,10 @@ def _inline_run(
     direct = pools[DIRECT].clients[0]
     reply = _register(admin, model, name, collection, args, scratch)
     providers = list(reply.get("providers", []))
-    if requested and (not providers or providers[0] != requested[0]):
-        raise BenchError(f"modelgate was asked for {requested[0]} but model {name!r} runs on "
-                         f"{providers}")
     try:
+        if requested and (not providers or providers[0] != requested[0]):
+            raise BenchError(f"modelgate was asked for {requested[0]} but model {name!r} runs "
+                             f"on {providers}")
         warm = mode.warmup_per_client
         counters: dict[str, dict[str, Any]] = {}
         result = drive_inserts(

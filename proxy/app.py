@@ -10,7 +10,9 @@ from typing import Any
 import pymongo
 import trio
 
+from engine.cache import ImageCache
 from engine.deferred import DeferredWorkers
+from engine.fetch import Fetcher
 from engine.models import ModelSet
 from proxy.commands import COMMANDS
 from proxy.inline import InlineWrites
@@ -37,7 +39,9 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
         # selection (30 s by default) holds up shutdown while the upstream is away.
         serverSelectionTimeoutMS=max(1, int(settings.connect_timeout * 1000)),
     )
-    models = ModelSet(own_client, settings.runtime)
+    cache = ImageCache(settings.image_cache_dir, settings.cache_size)
+    fetcher = Fetcher(settings.fetch, cache)
+    models = ModelSet(own_client, settings.runtime, image_source=fetcher)
     deferred = DeferredWorkers(models, own_client, settings.deferred)
     services = SessionServices(
         upstream=target,
@@ -52,7 +56,7 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
     host, port = settings.listen
     server = ProxyServer(services, host, port, tls_context)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+        async with fetcher, trio.open_nursery() as nursery:
             nursery.start_soon(models.refresh_forever, settings.registry_refresh)
             nursery.start_soon(deferred.run)
             addresses = await nursery.start(server.run)
@@ -64,4 +68,5 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
             await server.shutdown(settings.grace_period)
             nursery.cancel_scope.cancel()
     own_client.close()
+    cache.close()
     log.info("modelgate stopped")

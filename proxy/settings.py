@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.deferred import DeferredSettings
+from engine.fetch import FetchSettings
 from engine.runtime import RuntimeSettings
 
 __all__ = ["Settings", "add_serve_arguments", "parse_host_port"]
@@ -25,6 +26,10 @@ def parse_host_port(text: str) -> tuple[str, int]:
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"MODELGATE_{name}", default)
+
+
+def _split(text: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
 def _env_flag(name: str) -> bool:
@@ -44,6 +49,13 @@ class Settings:
     registry_refresh: float = 2.0
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     deferred: DeferredSettings = field(default_factory=DeferredSettings)
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+    cache_dir: Path | None = None  # None: <data_dir>/image-cache
+    cache_size: int = 1 << 30
+
+    @property
+    def image_cache_dir(self) -> Path:
+        return self.cache_dir or self.data_dir / "image-cache"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -71,6 +83,20 @@ class Settings:
                 max_attempts=args.max_attempts,
                 retry_backoff=args.retry_backoff,
             ),
+            fetch=FetchSettings(
+                connect_timeout=args.fetch_connect_timeout,
+                read_timeout=args.fetch_read_timeout,
+                total_timeout=args.fetch_timeout,
+                max_bytes=args.fetch_max_bytes,
+                max_redirects=args.fetch_max_redirects,
+                allow_private=args.fetch_allow_private,
+                allow_hosts=_split(args.fetch_allow_hosts),
+                deny_hosts=_split(args.fetch_deny_hosts),
+                allow_file=args.fetch_allow_file,
+                revalidate_after=args.cache_revalidate_after,
+            ),
+            cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+            cache_size=args.cache_size,
         )
 
 
@@ -215,4 +241,90 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="first retry delay, doubled each attempt "
         "(MODELGATE_RETRY_BACKOFF; default %(default)s)",
+    )
+    images = parser.add_argument_group("image URLs")
+    images.add_argument(
+        "--cache-dir",
+        default=_env("CACHE_DIR"),
+        metavar="DIR",
+        help="LMDB cache of fetched images, shared by the modelgate processes of a host "
+        "(MODELGATE_CACHE_DIR; default <data-dir>/image-cache)",
+    )
+    images.add_argument(
+        "--cache-size",
+        type=int,
+        default=int(_env("CACHE_SIZE", str(1 << 30)) or 1 << 30),
+        metavar="BYTES",
+        help="bound on cached image bytes; least recently used go first "
+        "(MODELGATE_CACHE_SIZE; default 1 GiB)",
+    )
+    images.add_argument(
+        "--cache-revalidate-after",
+        type=float,
+        default=float(_env("CACHE_REVALIDATE_AFTER") or 0) or None,
+        metavar="SECONDS",
+        help="revalidate cached images older than this with their ETag/Last-Modified "
+        "(MODELGATE_CACHE_REVALIDATE_AFTER; default: never)",
+    )
+    images.add_argument(
+        "--fetch-allow-private",
+        action="store_true",
+        default=_env_flag("FETCH_ALLOW_PRIVATE"),
+        help="allow image URLs on private and loopback addresses (MODELGATE_FETCH_ALLOW_PRIVATE=1)"
+        "; cloud metadata addresses are never fetched",
+    )
+    images.add_argument(
+        "--fetch-allow-hosts",
+        default=_env("FETCH_ALLOW_HOSTS"),
+        metavar="LIST",
+        help="hosts and CIDR ranges allowed even if private, comma-separated "
+        "(MODELGATE_FETCH_ALLOW_HOSTS)",
+    )
+    images.add_argument(
+        "--fetch-deny-hosts",
+        default=_env("FETCH_DENY_HOSTS"),
+        metavar="LIST",
+        help="hosts and CIDR ranges never fetched, comma-separated (MODELGATE_FETCH_DENY_HOSTS)",
+    )
+    images.add_argument(
+        "--fetch-allow-file",
+        action="store_true",
+        default=_env_flag("FETCH_ALLOW_FILE"),
+        help="allow file:// image URLs (MODELGATE_FETCH_ALLOW_FILE=1)",
+    )
+    images.add_argument(
+        "--fetch-timeout",
+        type=float,
+        default=float(_env("FETCH_TIMEOUT", "30") or 30),
+        metavar="SECONDS",
+        help="total time for one image fetch, retries included "
+        "(MODELGATE_FETCH_TIMEOUT; default %(default)s)",
+    )
+    images.add_argument(
+        "--fetch-connect-timeout",
+        type=float,
+        default=float(_env("FETCH_CONNECT_TIMEOUT", "5") or 5),
+        metavar="SECONDS",
+        help="(MODELGATE_FETCH_CONNECT_TIMEOUT; default %(default)s)",
+    )
+    images.add_argument(
+        "--fetch-read-timeout",
+        type=float,
+        default=float(_env("FETCH_READ_TIMEOUT", "10") or 10),
+        metavar="SECONDS",
+        help="(MODELGATE_FETCH_READ_TIMEOUT; default %(default)s)",
+    )
+    images.add_argument(
+        "--fetch-max-bytes",
+        type=int,
+        default=int(_env("FETCH_MAX_BYTES", "20000000") or 20_000_000),
+        metavar="BYTES",
+        help="largest image body fetched (MODELGATE_FETCH_MAX_BYTES; default %(default)s)",
+    )
+    images.add_argument(
+        "--fetch-max-redirects",
+        type=int,
+        default=int(_env("FETCH_MAX_REDIRECTS", "5") or 5),
+        metavar="N",
+        help="(MODELGATE_FETCH_MAX_REDIRECTS; default %(default)s)",
     )

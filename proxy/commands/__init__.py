@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from proxy.commands import (
     backfill_model,
+    cache_status,
     drop_model,
     list_models,
     model_status,
@@ -21,4 +22,5 @@ COMMANDS: dict[str, CommandHandler] = {
     "modelStatus": model_status.handle,
     "dropModel": drop_model.handle,
     "backfillModel": backfill_model.handle,
+    "cacheStatus": cache_status.handle,
 }

@@ -7,6 +7,8 @@ from typing import Any
 import trio
 
 from engine.errors import ModelNotFound
+from engine.spec import ImagePreprocess
+from proxy.commands.cache_status import image_stats
 from proxy.commands.common import models_of, require_admin_db, string_arg
 from proxy.session import CommandContext
 
@@ -30,6 +32,8 @@ async def handle(context: CommandContext, command: dict[str, Any]) -> dict[str, 
     }
     if record.spec.metadata:
         status["metadata"] = record.spec.metadata
+    if isinstance(record.spec.preprocess, ImagePreprocess):
+        status["images"] = await image_stats(context)
     if record.spec.mode == "deferred" and context.deferred is not None:
         queue = context.deferred.queue_for(server)
         status["deferred"] = {

@@ -309,7 +309,9 @@ def test_sigterm_with_an_idle_client_exits_promptly(upstream_uri: str, tmp_path:
         tmp_path / "modelgate.log",
         args=("--grace-period", "20", "--data-dir", str(tmp_path)),
     ).start()
-    with pymongo.MongoClient(proxy.uri) as client:
+    # A short server selection timeout: closing the client after the proxy is gone
+    # otherwise spends 30 s trying to send endSessions.
+    with pymongo.MongoClient(proxy.uri, serverSelectionTimeoutMS=2000) as client:
         assert client.admin.command("ping")["ok"] == 1
         time.sleep(0.5)  # the driver's monitor now has an awaitable hello waiting
         assert proxy.process is not None
@@ -360,7 +362,9 @@ def test_sigterm_lets_the_request_in_flight_finish(
 
     def insert() -> None:
         try:
-            with pymongo.MongoClient(proxy.uri, event_listeners=[watcher]) as client:
+            with pymongo.MongoClient(
+                proxy.uri, event_listeners=[watcher], serverSelectionTimeoutMS=2000
+            ) as client:
                 client.admin.command("ping")
                 outcome["inserted"] = len(client[db_name].big.insert_many(documents).inserted_ids)
         except Exception as exc:
