@@ -20,10 +20,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "driver-spec tasks direct vs through the proxy (MB/s, ratio), ping latency added",
     ),
     "inline": ("bench.inline", "inline-model inserts through modelgate vs plain onnxruntime"),
-    # Registered by the engineers who write them, e.g.:
-    # "inline": ("bench.inline", "inserts into a collection with an inline model"),
-    # "deferred": ("bench.deferred", "time until deferred predictions are written"),
-    # "cache": ("bench.cache", "image fetch and LMDB cache throughput"),
+    "images": ("bench.images", "inline model on image URLs: cold/warm cache vs local disk"),
+    "cache": ("bench.bench_cache", "LMDB cache lookups/s; URL fetch cold vs warm vs local disk"),
 }
 
 

@@ -77,12 +77,6 @@ FULL = Mode(scale=1.0, ops=2_000, iterations=5, pings=10_000, budget_s=60.0)
 
 Db = Database[dict[str, Any]]
 
-# Both clients poll for server monitoring instead of streaming hello: modelgate's
-# rewriting of streamed (moreToCome) hello replies is not finished, and pymongo drops a
-# "mongos" that starts to look like a replica set primary. Polling moves only the
-# monitor's own connection; the timed operations are the same either way.
-CLIENT_OPTIONS: dict[str, Any] = {"serverMonitoringMode": "poll"}
-
 
 # --------------------------------------------------------------------------- data
 
@@ -411,7 +405,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _progress(f"upstream {redact_uri(stack.direct_uri)}"
                   f"{' (embedded SecantusDB)' if stack.embedded else ''}; "
                   f"modelgate {stack.proxy_uri}")
-        clients = {name: connect(uri, **CLIENT_OPTIONS) for name, uri in stack.uris.items()}
+        clients = {name: connect(uri) for name, uri in stack.uris.items()}
         try:
             dbs = {name: client[DB_NAME] for name, client in clients.items()}
             for task in tasks:
