@@ -65,8 +65,6 @@ BASELINE_BATCHES = (1, 8, 32, 64)
 # pymongo refuses a command larger than maxBsonObjectSize + 16 KiB; a model above this
 # is registered by `path` (the proxy runs on this machine) instead of as bytes.
 MAX_INLINE_ONNX_BYTES = 16 * 1024 * 1024 - 64 * 1024
-# As in bench.wire: monitors poll, so that streamed hello replies play no part.
-CLIENT_OPTIONS: dict[str, Any] = {"serverMonitoringMode": "poll"}
 
 
 @dataclass(frozen=True)
@@ -239,7 +237,7 @@ class ClientPool:
     """Up to `size` MongoClients per URI, connected once and reused by every run."""
 
     def __init__(self, uri: str, size: int) -> None:
-        self.clients = [connect(uri, **CLIENT_OPTIONS) for _ in range(size)]
+        self.clients = [connect(uri) for _ in range(size)]
 
     def close(self) -> None:
         for client in self.clients:

@@ -1,11 +1,13 @@
 """Gathering concurrent predictions from any task into batches, without a background task.
 
 Leader/follower: the first caller that finds no open batch opens one and leads it; later
-callers join it (followers) until it is full or `max_delay_ms` has passed since it opened.
-The leader then closes it, runs the model in a worker thread under the shared
-CapacityLimiter, and publishes the rows (or the error) to every member through the batch's
-`done` Event. Joining is synchronous (no await between looking at the open batch and adding
-to it), so no lock is needed.
+callers join it (followers). If the model is idle the leader runs at once; if it is busy,
+the batch gathers until it is full or `max_delay_ms` has passed, and keeps gathering while
+it waits for a run slot of the shared CapacityLimiter (so load makes batches bigger rather
+than queues longer). The leader then closes it, runs the model in a worker thread, and
+publishes the rows (or the error) to every member through the batch's `done` Event.
+Joining is synchronous (no await between looking at the open batch and adding to it), so
+no lock is needed.
 
 Cancellation: a follower just stops waiting; its rows are computed and dropped. The leader
 runs its whole duty (the short wait, then the run) inside a shielded cancel scope, so that
@@ -113,6 +115,7 @@ class Batcher:
         self.max_size = model.spec.batch.max_size
         self.max_delay_s = model.spec.batch.max_delay_ms / 1000.0
         self._open: _Batch | None = None
+        self._running = 0  # batches of this model running now
 
     async def run(self, items: Sequence[np.ndarray]) -> np.ndarray:
         """Output rows for `items`, in order. Raises PredictionError if any batch failed."""
@@ -164,14 +167,23 @@ class Batcher:
         # Shielded so that cancelling the leader cannot strand its followers (see module doc).
         with trio.CancelScope(shield=True):
             try:
-                with trio.move_on_after(self.max_delay_s):
-                    await batch.full.wait()
-                if self._open is batch:
-                    self._open = None  # closed: nobody joins from here on
-                stacked = np.stack(batch.items)
-                batch.result = await trio.to_thread.run_sync(
-                    self.model.run, stacked, limiter=self.limiter
-                )
+                if self._running:
+                    # The model is busy: gather while it works, at most max_delay_ms.
+                    # An idle model runs at once, so a lone client never waits for company.
+                    with trio.move_on_after(self.max_delay_s):
+                        await batch.full.wait()
+                # The batch stays open while it waits for a run slot: requests that come
+                # meanwhile ride along instead of queueing up in batches of their own.
+                async with self.limiter:
+                    if self._open is batch:
+                        self._open = None  # closed: nobody joins from here on
+                    stacked = np.stack(batch.items)
+                    self._running += 1
+                    try:
+                        # The slot is held by this task; the thread needs no limiter of its own.
+                        batch.result = await trio.to_thread.run_sync(self.model.run, stacked)
+                    finally:
+                        self._running -= 1
                 if batch.result.shape[0] != len(batch.items):  # CompiledModel checks it too
                     raise PredictionError("model returned the wrong number of rows")
             except PredictionError as e:

@@ -71,12 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_arguments(serve)
     serve.set_defaults(handler=_serve)
+    # `bench` hands its arguments to bench/__main__.py untouched (see main()).
+    commands.add_parser("bench", help="run a benchmark (modelgate bench --help lists them)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        from bench.__main__ import main as bench_main
+
+        return bench_main(arguments[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     return int(args.handler(args))
 
 

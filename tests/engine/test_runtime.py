@@ -243,10 +243,14 @@ async def test_predict_values_mixes_failures_and_predictions() -> None:
 
 async def test_cancelled_leader_does_not_strand_followers() -> None:
     model = classifier(policy=BatchPolicy(max_size=64, max_delay_ms=200))
-    batcher = Batcher(model, trio.CapacityLimiter(2))
+    limiter = trio.CapacityLimiter(1)
+    batcher = Batcher(model, limiter)
     follower_rows: dict[int, np.ndarray] = {}
     leader_scope = trio.CancelScope()
     leader_finished = trio.Event()
+    # Another model holds the only run slot: the leader waits for it with its batch open.
+    busy = object()
+    await limiter.acquire_on_behalf_of(busy)
 
     async def leader() -> None:
         with leader_scope:
@@ -264,6 +268,8 @@ async def test_cancelled_leader_does_not_strand_followers() -> None:
                 nursery.start_soon(follower, i)
             await trio.sleep(0.01)
             leader_scope.cancel()
+            await trio.sleep(0.01)
+            limiter.release_on_behalf_of(busy)
     assert leader_scope.cancelled_caught
     assert leader_finished.is_set()
     assert follower_rows[1].argmax(axis=1).tolist() == [1]
@@ -345,3 +351,28 @@ async def test_image_model_end_to_end() -> None:
     assert isinstance(outcomes[0], Prediction) and outcomes[0].value["label"] == "white"
     assert isinstance(outcomes[1], Prediction) and outcomes[1].value["label"] == "black"
     assert isinstance(outcomes[2], Failure) and "not an image" in outcomes[2].message
+
+
+async def test_idle_model_runs_at_once_and_busy_model_gathers() -> None:
+    # A lone request must not wait max_delay_ms for company that never comes.
+    model = classifier(policy=BatchPolicy(max_size=64, max_delay_ms=5_000))
+    limiter = trio.CapacityLimiter(1)
+    batcher = Batcher(model, limiter)
+    with trio.fail_after(2):
+        rows = await batcher.run([one_hot(1)])
+    assert rows.argmax(axis=1).tolist() == [1]
+    # While the only run slot is taken, requests gather into one batch.
+    busy = object()
+    await limiter.acquire_on_behalf_of(busy)
+    results: dict[int, np.ndarray] = {}
+
+    async def request(i: int) -> None:
+        results[i] = await batcher.run([one_hot(i % 3)])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(request, i)
+        await trio.sleep(0.05)
+        limiter.release_on_behalf_of(busy)
+    assert [results[i].argmax(axis=1).tolist() for i in range(10)] == [[i % 3] for i in range(10)]
+    assert batcher.stats.batches == 2  # the lone request, then all ten together
