@@ -1,0 +1,113 @@
+"""Every runnable example in README.md is run here, against modelgate, so it cannot rot.
+
+Python blocks run as written, with the URI replaced by the test proxy's; mongosh blocks
+run through mongosh. Shell blocks are the set-up commands CI itself runs."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import bson
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.support import ROOT
+
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.DOTALL)
+PYTHON = [code for lang, code in BLOCKS if lang == "python"]
+MONGOSH = [code for lang, code in BLOCKS if lang == "js"]
+MONGOSH_BIN = ROOT / "node_modules" / ".bin" / "mongosh"
+README_URI = "mongodb://localhost:27017/"
+
+
+@pytest.fixture
+def clean_shop(direct, client):  # type: ignore[no-untyped-def]
+    """The README's examples use the `shop` database; start and end with it empty."""
+    direct.drop_database("shop")
+    yield
+    for model in client.admin.command("listModels")["models"]:
+        if model["namespace"].startswith("shop."):
+            client.admin.command("dropModel", model["name"])
+    direct.drop_database("shop")
+
+
+def digits_sized_model() -> bytes:
+    """A linear model over 28x28 grayscale images with ten outputs, like the README's."""
+    weights = numpy_helper.from_array(
+        np.random.default_rng(0).normal(size=(784, 10)).astype(np.float32), "w"
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["x"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "w"], ["y"]),
+        ],
+        "digits",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def test_readme_has_examples() -> None:
+    assert len(PYTHON) >= 3
+    assert len(MONGOSH) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(PYTHON)))
+def test_python_example(index: int, proxy, clean_shop) -> None:  # type: ignore[no-untyped-def]
+    code = PYTHON[index]
+    if "import torch" in code:
+        pytest.importorskip("torch", reason="the train extra is not installed")
+    namespace: dict[str, object] = {"__name__": "readme_example"}
+    exec(
+        compile(code.replace(README_URI, proxy.uri), f"README python block {index}", "exec"),
+        namespace,
+    )
+
+
+def _mongosh(proxy_uri: str, script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    path = cwd / "example.js"
+    path.write_text(script)
+    return subprocess.run(
+        [str(MONGOSH_BIN), proxy_uri + "shop", "--quiet", "--norc", "--file", str(path)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.skipif(not MONGOSH_BIN.exists(), reason="mongosh is not installed (npm ci)")
+def test_mongosh_examples(proxy, client, clean_shop, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert shutil.which("node"), "mongosh needs node"
+    (tmp_path / "digits.onnx").write_bytes(digits_sized_model())
+    register, backfill = MONGOSH[0], MONGOSH[1]
+    result = _mongosh(proxy.uri, register, tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    # The block ends with dropModel; the model was there until then.
+    assert "MongoServerError" not in result.stdout + result.stderr
+    assert "digits" not in [m["name"] for m in client.admin.command("listModels")["models"]]
+    # backfillModel needs a deferred model of that name.
+    client.admin.command(
+        {
+            "registerModel": "digits",
+            "collection": "shop.users",
+            "input": "img",
+            "mode": "deferred",
+            "onnx": bson.Binary((tmp_path / "digits.onnx").read_bytes()),
+            "preprocess": {"kind": "image", "size": [28, 28], "mode": "L"},
+        }
+    )
+    result = _mongosh(proxy.uri, backfill, tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "MongoServerError" not in result.stdout + result.stderr
