@@ -47,5 +47,12 @@ async def prepare_input(
     else:
         raise PredictionError(f"expected image bytes or a URL, got {type(value).__name__}")
     # Decoding and resizing run in a worker thread: PIL releases the GIL for most of it.
-    arr = await trio.to_thread.run_sync(preprocess_image_bytes, data, pre)
+    try:
+        arr = await trio.to_thread.run_sync(preprocess_image_bytes, data, pre)
+    except PredictionError as exc:
+        if not isinstance(value, str):
+            raise
+        # Name the URL, as fetch errors do: the document may hold several image fields.
+        shown = value if len(value) <= 200 else value[:200] + "..."
+        raise PredictionError(f"image at {shown}: {exc.message}") from exc
     return arr.astype(model.input_dtype, copy=False)
