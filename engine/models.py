@@ -67,14 +67,19 @@ class ModelSet:
     async def register(self, spec: ModelSpec, onnx_bytes: bytes) -> ModelRecord:
         """Validate by loading, store as version n+1, and serve it at once."""
         model = await trio.to_thread.run_sync(load_model, spec, 0, onnx_bytes, self.runtime)
-        record = await trio.to_thread.run_sync(self.registry.register, spec, onnx_bytes)
-        model.version = record.version
-        self._install(record, model)
+        # Under the refresh lock: a refresh that read the registry before this version was
+        # stored must not apply its stale view afterwards (it would remove the new model).
+        async with self._refresh_lock:
+            record = await trio.to_thread.run_sync(self.registry.register, spec, onnx_bytes)
+            model.version = record.version
+            self._install(record, model)
         return record
 
     async def drop(self, name: str) -> ModelRecord:
-        record = await trio.to_thread.run_sync(self.registry.drop, name)
-        self._remove(name)
+        # Under the refresh lock, so that a refresh with a stale view cannot serve it again.
+        async with self._refresh_lock:
+            record = await trio.to_thread.run_sync(self.registry.drop, name)
+            self._remove(name)
         return record
 
     async def refresh(self) -> None:

@@ -87,7 +87,7 @@ def register_model(
     }
     if (model is None) == (path is None):
         raise ValueError("pass exactly one of model (bytes or a torch module) or path")
-    if path is not None:
+    if model is None:
         command["path"] = path
     elif isinstance(model, bytes | bytearray | memoryview):
         command["onnx"] = bson.Binary(bytes(model))

@@ -69,6 +69,17 @@ def train_cnn(pngs: list[bytes], labels: np.ndarray, *, epochs: int = 3, seed: i
     from torch import nn
 
     torch.manual_seed(seed)
+    # One thread: the model is tiny, and on a busy machine worker threads spinning for
+    # each small op cost far more than they give.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(torch, nn, pngs, labels, epochs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(torch: Any, nn: Any, pngs: list[bytes], labels: np.ndarray, epochs: int) -> Any:
     x = torch.from_numpy(np.stack([preprocess_image_bytes(p, _ENGINE_PREPROCESS) for p in pngs]))
     y = torch.from_numpy(labels)
     model = nn.Sequential(

@@ -4,6 +4,7 @@ checked is what was stored."""
 
 from __future__ import annotations
 
+import datetime
 import io
 import threading
 import time
@@ -100,7 +101,7 @@ def test_register_list_status_drop_round_trip(register, client, db, db_name, dir
     assert model["output"] == f"_outputs.{name}"
     assert model["mode"] == "inline"
     assert "CPUExecutionProvider" in model["providers"]
-    assert isinstance(model["created"], __import__("datetime").datetime)
+    assert isinstance(model["created"], datetime.datetime)
 
     db.items.insert_many([{"x": x} for x, _ in KNOWN])
     db.items.insert_one({"x": KNOWN[1][0]})
@@ -333,6 +334,61 @@ def test_reject_keeps_upstream_write_errors_in_place(register, db, db_name, dire
     assert sorted(d["_id"] for d in stored(direct, db_name)) == [1, 4]
 
 
+def test_reject_in_updates_find_and_modify_and_bulk_writes(register, client, db, db_name, direct):
+    register("lin", onnx_models.linear_classifier(), postprocess=CLASSIFY)
+    out = f"{db_name}_lin"
+    items = direct[db_name].items
+    # Refused first statement of an ordered insert: nothing reaches MongoDB.
+    with pytest.raises(pymongo.errors.BulkWriteError) as failure:
+        db.items.insert_many([{"i": 0, "x": [1]}, {"i": 1, "x": [1, 0, 0, 0]}])
+    assert [e["index"] for e in failure.value.details["writeErrors"]] == [0]
+    assert failure.value.details["nInserted"] == 0
+    assert items.count_documents({}) == 0
+    # A collection's bulk_write: inserts, then updates (upserts) in one update command.
+    with pytest.raises(pymongo.errors.BulkWriteError) as failure:
+        db.items.bulk_write(
+            [
+                pymongo.UpdateOne({"k": 1}, {"$set": {"x": [0, 1, 0, 0]}}, upsert=True),
+                pymongo.UpdateOne({"k": 2}, {"$set": {"x": "bad"}}, upsert=True),
+                pymongo.UpdateOne({"k": 3}, {"$set": {"x": [0, 0, 1, 0]}}, upsert=True),
+            ],
+            ordered=False,
+        )
+    details = failure.value.details
+    assert [e["index"] for e in details["writeErrors"]] == [1]
+    assert sorted(u["index"] for u in details["upserted"]) == [0, 2]
+    assert items.find_one({"k": 1})["_outputs"][out]["label"] == "b"
+    assert items.find_one({"k": 2}) is None
+    assert items.find_one({"k": 3})["_outputs"][out]["label"] == "c"
+    # findAndModify whose new input cannot be predicted: refused, the document unchanged.
+    with pytest.raises(pymongo.errors.OperationFailure) as op_failure:
+        db.items.find_one_and_update({"k": 1}, {"$set": {"x": [1, 2]}})
+    assert op_failure.value.code == 121
+    assert items.find_one({"k": 1})["x"] == [0, 1, 0, 0]
+    # An unacknowledged insert (w:0, moreToCome) is predicted all the same.
+    unacknowledged = db.get_collection("items", write_concern=pymongo.WriteConcern(w=0))
+    unacknowledged.insert_one({"k": 4, "x": [0, 0, 0, 1]})
+    deadline = time.monotonic() + 10
+    while items.find_one({"k": 4}) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert items.find_one({"k": 4})["_outputs"][out]["label"] == "a"
+    # The client bulkWrite command: refusals at the client's own indexes.
+    namespace = f"{db_name}.items"
+    models = [
+        pymongo.InsertOne({"k": 5, "x": [1, 0, 0, 0]}, namespace=namespace),
+        pymongo.InsertOne({"k": 6, "x": [9]}, namespace=namespace),
+        pymongo.InsertOne({"k": 7, "x": [0, 1, 0, 0]}, namespace=namespace),
+    ]
+    try:
+        with pytest.raises(pymongo.errors.ClientBulkWriteException) as bulk_failure:
+            client.bulk_write(models, ordered=False)
+    except pymongo.errors.InvalidOperation as exc:
+        pytest.skip(f"the upstream does not take the bulkWrite command: {exc}")
+    assert [e["idx"] for e in bulk_failure.value.write_errors] == [1]
+    assert bulk_failure.value.partial_result.inserted_count == 2
+    assert sorted(d["k"] for d in items.find({"k": {"$gte": 5}})) == [5, 7]
+
+
 # --------------------------------------------------------------------------- output and scope
 
 
@@ -481,6 +537,42 @@ def test_models_survive_a_restart_and_are_shared_by_proxies(
                 assert exc.code == 4, exc
 
 
+def test_register_and_drop_are_immediate_despite_frequent_refreshes(
+    client, upstream_uri: str, tmp_path: Path, db_name: str, direct
+) -> None:
+    """A registry refresh running while a model is registered or dropped must not apply
+    its older view afterwards (un-serving the new model, or serving the dropped one)."""
+    name = f"{db_name}_lin"
+    args = ("--data-dir", str(tmp_path), "--registry-refresh", "0.005")
+    items = direct[db_name].items
+    with (
+        ProxyProcess(upstream_uri, tmp_path / "proxy.log", args=args) as proxy_process,
+        pymongo.MongoClient(proxy_process.uri) as busy,
+    ):
+        try:
+            for round_number in range(8):
+                busy.admin.command(
+                    register_command(
+                        name,
+                        f"{db_name}.items",
+                        onnx_models.linear_classifier(),
+                        postprocess=CLASSIFY,
+                    )
+                )
+                inserted = busy[db_name].items.insert_one({"x": [0, 1, 0, 0]})
+                doc = items.find_one({"_id": inserted.inserted_id})
+                assert "_outputs" in doc, f"round {round_number}: not predicted after register"
+                busy.admin.command("dropModel", name)
+                inserted = busy[db_name].items.insert_one({"x": [0, 1, 0, 0]})
+                doc = items.find_one({"_id": inserted.inserted_id})
+                assert "_outputs" not in doc, f"round {round_number}: predicted after drop"
+        finally:
+            try:
+                client.admin.command("dropModel", name)
+            except pymongo.errors.OperationFailure as exc:
+                assert exc.code == 4, exc
+
+
 def slow_model(width: int = 1024, layers: int = 16) -> bytes:
     """x [N, 1] -> [N, 1] through `layers` MatMuls of width x width (one shared weight,
     each column averaging, so values stay 1 * x). Slow for big batches."""
@@ -502,12 +594,29 @@ def slow_model(width: int = 1024, layers: int = 16) -> bytes:
     return model.SerializeToString()
 
 
+def documents_for_a_slow_run(model: bytes, seconds: float, providers: list[str]) -> int:
+    """How many documents keep `model` busy for about `seconds` on this machine, in one
+    batch (timed here with onnxruntime and the proxy's providers, as the proxy runs it)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model, providers=providers)
+    probe = 256
+    x = np.ones((probe, 1), dtype=np.float32)
+    session.run(None, {"x": x})  # warm up
+    started = time.perf_counter()
+    session.run(None, {"x": x})
+    per_document = (time.perf_counter() - started) / probe
+    return int(min(max(seconds / per_document, 1000), 50_000))
+
+
 def test_slow_model_does_not_block_other_connections(register, proxy, db_name, direct) -> None:
     """While one connection's insert waits seconds for a slow model, another connection's
     reads and writes are answered: modelStatus still shows no finished batch, and the slow
     insert's documents are not stored yet. (Were the event loop blocked by the model, every
     answer would come after the run, when the batch is counted.)"""
-    register("slow", slow_model(), postprocess={"kind": "raw"}, batch={"maxSize": 4096})
+    model = slow_model()
+    reply = register("slow", model, postprocess={"kind": "raw"}, batch={"maxSize": 100_000})
+    count = documents_for_a_slow_run(model, 3.0, reply["providers"])
     out = f"{db_name}_slow"
     direct[db_name].other.insert_one({"k": "seed"})
     slow_done = threading.Event()
@@ -516,7 +625,7 @@ def test_slow_model_does_not_block_other_connections(register, proxy, db_name, d
     def slow_insert() -> None:
         try:
             with pymongo.MongoClient(proxy.uri) as slow_client:
-                slow_client[db_name].items.insert_many([{"i": i, "x": [1.0]} for i in range(3000)])
+                slow_client[db_name].items.insert_many([{"i": i, "x": [1.0]} for i in range(count)])
         except BaseException as exc:
             slow_error.append(exc)
         finally:
@@ -527,7 +636,7 @@ def test_slow_model_does_not_block_other_connections(register, proxy, db_name, d
         other_client.admin.command("ping")  # connected before the slow insert starts
         thread = threading.Thread(target=slow_insert)
         thread.start()
-        time.sleep(1.0)  # the slow insert is in the model by now (its run takes seconds)
+        time.sleep(0.5)  # the slow insert is in the model by now (its run takes seconds)
         assert other.find_one({"k": "seed"}) is not None
         other.insert_one({"k": "during"})
         assert other.count_documents({}) == 2
@@ -540,5 +649,5 @@ def test_slow_model_does_not_block_other_connections(register, proxy, db_name, d
     assert status["batches"] == 0, "another connection's requests waited for the model run"
     assert stored_during == 0
     docs = stored(direct, db_name)
-    assert len(docs) == 3000
+    assert len(docs) == count
     assert docs[0]["_outputs"][out]["value"] == pytest.approx([1.0], rel=1e-3)

@@ -3,6 +3,7 @@ pymongo raises as OperationFailure; commands modelgate does not know still reach
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pymongo
 import pymongo.errors
 import pytest
 
+from engine import publish
 from tests.engine import onnx_models
 
 BAD_VALUE, TYPE_MISMATCH, UNAUTHORIZED, NO_SUCH_KEY, COMMAND_NOT_FOUND = 2, 14, 13, 4, 59
@@ -149,7 +151,14 @@ def test_status_and_drop_of_an_unknown_model(client, name) -> None:
 def test_register_by_path_reads_the_file_on_disk(client, db, name, db_name, tmp_path: Path):
     model_file = tmp_path / "model.onnx"
     model_file.write_bytes(onnx_models.linear_classifier())
-    reply = client.admin.command(command(name, db_name, onnx=None, path=str(model_file)))
+    reply = publish.register_model(
+        client,
+        name,
+        collection=f"{db_name}.items",
+        input="x",
+        path=str(model_file),
+        postprocess={"kind": "classify", "labels": ["a", "b", "c"]},
+    )
     assert reply["version"] == 1
     db.items.insert_one({"x": [0, 0, 1, 0]})
     assert db.items.find_one()["_outputs"][name]["label"] == "c"
@@ -175,3 +184,9 @@ def test_a_refused_registration_keeps_the_previous_version(client, db, name, db_
     db.items.insert_one({"x": [0, 1, 0, 0]})
     prediction = db.items.find_one()["_outputs"][name]
     assert (prediction["label"], prediction["version"]) == ("b", 1)
+
+
+def test_export_onnx_without_torch_names_the_extra(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'modelgate\[train\]'"):
+        publish.export_onnx(object(), object())  # type: ignore[arg-type]
