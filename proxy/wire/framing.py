@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 from .header import HEADER_SIZE, MAX_MESSAGE_SIZE, MsgHeader, check_message_length, parse_header
 
@@ -20,14 +21,20 @@ _LENGTH = struct.Struct("<i")
 
 @dataclass(frozen=True)
 class Frame:
-    """One whole message: its parsed header and the bytes after the header."""
+    """One whole message, exactly as received, and its parsed header.
+
+    Most frames are forwarded untouched, so the bytes after the header (`payload`) are
+    only copied out of `raw` for frames that are looked into."""
 
     header: MsgHeader
-    payload: bytes
+    raw: bytes
+
+    @cached_property
+    def payload(self) -> bytes:
+        return self.raw[HEADER_SIZE:]
 
     def to_bytes(self) -> bytes:
-        """The message exactly as received (the header re-packs to the same bytes)."""
-        return self.header.encode() + self.payload
+        return self.raw
 
 
 class FrameReader:
@@ -66,10 +73,10 @@ class FrameReader:
         if available < length:
             return None
         header = parse_header(self._buffer[start : start + HEADER_SIZE], self._max_message_size)
-        with memoryview(self._buffer) as view, view[start + HEADER_SIZE : start + length] as body:
-            payload = bytes(body)  # the one copy of a possibly 48 MB body
+        with memoryview(self._buffer) as view, view[start : start + length] as message:
+            raw = bytes(message)  # the one copy of a possibly 48 MB message
         self._start = start + length
         if self._start == len(self._buffer):
             self._buffer.clear()
             self._start = 0
-        return Frame(header, payload)
+        return Frame(header, raw)
