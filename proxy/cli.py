@@ -55,6 +55,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run
+
+    _configure_logging("warning")
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from proxy.settings import add_serve_arguments
 
@@ -71,6 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_arguments(serve)
     serve.set_defaults(handler=_serve)
+    demo = commands.add_parser(
+        "demo",
+        help="train a digits classifier through modelgate and watch it classify new users",
+        description="Start an embedded upstream, modelgate and a local image server; fill "
+        "a users collection with digit images and labels; train a small CNN from a query "
+        "(needs the train extra: pip install 'modelgate[train]'); attach it deferred and "
+        "inline; insert new users through pymongo and print their predicted labels. Takes "
+        "a minute or two on two CPU cores.",
+    )
+    from proxy.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(demo)
+    demo.set_defaults(handler=_demo)
     # `bench` hands its arguments to bench/__main__.py untouched (see main()).
     commands.add_parser("bench", help="run a benchmark (modelgate bench --help lists them)")
     return parser
