@@ -79,6 +79,7 @@ class ModelRegistry:
                 upsert=True,
                 return_document=pymongo.ReturnDocument.AFTER,
             )
+            assert counter is not None  # upsert with ReturnDocument.AFTER always returns one
             version = int(counter["latest"])
             digest = hashlib.sha256(onnx_bytes).hexdigest()
             file_id = self.files.upload_from_stream(

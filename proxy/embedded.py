@@ -102,6 +102,7 @@ class EmbeddedUpstream:
                     f"embedded upstream exited with status {self._process.returncode}"
                 )
             try:
+                client: pymongo.MongoClient[dict[str, object]]
                 with pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=500) as client:
                     client.admin.command("ping")
                 return

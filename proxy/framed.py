@@ -52,14 +52,15 @@ class FramedStream:
                 return None
             self._reader.feed(data)
 
-    async def _receive_some(self) -> bytes:
+    async def _receive_some(self) -> bytes | bytearray:
         raw = self._raw
         if raw is None:
             return await self.stream.receive_some(_RECEIVE_CHUNK)
         await self._maybe_checkpoint()
         while True:
             try:
-                return raw.recv(_RECEIVE_CHUNK)
+                data: bytes = raw.recv(_RECEIVE_CHUNK)
+                return data
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(raw)
             except OSError as exc:

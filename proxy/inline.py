@@ -179,7 +179,7 @@ class InlineWrites:
         for i, update in enumerate(updates):
             mods = update.get("u")
             for server in servers:
-                if _unsets_input(mods, server.model.spec.input_field):
+                if isinstance(mods, dict) and _unsets_input(mods, server.model.spec.input_field):
                     mods.setdefault("$unset", {})[server.model.spec.output_field] = ""
             target = _update_target(i, mods, update.get("q"), bool(update.get("upsert")))
             if target is not None:
