@@ -44,7 +44,9 @@ class UpstreamTarget:
             parsed = parse_uri(uri)
         except Exception as exc:  # pymongo raises InvalidURI, ConfigurationError, ValueError
             raise UpstreamError(f"invalid upstream URI: {exc}") from exc
-        options: Any = parsed["options"]
+        # pymongo hands back canonical casing (tlsCAFile) in a plain dict; look up by
+        # lower-case names whatever the version.
+        options: dict[str, Any] = {str(k).lower(): v for k, v in parsed["options"].items()}
         tls = bool(options.get("tls") or options.get("ssl"))
         return cls(
             uri=uri,

@@ -234,7 +234,9 @@ def test_disconnect_mid_request_leaves_nothing_behind(proxy, client, direct) -> 
 def test_unreachable_upstream_fails_promptly(tmp_path: Path) -> None:
     dead = f"mongodb://127.0.0.1:{free_port()}/"
     proxy = ProxyProcess(
-        dead, tmp_path / "modelgate.log", args=("--connect-timeout", "1", "--data-dir", str(tmp_path))
+        dead,
+        tmp_path / "modelgate.log",
+        args=("--connect-timeout", "1", "--data-dir", str(tmp_path)),
     )
     proxy.start(wait=False)
     try:
@@ -355,7 +357,7 @@ def test_sigterm_lets_the_request_in_flight_finish(
         tmp_path / "modelgate.log",
         args=("--grace-period", "60", "--data-dir", str(tmp_path)),
     ).start()
-    count = 20_000
+    count = 8_000
     watcher = _InsertWatcher()
     outcome: dict[str, object] = {}
     documents = [{"i": i, "pad": "x" * 200} for i in range(count)]

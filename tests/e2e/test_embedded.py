@@ -1,0 +1,87 @@
+"""`modelgate serve` with no upstream starts SecantusDB itself and keeps its data."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pymongo
+
+from tests.support import ROOT, ProxyProcess
+
+
+def _port_accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def test_help_mentions_upstream_and_environment_variables() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+        check=True,
+    )
+    assert "--upstream" in result.stdout
+    for variable in ("MODELGATE_UPSTREAM", "MODELGATE_LISTEN", "MODELGATE_DATA_DIR"):
+        assert variable in result.stdout
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """TCP ports a process listens on, from /proc (Linux)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().as_posix()
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_embedded_upstream_persists_and_stops_with_modelgate(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    proxy = ProxyProcess(None, tmp_path / "modelgate.log", args=("--data-dir", str(data_dir)))
+    proxy.start()
+    try:
+        assert proxy.process is not None
+        children = _children(proxy.process.pid)
+        assert children, "no embedded upstream child process"
+        upstream_ports = set().union(*(_listening_ports(pid) for pid in children))
+        assert upstream_ports, "the embedded upstream listens on no port"
+        with pymongo.MongoClient(proxy.uri, serverSelectionTimeoutMS=5000) as client:
+            assert client.admin.command("hello")["msg"] == "isdbgrid"
+            client.keep.things.insert_many([{"n": n} for n in range(5)])
+        assert proxy.stop() == 0
+        # SIGTERM stopped the child too.
+        deadline = time.monotonic() + 15
+        while any(_port_accepts(port) for port in upstream_ports):
+            assert time.monotonic() < deadline, "the embedded upstream outlived modelgate"
+            time.sleep(0.1)
+        assert (data_dir / "db").is_dir()
+
+        proxy.start()
+        with pymongo.MongoClient(proxy.uri, serverSelectionTimeoutMS=5000) as client:
+            assert sorted(d["n"] for d in client.keep.things.find()) == [0, 1, 2, 3, 4]
+    finally:
+        assert proxy.stop() == 0
