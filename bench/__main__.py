@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "driver-spec tasks direct vs through the proxy (MB/s, ratio), ping latency added",
     ),
     "inline": ("bench.inline", "inline-model inserts through modelgate vs plain onnxruntime"),
+    "deferred": ("bench.deferred", "deferred predictions: catch-up rate vs onnxruntime, lag"),
     "images": ("bench.images", "inline model on image URLs: cold/warm cache vs local disk"),
     "cache": ("bench.bench_cache", "LMDB cache lookups/s; URL fetch cold vs warm vs local disk"),
 }

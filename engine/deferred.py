@@ -23,7 +23,7 @@ import pymongo.errors
 import trio
 
 from engine.batching import Failure, ModelServer
-from engine.documents import get_path
+from engine.documents import get_path, path_touches
 from engine.leases import Claimed, WorkQueue
 from engine.models import ModelSet
 from engine.outputs import error_record
@@ -61,6 +61,9 @@ class ModelWorker:
         self.processed = 0
         self.duplicates = 0
         self.recent: list[tuple[float, int]] = []  # (time, documents) for the throughput
+        # Documents claimed at once: shrunk while a batch takes more than half the lease
+        # (an expired lease lets another process redo the work), grown back when quick.
+        self.claim_limit = workers.settings.claim_size
 
     def kick(self) -> None:
         self.wakeup.set()
@@ -101,20 +104,29 @@ class ModelWorker:
         last_progress = started
         done = 0
         while self.workers.models.get(self.name) is server:
+            batch_started = time.monotonic()
             claimed = await trio.to_thread.run_sync(
-                queue.claim, settings.claim_size, settings.lease_seconds
+                queue.claim, self.claim_limit, settings.lease_seconds
             )
             if not claimed.documents:
                 break
             written = await self._predict_batch(server, queue, claimed)
             if written is None:
                 return
+            took = time.monotonic() - batch_started
+            if took > settings.lease_seconds / 2:
+                self.claim_limit = max(1, self.claim_limit // 2)
+            elif took < settings.lease_seconds / 4:
+                self.claim_limit = min(settings.claim_size, self.claim_limit * 2)
             done += written
             self.workers.kick_namespace(server.model.spec.namespace, except_model=self.name)
             now = time.monotonic()
             if now - last_progress >= settings.progress_interval:
                 last_progress = now
-                status = await trio.to_thread.run_sync(queue.status)
+                # Only the pending count: the full status costs several more queries.
+                pending = await trio.to_thread.run_sync(
+                    lambda: queue.collection.count_documents(queue.pending_filter())
+                )
                 log.info(
                     "deferred model '%s' v%d: %d done in %.0fs (%.1f/s), %d pending",
                     self.name,
@@ -122,7 +134,7 @@ class ModelWorker:
                     done,
                     now - started,
                     done / max(now - started, 1e-9),
-                    status["pending"],
+                    pending,
                 )
 
     async def _predict_batch(
@@ -283,7 +295,16 @@ class DeferredWorkers:
         def watch() -> None:
             with self.client[db][collection].watch(max_await_time_ms=500) as stream:
                 while not stop:
-                    if stream.try_next() is not None:
+                    change = stream.try_next()
+                    if change is not None:
+                        # An input changed (through the proxy or around it): its output is
+                        # stale, so make the document pending again before the kick.
+                        queues = trio.from_thread.run_sync(
+                            self._queues_touched, namespace, change, trio_token=token
+                        )
+                        key = (change.get("documentKey") or {}).get("_id")
+                        for queue in queues if key is not None else []:
+                            queue.mark_changed(key)
                         trio.from_thread.run_sync(self.kick_namespace, namespace, trio_token=token)
 
         with scope:
@@ -295,6 +316,26 @@ class DeferredWorkers:
                     await trio.sleep(self.settings.sweep_interval * 4)
                 finally:
                     stop = scope.cancel_called
+
+    def _queues_touched(self, namespace: str, change: dict[str, Any]) -> list[WorkQueue]:
+        """The work queues of the namespace's deferred models whose input a change event
+        (an update or a replacement) may have changed."""
+        operation = change.get("operationType")
+        if operation not in {"update", "replace"}:
+            return []
+        description = change.get("updateDescription") or {}
+        paths = [
+            *(description.get("updatedFields") or {}),
+            *(description.get("removedFields") or []),
+        ]
+        queues = []
+        for server in self.models.servers.values():
+            spec = server.model.spec
+            if spec.mode != "deferred" or spec.namespace != namespace:
+                continue
+            if operation == "replace" or any(path_touches(p, spec.input_field) for p in paths):
+                queues.append(self.queue_for(server))
+        return queues
 
     def status(self, name: str) -> dict[str, Any] | None:
         worker = self.workers.get(name)

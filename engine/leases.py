@@ -135,6 +135,22 @@ class WorkQueue:
         except pymongo.errors.BulkWriteError as exc:
             lost = {e["index"] for e in exc.details["writeErrors"]}
             won = [doc for index, doc in enumerate(candidates) if index not in lost]
+        if won:
+            # Another process may have finished some of these (and released its leases)
+            # between the read above and our leases: read them again under our leases,
+            # so only documents still pending are worked on (else: duplicate work).
+            ids = [doc["_id"] for doc in won]
+            fresh = {
+                doc["_id"]: doc
+                for doc in self.collection.find(
+                    {"$and": [self.pending_filter(), {"_id": {"$in": ids}}]},
+                    {self.spec.input_field: 1},
+                )
+            }
+            gone = [doc_id for doc_id in ids if doc_id not in fresh]
+            if gone:
+                self.leases.delete_many({"batch": batch, "doc": {"$in": gone}})
+            won = [fresh[doc_id] for doc_id in ids if doc_id in fresh]
         retried = frozenset(f["doc"] for f in failures) & {doc["_id"] for doc in won}
         return Claimed(batch, won, retried)
 
@@ -206,6 +222,7 @@ class WorkQueue:
                 upsert=True,
                 return_document=pymongo.ReturnDocument.AFTER,
             )
+            assert record is not None  # upsert with ReturnDocument.AFTER always returns one
             attempts = int(record["attempts"])
             if attempts >= max_attempts:
                 exhausted.append((doc, message, attempts))
@@ -258,6 +275,14 @@ class WorkQueue:
             "leaseHolders": sorted({lease["owner"] for lease in live}),
             "duplicates": int(counters.get("duplicates", 0)),
         }
+
+    def mark_changed(self, doc_id: Any) -> None:
+        """A document's input changed: its output (if any) is pending again."""
+        out = self.spec.output_field
+        self.collection.update_one(
+            {"_id": doc_id, f"{out}.version": {"$exists": True}},
+            {"$rename": {f"{out}.version": f"{out}.backfillOf"}},
+        )
 
     def mark_stale(self, extra_filter: dict[str, Any] | None) -> int:
         """backfillModel: recompute outputs that exist (pending ones are already due).

@@ -82,6 +82,7 @@ class Settings:
                 lease_seconds=args.lease_seconds,
                 max_attempts=args.max_attempts,
                 retry_backoff=args.retry_backoff,
+                progress_interval=args.progress_interval,
             ),
             fetch=FetchSettings(
                 connect_timeout=args.fetch_connect_timeout,
@@ -233,6 +234,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="attempts before a failing document gets an error record "
         "(MODELGATE_MAX_ATTEMPTS; default %(default)s)",
+    )
+    deferred.add_argument(
+        "--progress-interval",
+        type=float,
+        default=float(_env("PROGRESS_INTERVAL", "10") or 10),
+        metavar="SECONDS",
+        help="how often a long deferred backfill logs its progress "
+        "(MODELGATE_PROGRESS_INTERVAL; default %(default)s)",
     )
     deferred.add_argument(
         "--retry-backoff",

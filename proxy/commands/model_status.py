@@ -14,6 +14,14 @@ from proxy.session import CommandContext
 
 __all__ = ["handle"]
 
+IDLE_WORKER: dict[str, Any] = {
+    "paused": False,
+    "pausedReason": None,
+    "throughputPerSecond": 0.0,
+    "processedHere": 0,
+    "duplicatesHere": 0,
+}
+
 
 async def handle(context: CommandContext, command: dict[str, Any]) -> dict[str, Any]:
     require_admin_db("modelStatus", command)
@@ -38,6 +46,7 @@ async def handle(context: CommandContext, command: dict[str, Any]) -> dict[str, 
         queue = context.deferred.queue_for(server)
         status["deferred"] = {
             **await trio.to_thread.run_sync(queue.status),
-            **(context.deferred.status(name) or {}),
+            # This process's worker may not be started yet (it syncs every 0.5 s).
+            **(context.deferred.status(name) or IDLE_WORKER),
         }
     return status

@@ -1,0 +1,331 @@
+"""`python -m bench deferred`: how fast deferred predictions catch up, and their lag.
+
+For each model (the digits CNN on 28x28 PNGs; ResNet-18 on 224x224 PNGs unless
+--quick) and each number of modelgate processes sharing the collection (1 and 3):
+
+  catch-up   N documents are inserted through modelgate as fast as possible; the time
+             from the first insert to the last prediction stored gives documents/s.
+             Compared with plain onnxruntime running the same model on the same PNGs
+             (decode + preprocess with engine.inputs.image.preprocess_image_bytes, best
+             batch size) in the same run.
+  steady     documents are inserted at half the measured catch-up rate; each carries its
+             insert time, and a poller (every --poll seconds) attributes the time it first
+             sees the prediction: the lag p50/p99 (resolution: the poll interval).
+
+Each (model, processes) cell gets a fresh upstream, so the cells do not share load.
+The upstream's bookkeeping (leases, conditional writes) bounds the rate on SecantusDB;
+point --upstream at a real MongoDB for that database's numbers."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import bson
+
+from bench.harness import (
+    BenchError,
+    ProxyProcess,
+    connect,
+    exit_on_sigterm,
+    format_table,
+    percentile,
+    upstream,
+    write_json,
+)
+
+__all__ = ["main", "run"]
+
+DB_NAME = "modelgate_bench_deferred"
+INPUT_FIELD = "img"
+MODEL_NAME = "bench_deferred"
+OUTPUT = f"_outputs.{MODEL_NAME}"
+DISTINCT_IMAGES = 256
+INSERT_CHUNK = 500
+
+
+@contextlib.contextmanager
+def _cluster(
+    upstream_uri: str | None, processes: int, proxy_args: Sequence[str], scratch: Path
+) -> Iterator[tuple[str, list[ProxyProcess]]]:
+    """A fresh upstream (unless one was given) and `processes` modelgate processes."""
+    with upstream(upstream_uri) as uri, contextlib.ExitStack() as stack:
+        proxies = []
+        for index in range(processes):
+            proxy = ProxyProcess(
+                uri,
+                args=("--data-dir", str(scratch / f"data-{index}"), *proxy_args),
+                log_path=scratch / f"modelgate-{processes}-{index}.log",
+            )
+            stack.enter_context(proxy)
+            proxies.append(proxy)
+        yield uri, proxies
+
+
+def _register(admin: Any, model: Any, scratch: Path) -> None:
+    command: dict[str, Any] = {
+        "registerModel": MODEL_NAME,
+        "collection": f"{DB_NAME}.items",
+        "input": INPUT_FIELD,
+        "mode": "deferred",
+        "preprocess": model.preprocess,
+        "postprocess": model.postprocess,
+    }
+    if len(model.onnx) < 15 * 1024 * 1024:
+        command["onnx"] = bson.Binary(model.onnx)
+    else:
+        path = scratch / f"{model.name}.onnx"
+        path.write_bytes(model.onnx)
+        command["path"] = str(path)
+    admin.command(command)
+
+
+def _documents(images: Sequence[bytes], start: int, count: int) -> list[dict[str, Any]]:
+    now = time.time()
+    return [
+        {"i": i, "t": now, INPUT_FIELD: bson.Binary(images[i % len(images)])}
+        for i in range(start, start + count)
+    ]
+
+
+def _wait_all(raw: Any, total: int, timeout: float, poll: float) -> float:
+    """Wait until `total` documents have a prediction; the time the last was seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = raw.count_documents({f"{OUTPUT}.version": {"$exists": True}})
+        if done >= total:
+            return time.time()
+        if time.monotonic() > deadline:
+            raise BenchError(f"predictions did not catch up in {timeout:.0f}s: {done}/{total}")
+        time.sleep(poll)
+
+
+def catch_up(
+    proxy_uri: str, direct_uri: str, images: Sequence[bytes], total: int, poll: float,
+    timeout: float,
+) -> dict[str, Any]:
+    with connect(proxy_uri) as proxied, connect(direct_uri) as direct:
+        raw = direct[DB_NAME].items
+        coll = proxied[DB_NAME].items
+        first = time.time()
+        for start in range(0, total, INSERT_CHUNK):
+            coll.insert_many(_documents(images, start, min(INSERT_CHUNK, total - start)))
+        inserted = time.time()
+        last = _wait_all(raw, total, timeout, poll)
+        errors = raw.count_documents({f"{OUTPUT}.error": {"$exists": True}})
+    seconds = last - first
+    return {
+        "documents": total,
+        "insert_s": inserted - first,
+        "catch_up_s": seconds,
+        "documents_per_s": total / seconds,
+        "errors": errors,
+    }
+
+
+def steady(
+    proxy_uri: str, direct_uri: str, images: Sequence[bytes], rate: float, seconds: float,
+    poll: float, timeout: float,
+) -> dict[str, Any]:
+    """Insert at `rate` documents/s for `seconds`; lag of each from insert to seen."""
+    base = 10_000_000  # `i` of this phase's documents, apart from the catch-up's
+    total = max(1, int(rate * seconds))
+    lags: dict[int, float] = {}
+    stop = threading.Event()
+
+    def poller() -> None:
+        with connect(direct_uri) as direct:
+            raw = direct[DB_NAME].items
+            low = base
+            while not stop.is_set() or len(lags) < total:
+                now = time.time()
+                seen = raw.find(
+                    {"i": {"$gte": low}, f"{OUTPUT}.version": {"$exists": True}}, {"i": 1, "t": 1}
+                )
+                for doc in seen:
+                    lags.setdefault(doc["i"], now - doc["t"])
+                while low in lags:
+                    low += 1
+                if stop.is_set() and time.monotonic() > deadline:
+                    return
+                time.sleep(poll)
+
+    with connect(proxy_uri) as proxied, connect(direct_uri) as direct:
+        direct[DB_NAME].items.create_index("i")
+        coll = proxied[DB_NAME].items
+        deadline = time.monotonic() + seconds + timeout
+        thread = threading.Thread(target=poller, daemon=True)
+        thread.start()
+        started = time.monotonic()
+        sent = 0
+        while sent < total:
+            due = min(total, int((time.monotonic() - started) * rate) + 1)
+            if due > sent:
+                coll.insert_many(_documents(images, base + sent, due - sent))
+                sent = due
+            time.sleep(0.05)
+        stop.set()
+        thread.join(timeout + seconds)
+    values = sorted(lags.values())
+    return {
+        "rate_per_s": rate,
+        "documents": total,
+        "seen": len(values),
+        "lag_s": {
+            "p50": percentile(values, 50) if values else None,
+            "p99": percentile(values, 99) if values else None,
+            "max": values[-1] if values else None,
+        },
+        "poll_s": poll,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.inline import measure_baseline
+    from bench.models import build_model, noise_pngs
+
+    models = args.models.split(",") if args.models else (
+        ["digits"] if args.quick else ["digits", "resnet18"]
+    )
+    counts = [int(n) for n in args.processes.split(",")]
+    proxy_args = ["--sweep-interval", str(args.sweep_interval), *(args.proxy_arg or [])]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-deferred-") as tmp:
+        scratch = Path(tmp)
+        for name in models:
+            model = build_model(name)
+            docs = args.docs if name == "digits" else args.resnet_docs
+            images = noise_pngs(min(DISTINCT_IMAGES, docs), model.image_size, model.image_mode)
+            baseline = measure_baseline(
+                model, images, ["CPUExecutionProvider"], budget_s=args.baseline_budget
+            )
+            cells = []
+            for processes in counts:
+                with _cluster(args.upstream, processes, proxy_args, scratch) as (uri, proxies):
+                    with connect(proxies[0].uri) as admin_client:
+                        admin_client[DB_NAME].drop_collection("items")
+                        _register(admin_client.admin, model, scratch)
+                        time.sleep(1.5)  # every process's worker is up
+                        fast = catch_up(
+                            proxies[0].uri, uri, images, docs, args.poll, args.timeout
+                        )
+                        admin_client[DB_NAME].drop_collection("items")
+                        rate = fast["documents_per_s"] / 2
+                        slow = None
+                        if args.steady_seconds > 0:
+                            slow = steady(
+                                proxies[0].uri, uri, images, rate, args.steady_seconds,
+                                args.poll, args.timeout,
+                            )
+                        status = admin_client.admin.command({"modelStatus": MODEL_NAME})
+                        admin_client.admin.command({"dropModel": MODEL_NAME})
+                    best = baseline["best_e2e"]["images_per_s"]
+                    print(
+                        f"{name}, {processes} process(es): {docs} docs caught up at "
+                        f"{fast['documents_per_s']:.1f}/s (onnxruntime {best:.0f}/s); steady "
+                        f"lag {(slow or {}).get('lag_s')}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    cells.append({
+                        "processes": processes,
+                        "catch_up": fast,
+                        "ratio_to_baseline": fast["documents_per_s"] / best,
+                        "steady": slow,
+                        "duplicates": int(status.get("deferred", {}).get("duplicates", 0)),
+                    })
+            results.append({"model": model.describe(), "baseline": baseline, "cells": cells})
+    return {
+        "benchmark": "deferred",
+        "quick": bool(args.quick),
+        "upstream": "given" if args.upstream else "embedded SecantusDB (in memory)",
+        "settings": {"sweep_interval": args.sweep_interval, "poll_s": args.poll},
+        "models": results,
+    }
+
+
+def table(payload: dict[str, Any]) -> str:
+    rows = []
+    for result in payload["models"]:
+        best = result["baseline"]["best_e2e"]
+        for cell in result["cells"]:
+            fast, slow = cell["catch_up"], cell["steady"] or {}
+            lag = slow.get("lag_s", {})
+            rows.append([
+                result["model"]["name"],
+                cell["processes"],
+                fast["documents"],
+                fast["documents_per_s"],
+                best["images_per_s"],
+                best["batch"],
+                cell["ratio_to_baseline"],
+                slow.get("rate_per_s"),
+                lag.get("p50"),
+                lag.get("p99"),
+                cell["duplicates"],
+            ])
+    headers = [
+        "model", "procs", "docs", "catch-up docs/s", "ORT img/s", "ORT batch", "ratio",
+        "steady /s", "lag p50 s", "lag p99 s", "dups",
+    ]
+    return format_table(
+        headers, rows,
+        floatfmt=["", "", "", ".1f", ".0f", "", ".4f", ".1f", ".2f", ".2f", ""],
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench deferred",
+        description="Deferred predictions: catch-up rate vs plain onnxruntime, and lag.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: 1,000 documents, digits only, 10 s steady phase")
+    parser.add_argument("--json", metavar="PATH", help="write every number to PATH")
+    parser.add_argument("--upstream", metavar="URI",
+                        help="MongoDB to use (default: an embedded SecantusDB per cell)")
+    parser.add_argument("--models", metavar="A,B", help="digits,resnet18 (default both)")
+    parser.add_argument("--processes", default="1,3", metavar="1,3",
+                        help="modelgate processes sharing the collection (default 1,3)")
+    parser.add_argument("--docs", type=int, metavar="N",
+                        help="digits documents (default 10000; --quick 1000)")
+    parser.add_argument("--resnet-docs", type=int, default=500, metavar="N")
+    parser.add_argument("--steady-seconds", type=float, metavar="S",
+                        help="length of the steady-rate phase (default 30; --quick 10; 0: skip)")
+    parser.add_argument("--poll", type=float, default=0.5, metavar="S",
+                        help="how often predictions are looked for (default 0.5)")
+    parser.add_argument("--sweep-interval", type=float, default=1.0, metavar="S")
+    parser.add_argument("--timeout", type=float, default=900.0, metavar="S",
+                        help="give up on a catch-up after S seconds")
+    parser.add_argument("--baseline-budget", type=float, metavar="S",
+                        help="seconds per onnxruntime batch size (default 2; --quick 0.5)")
+    parser.add_argument("--proxy-arg", action="append", metavar="ARG",
+                        help="extra `modelgate serve` argument (repeatable)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.docs is None:
+        args.docs = 1000 if args.quick else 10_000
+    if args.steady_seconds is None:
+        args.steady_seconds = 10.0 if args.quick else 30.0
+    if args.baseline_budget is None:
+        args.baseline_budget = 0.5 if args.quick else 2.0
+    exit_on_sigterm()
+    try:
+        payload = run(args)
+    except BenchError as exc:
+        print(f"bench deferred: {exc}")
+        return 1
+    print(table(payload))
+    if args.json:
+        print(f"wrote {write_json(args.json, payload)}")
+    return 0
