@@ -108,7 +108,11 @@ def _wait_all(raw: Any, total: int, timeout: float, poll: float) -> float:
 
 
 def catch_up(
-    proxy_uri: str, direct_uri: str, images: Sequence[bytes], total: int, poll: float,
+    proxy_uri: str,
+    direct_uri: str,
+    images: Sequence[bytes],
+    total: int,
+    poll: float,
     timeout: float,
 ) -> dict[str, Any]:
     with connect(proxy_uri) as proxied, connect(direct_uri) as direct:
@@ -131,8 +135,13 @@ def catch_up(
 
 
 def steady(
-    proxy_uri: str, direct_uri: str, images: Sequence[bytes], rate: float, seconds: float,
-    poll: float, timeout: float,
+    proxy_uri: str,
+    direct_uri: str,
+    images: Sequence[bytes],
+    rate: float,
+    seconds: float,
+    poll: float,
+    timeout: float,
 ) -> dict[str, Any]:
     """Insert at `rate` documents/s for `seconds`; lag of each from insert to seen."""
     base = 10_000_000  # `i` of this phase's documents, apart from the catch-up's
@@ -191,8 +200,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.inline import measure_baseline
     from bench.models import build_model, noise_pngs
 
-    models = args.models.split(",") if args.models else (
-        ["digits"] if args.quick else ["digits", "resnet18"]
+    models = (
+        args.models.split(",")
+        if args.models
+        else (["digits"] if args.quick else ["digits", "resnet18"])
     )
     counts = [int(n) for n in args.processes.split(",")]
     proxy_args = ["--sweep-interval", str(args.sweep_interval), *(args.proxy_arg or [])]
@@ -213,16 +224,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         admin_client[DB_NAME].drop_collection("items")
                         _register(admin_client.admin, model, scratch)
                         time.sleep(1.5)  # every process's worker is up
-                        fast = catch_up(
-                            proxies[0].uri, uri, images, docs, args.poll, args.timeout
-                        )
+                        fast = catch_up(proxies[0].uri, uri, images, docs, args.poll, args.timeout)
                         admin_client[DB_NAME].drop_collection("items")
                         rate = fast["documents_per_s"] / 2
                         slow = None
                         if args.steady_seconds > 0:
                             slow = steady(
-                                proxies[0].uri, uri, images, rate, args.steady_seconds,
-                                args.poll, args.timeout,
+                                proxies[0].uri,
+                                uri,
+                                images,
+                                rate,
+                                args.steady_seconds,
+                                args.poll,
+                                args.timeout,
                             )
                         status = admin_client.admin.command({"modelStatus": MODEL_NAME})
                         admin_client.admin.command({"dropModel": MODEL_NAME})
@@ -234,13 +248,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         file=sys.stderr,
                         flush=True,
                     )
-                    cells.append({
-                        "processes": processes,
-                        "catch_up": fast,
-                        "ratio_to_baseline": fast["documents_per_s"] / best,
-                        "steady": slow,
-                        "duplicates": int(status.get("deferred", {}).get("duplicates", 0)),
-                    })
+                    cells.append(
+                        {
+                            "processes": processes,
+                            "catch_up": fast,
+                            "ratio_to_baseline": fast["documents_per_s"] / best,
+                            "steady": slow,
+                            "duplicates": int(status.get("deferred", {}).get("duplicates", 0)),
+                        }
+                    )
             results.append({"model": model.describe(), "baseline": baseline, "cells": cells})
     return {
         "benchmark": "deferred",
@@ -258,25 +274,37 @@ def table(payload: dict[str, Any]) -> str:
         for cell in result["cells"]:
             fast, slow = cell["catch_up"], cell["steady"] or {}
             lag = slow.get("lag_s", {})
-            rows.append([
-                result["model"]["name"],
-                cell["processes"],
-                fast["documents"],
-                fast["documents_per_s"],
-                best["images_per_s"],
-                best["batch"],
-                cell["ratio_to_baseline"],
-                slow.get("rate_per_s"),
-                lag.get("p50"),
-                lag.get("p99"),
-                cell["duplicates"],
-            ])
+            rows.append(
+                [
+                    result["model"]["name"],
+                    cell["processes"],
+                    fast["documents"],
+                    fast["documents_per_s"],
+                    best["images_per_s"],
+                    best["batch"],
+                    cell["ratio_to_baseline"],
+                    slow.get("rate_per_s"),
+                    lag.get("p50"),
+                    lag.get("p99"),
+                    cell["duplicates"],
+                ]
+            )
     headers = [
-        "model", "procs", "docs", "catch-up docs/s", "ORT img/s", "ORT batch", "ratio",
-        "steady /s", "lag p50 s", "lag p99 s", "dups",
+        "model",
+        "procs",
+        "docs",
+        "catch-up docs/s",
+        "ORT img/s",
+        "ORT batch",
+        "ratio",
+        "steady /s",
+        "lag p50 s",
+        "lag p99 s",
+        "dups",
     ]
     return format_table(
-        headers, rows,
+        headers,
+        rows,
         floatfmt=["", "", "", ".1f", ".0f", "", ".4f", ".1f", ".2f", ".2f", ""],
     )
 
@@ -286,28 +314,61 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench deferred",
         description="Deferred predictions: catch-up rate vs plain onnxruntime, and lag.",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="a short run: 1,000 documents, digits only, 10 s steady phase")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short run: 1,000 documents, digits only, 10 s steady phase",
+    )
     parser.add_argument("--json", metavar="PATH", help="write every number to PATH")
-    parser.add_argument("--upstream", metavar="URI",
-                        help="MongoDB to use (default: an embedded SecantusDB per cell)")
+    parser.add_argument(
+        "--upstream",
+        metavar="URI",
+        help="MongoDB to use (default: an embedded SecantusDB per cell)",
+    )
     parser.add_argument("--models", metavar="A,B", help="digits,resnet18 (default both)")
-    parser.add_argument("--processes", default="1,3", metavar="1,3",
-                        help="modelgate processes sharing the collection (default 1,3)")
-    parser.add_argument("--docs", type=int, metavar="N",
-                        help="digits documents (default 10000; --quick 1000)")
+    parser.add_argument(
+        "--processes",
+        default="1,3",
+        metavar="1,3",
+        help="modelgate processes sharing the collection (default 1,3)",
+    )
+    parser.add_argument(
+        "--docs", type=int, metavar="N", help="digits documents (default 10000; --quick 1000)"
+    )
     parser.add_argument("--resnet-docs", type=int, default=500, metavar="N")
-    parser.add_argument("--steady-seconds", type=float, metavar="S",
-                        help="length of the steady-rate phase (default 30; --quick 10; 0: skip)")
-    parser.add_argument("--poll", type=float, default=0.5, metavar="S",
-                        help="how often predictions are looked for (default 0.5)")
+    parser.add_argument(
+        "--steady-seconds",
+        type=float,
+        metavar="S",
+        help="length of the steady-rate phase (default 30; --quick 10; 0: skip)",
+    )
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="how often predictions are looked for (default 0.5)",
+    )
     parser.add_argument("--sweep-interval", type=float, default=1.0, metavar="S")
-    parser.add_argument("--timeout", type=float, default=900.0, metavar="S",
-                        help="give up on a catch-up after S seconds")
-    parser.add_argument("--baseline-budget", type=float, metavar="S",
-                        help="seconds per onnxruntime batch size (default 2; --quick 0.5)")
-    parser.add_argument("--proxy-arg", action="append", metavar="ARG",
-                        help="extra `modelgate serve` argument (repeatable)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        metavar="S",
+        help="give up on a catch-up after S seconds",
+    )
+    parser.add_argument(
+        "--baseline-budget",
+        type=float,
+        metavar="S",
+        help="seconds per onnxruntime batch size (default 2; --quick 0.5)",
+    )
+    parser.add_argument(
+        "--proxy-arg",
+        action="append",
+        metavar="ARG",
+        help="extra `modelgate serve` argument (repeatable)",
+    )
     return parser
 
 

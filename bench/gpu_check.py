@@ -81,24 +81,30 @@ def gpu_description() -> dict[str, Any]:
     query = "name,memory.total,driver_version,clocks.max.sm,power.limit"
     result = subprocess.run(
         [smi, f"--query-gpu={query}", "--format=csv,noheader"],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     info["nvidia_smi"] = result.stdout.strip() or result.stderr.strip()
     return info
 
 
-def run_baselines(
-    providers_by_name: dict[str, list[str]], *, short: bool
-) -> dict[str, Any]:
+def run_baselines(providers_by_name: dict[str, list[str]], *, short: bool) -> dict[str, Any]:
     model = build_resnet18()
     images = noise_pngs(64, model.image_size, model.image_mode)
     results: dict[str, Any] = {"model": model.describe(), "providers": {}}
     for name, providers in providers_by_name.items():
         print(f"baseline resnet18 on {providers} ...", flush=True)
         results["providers"][name] = measure_baseline(
-            model, images, providers, batch_sizes=(1, 8) if short else BATCHES,
-            budget_s=0.5 if short else 2.0, min_iterations=1 if short else 3,
-            require_first=True, warmup=1 if short else 3,  # CUDA: first runs pick algorithms
+            model,
+            images,
+            providers,
+            batch_sizes=(1, 8) if short else BATCHES,
+            budget_s=0.5 if short else 2.0,
+            min_iterations=1 if short else 3,
+            require_first=True,
+            warmup=1 if short else 3,  # CUDA: first runs pick algorithms
         )
     return results
 
@@ -107,23 +113,39 @@ def baseline_table(results: dict[str, Any]) -> str:
     rows = []
     for name, result in results["providers"].items():
         for row in result["batches"]:
-            rows.append([name, row["batch"], row["run_images_per_s"], row["run_ms_per_batch"],
-                         row["e2e_images_per_s"]])
+            rows.append(
+                [
+                    name,
+                    row["batch"],
+                    row["run_images_per_s"],
+                    row["run_ms_per_batch"],
+                    row["e2e_images_per_s"],
+                ]
+            )
     return format_table(
         ["provider", "batch", "run img/s", "run ms/batch", "e2e img/s"], rows, floatfmt=".1f"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python bench/gpu_check.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python bench/gpu_check.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("out_dir", type=Path, help="folder for the JSON and summary")
-    parser.add_argument("--allow-cpu", action="store_true",
-                        help="without a usable CUDA provider, run on the CPU provider instead "
-                        "of failing (short run; for testing this script)")
+    parser.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="without a usable CUDA provider, run on the CPU provider instead "
+        "of failing (short run; for testing this script)",
+    )
     parser.add_argument("--quick", action="store_true", help="shorter runs")
-    parser.add_argument("--concurrency", default="1,8,32,64",
-                        help="client threads for the inline runs (default %(default)s)")
+    parser.add_argument(
+        "--concurrency",
+        default="1,8,32,64",
+        help="client threads for the inline runs (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -136,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.allow_cpu:
             print(f"gpu_check: FAILED: {exc}", file=sys.stderr)
             return 2
-        print(f"gpu_check: no CUDA ({exc}); --allow-cpu: running on the CPU provider",
-              flush=True)
+        print(f"gpu_check: no CUDA ({exc}); --allow-cpu: running on the CPU provider", flush=True)
         cuda = False
     short = args.quick or not cuda
 
@@ -147,16 +168,30 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"gpu_check: FAILED: {exc}", file=sys.stderr)
         return 2
-    write_json(args.out_dir / "baseline.json", {
-        "benchmark": "gpu_check_baseline", "cuda": cuda, "gpu": gpu_description(),
-        "machine": machine_info(), **baseline,
-    })
+    write_json(
+        args.out_dir / "baseline.json",
+        {
+            "benchmark": "gpu_check_baseline",
+            "cuda": cuda,
+            "gpu": gpu_description(),
+            "machine": machine_info(),
+            **baseline,
+        },
+    )
     table = baseline_table(baseline)
     print(table, flush=True)
 
     inline_json = args.out_dir / "inline.json"
-    command = [sys.executable, "-m", "bench", "inline", "--json", str(inline_json),
-               "--providers", ",".join(providers["cuda" if cuda else "cpu"])]
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "inline",
+        "--json",
+        str(inline_json),
+        "--providers",
+        ",".join(providers["cuda" if cuda else "cpu"]),
+    ]
     if short:
         command += ["--quick", "--models", "digits,resnet18", "--concurrency", "1,8"]
     else:
@@ -166,16 +201,24 @@ def main(argv: list[str] | None = None) -> int:
     (args.out_dir / "inline.log").write_text(inline.stdout + inline.stderr)
     print(inline.stdout, flush=True)
     if inline.returncode != 0:
-        print(f"gpu_check: FAILED: bench inline exited {inline.returncode}:\n"
-              f"{inline.stderr[-4000:]}", file=sys.stderr)
+        print(
+            f"gpu_check: FAILED: bench inline exited {inline.returncode}:\n{inline.stderr[-4000:]}",
+            file=sys.stderr,
+        )
         return 1
 
-    summary = "\n".join([
-        f"gpu_check — cuda: {cuda}, {json.dumps(gpu_description())}",
-        "", "plain onnxruntime, ResNet-18 (e2e = PNG decode + preprocess in one thread + run)",
-        table, "", inline.stdout.strip(), "",
-        f"total {time.perf_counter() - started:.0f} s",
-    ])
+    summary = "\n".join(
+        [
+            f"gpu_check — cuda: {cuda}, {json.dumps(gpu_description())}",
+            "",
+            "plain onnxruntime, ResNet-18 (e2e = PNG decode + preprocess in one thread + run)",
+            table,
+            "",
+            inline.stdout.strip(),
+            "",
+            f"total {time.perf_counter() - started:.0f} s",
+        ]
+    )
     (args.out_dir / "summary.txt").write_text(summary + "\n")
     print(f"wrote {args.out_dir}/baseline.json, inline.json, inline.log, summary.txt")
     return 0

@@ -143,11 +143,18 @@ class ProxyProcess:
     @property
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "proxy.cli", "serve",
-            "--listen", f"{self.host}:{self.port}",
-            "--upstream", self.upstream_uri,
-            "--log-level", self.log_level,
-            "--grace-period", str(self.grace_period),
+            sys.executable,
+            "-m",
+            "proxy.cli",
+            "serve",
+            "--listen",
+            f"{self.host}:{self.port}",
+            "--upstream",
+            self.upstream_uri,
+            "--log-level",
+            self.log_level,
+            "--grace-period",
+            str(self.grace_period),
             *self.args,
         ]
 
@@ -155,7 +162,10 @@ class ProxyProcess:
         env = {**os.environ, **self.env}
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
                 stdin=subprocess.DEVNULL,
             )
         try:
@@ -458,4 +468,3 @@ def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2, default=_json_default) + "\n")
     return path
-

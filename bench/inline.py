@@ -84,15 +84,29 @@ class Mode:
 
 
 QUICK = Mode(
-    concurrency=(1, 8, 32), duration_s=2.0, plain_duration_s=1.0, max_docs=2_000,
-    warmup_per_client=2, baseline_budget_s=0.5, baseline_batches=(1, 8, 32),
-    baseline_min_iterations=1, images=32, models=("digits",),
+    concurrency=(1, 8, 32),
+    duration_s=2.0,
+    plain_duration_s=1.0,
+    max_docs=2_000,
+    warmup_per_client=2,
+    baseline_budget_s=0.5,
+    baseline_batches=(1, 8, 32),
+    baseline_min_iterations=1,
+    images=32,
+    models=("digits",),
     model_concurrency={"resnet18": (1, 8)},
 )
 FULL = Mode(
-    concurrency=(1, 8, 32), duration_s=12.0, plain_duration_s=4.0, max_docs=20_000,
-    warmup_per_client=2, baseline_budget_s=3.0, baseline_batches=BASELINE_BATCHES,
-    baseline_min_iterations=3, images=64, models=("resnet18", "digits"),
+    concurrency=(1, 8, 32),
+    duration_s=12.0,
+    plain_duration_s=4.0,
+    max_docs=20_000,
+    warmup_per_client=2,
+    baseline_budget_s=3.0,
+    baseline_batches=BASELINE_BATCHES,
+    baseline_min_iterations=3,
+    images=64,
+    models=("resnet18", "digits"),
     model_concurrency={},
 )
 
@@ -142,8 +156,14 @@ def _preprocess_spec(model: BenchModel) -> Any:
     from engine.spec import parse_register_command
 
     spec, _ = parse_register_command(
-        {"registerModel": model.name, "collection": "x.y", "input": INPUT_FIELD,
-         "onnx": b"-", "preprocess": model.preprocess, "postprocess": model.postprocess}
+        {
+            "registerModel": model.name,
+            "collection": "x.y",
+            "input": INPUT_FIELD,
+            "onnx": b"-",
+            "preprocess": model.preprocess,
+            "postprocess": model.postprocess,
+        }
     )
     return spec.preprocess
 
@@ -186,8 +206,11 @@ def measure_baseline(
     best_run = max(rows, key=lambda r: r["run_images_per_s"])
     return {
         "providers": session.get_providers(),
-        "session_options": {"intra_op_num_threads": 0, "inter_op_num_threads": 0,
-                            "graph_optimization_level": "ORT_ENABLE_ALL"},
+        "session_options": {
+            "intra_op_num_threads": 0,
+            "inter_op_num_threads": 0,
+            "graph_optimization_level": "ORT_ENABLE_ALL",
+        },
         "batches": rows,
         "best_e2e": {"batch": best_e2e["batch"], "images_per_s": best_e2e["e2e_images_per_s"]},
         "best_run": {"batch": best_run["batch"], "images_per_s": best_run["run_images_per_s"]},
@@ -195,8 +218,14 @@ def measure_baseline(
 
 
 def _baseline_batch(
-    session: Any, images: Sequence[bytes], arrays: Sequence[np.ndarray], pre: Any,
-    batch: int, budget_s: float, min_iterations: int, warmup: int,
+    session: Any,
+    images: Sequence[bytes],
+    arrays: Sequence[np.ndarray],
+    pre: Any,
+    batch: int,
+    budget_s: float,
+    min_iterations: int,
+    warmup: int,
 ) -> dict[str, Any]:
     from engine.inputs.image import preprocess_image_bytes
 
@@ -212,8 +241,7 @@ def _baseline_batch(
     def end_to_end() -> None:
         nonlocal cursor
         items = [
-            preprocess_image_bytes(images[(cursor + i) % len(images)], pre)
-            for i in range(batch)
+            preprocess_image_bytes(images[(cursor + i) % len(images)], pre) for i in range(batch)
         ]
         cursor += batch
         session.run(None, {input_name: np.stack(items)})
@@ -354,12 +382,15 @@ def _stack(
         else:
             proxy = ProxyProcess(uri, args=proxy_args)
         with proxy:
-            yield Stack(direct_uri=uri, proxy_uri=proxy.uri, proxy=proxy,
-                        embedded=not upstream_uri)
+            yield Stack(direct_uri=uri, proxy_uri=proxy.uri, proxy=proxy, embedded=not upstream_uri)
 
 
 def _register(
-    admin: Any, model: BenchModel, name: str, collection: str, args: argparse.Namespace,
+    admin: Any,
+    model: BenchModel,
+    name: str,
+    collection: str,
+    args: argparse.Namespace,
     scratch: Path,
 ) -> dict[str, Any]:
     command: dict[str, Any] = {
@@ -395,8 +426,14 @@ def _model_counters(admin: Any, name: str) -> dict[str, Any]:
 
 
 def _inline_run(
-    pools: dict[str, ClientPool], model: BenchModel, images: Sequence[bytes], concurrency: int,
-    mode: Mode, args: argparse.Namespace, scratch: Path, requested: Sequence[str] | None,
+    pools: dict[str, ClientPool],
+    model: BenchModel,
+    images: Sequence[bytes],
+    concurrency: int,
+    mode: Mode,
+    args: argparse.Namespace,
+    scratch: Path,
+    requested: Sequence[str] | None,
 ) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     name, collection = f"bench_{model.name}_c{concurrency}_{tag}", f"inline_{tag}"
@@ -407,13 +444,18 @@ def _inline_run(
     providers = list(reply.get("providers", []))
     try:
         if requested and (not providers or providers[0] != requested[0]):
-            raise BenchError(f"modelgate was asked for {requested[0]} but model {name!r} runs "
-                             f"on {providers}")
+            raise BenchError(
+                f"modelgate was asked for {requested[0]} but model {name!r} runs on {providers}"
+            )
         warm = mode.warmup_per_client
         counters: dict[str, dict[str, Any]] = {}
         result = drive_inserts(
-            proxy_clients, collection, images, duration_s=mode.duration_s,
-            max_docs=mode.max_docs, warmup_per_client=warm,
+            proxy_clients,
+            collection,
+            images,
+            duration_s=mode.duration_s,
+            max_docs=mode.max_docs,
+            warmup_per_client=warm,
             # Read after the warm-up inserts: only timed inserts count.
             on_ready=lambda: counters.update(before=_model_counters(admin, name)),
         )
@@ -434,7 +476,8 @@ def _inline_run(
             warmup_docs=warm_docs,
             predicted=after["predicted"],
             mean_batch_size_incl_warmup=after["items"] / after["batches"]
-            if after["batches"] else 0.0,
+            if after["batches"]
+            else 0.0,
         )
         return result
     finally:
@@ -450,8 +493,12 @@ def _plain_run(
     collection = f"plain_{uuid.uuid4().hex[:8]}"
     try:
         return drive_inserts(
-            pool.clients[:concurrency], collection, images, duration_s=mode.plain_duration_s,
-            max_docs=mode.max_docs, warmup_per_client=mode.warmup_per_client,
+            pool.clients[:concurrency],
+            collection,
+            images,
+            duration_s=mode.plain_duration_s,
+            max_docs=mode.max_docs,
+            warmup_per_client=mode.warmup_per_client,
         )
     finally:
         pool.clients[0][DB_NAME].drop_collection(collection)
@@ -491,50 +538,67 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in mode.models:
         model = build_model(name)
         images = noise_pngs(mode.images, model.image_size, model.image_mode)
-        _progress(f"{name}: ONNX {len(model.onnx) / 1e6:.1f} MB built in {model.build_s:.1f} s; "
-                  f"{len(images)} PNGs of {sum(map(len, images)) // len(images)} bytes")
+        _progress(
+            f"{name}: ONNX {len(model.onnx) / 1e6:.1f} MB built in {model.build_s:.1f} s; "
+            f"{len(images)} PNGs of {sum(map(len, images)) // len(images)} bytes"
+        )
         models.append((model, images))
 
     results: list[dict[str, Any]] = []
     for model, images in models:
         _progress(f"{model.name}: baseline, plain onnxruntime on {providers} ...")
         baseline = measure_baseline(
-            model, images, providers, batch_sizes=mode.baseline_batches,
-            budget_s=mode.baseline_budget_s, min_iterations=mode.baseline_min_iterations,
-            warmup=1 if args.quick else 2, require_first=bool(requested),
+            model,
+            images,
+            providers,
+            batch_sizes=mode.baseline_batches,
+            budget_s=mode.baseline_budget_s,
+            min_iterations=mode.baseline_min_iterations,
+            warmup=1 if args.quick else 2,
+            require_first=bool(requested),
         )
-        _progress(f"  best end-to-end {baseline['best_e2e']['images_per_s']:.1f} images/s "
-                  f"(batch {baseline['best_e2e']['batch']}), session.run alone "
-                  f"{baseline['best_run']['images_per_s']:.1f} images/s "
-                  f"(batch {baseline['best_run']['batch']})")
-        results.append({"model": model.describe(), "baseline": baseline, "inline": [],
-                        "no_model": []})
+        _progress(
+            f"  best end-to-end {baseline['best_e2e']['images_per_s']:.1f} images/s "
+            f"(batch {baseline['best_e2e']['batch']}), session.run alone "
+            f"{baseline['best_run']['images_per_s']:.1f} images/s "
+            f"(batch {baseline['best_run']['batch']})"
+        )
+        results.append(
+            {"model": model.describe(), "baseline": baseline, "inline": [], "no_model": []}
+        )
 
     proxy_args = ["--providers", ",".join(requested)] if requested else []
     proxy_args += args.proxy_arg or []
     profile = Path(args.profile_proxy).resolve() if args.profile_proxy else None
     top = max(max(mode.concurrency), *[max(c) for c in mode.model_concurrency.values()] or [1])
-    with tempfile.TemporaryDirectory(prefix="modelgate-bench-inline-") as tmp, \
-            _stack(args.upstream, proxy_args, profile) as stack:
-        _progress(f"upstream {redact_uri(stack.direct_uri)}"
-                  f"{' (embedded SecantusDB)' if stack.embedded else ''}; "
-                  f"modelgate {stack.proxy_uri} {' '.join(proxy_args)}")
+    with (
+        tempfile.TemporaryDirectory(prefix="modelgate-bench-inline-") as tmp,
+        _stack(args.upstream, proxy_args, profile) as stack,
+    ):
+        _progress(
+            f"upstream {redact_uri(stack.direct_uri)}"
+            f"{' (embedded SecantusDB)' if stack.embedded else ''}; "
+            f"modelgate {stack.proxy_uri} {' '.join(proxy_args)}"
+        )
         pools = {name: ClientPool(uri, top) for name, uri in stack.uris.items()}
         try:
             stack_started = time.perf_counter()
             for (model, images), result in zip(models, results, strict=True):
                 best = result["baseline"]["best_e2e"]["images_per_s"]
                 for concurrency in mode.model_concurrency.get(model.name, mode.concurrency):
-                    cell = _inline_run(pools, model, images, concurrency, mode, args,
-                                       Path(tmp), requested)
+                    cell = _inline_run(
+                        pools, model, images, concurrency, mode, args, Path(tmp), requested
+                    )
                     cell["ratio_to_baseline"] = cell["images_per_s"] / best
                     result["inline"].append(cell)
-                    _progress(f"  {model.name} inline c={concurrency}: "
-                              f"{cell['images_per_s']:.1f} images/s "
-                              f"(x{cell['ratio_to_baseline']:.2f} of baseline), "
-                              f"p50 {cell['latency_ms']['p50']:.1f} ms, "
-                              f"p99 {cell['latency_ms']['p99']:.1f} ms, mean batch "
-                              f"{cell['mean_batch_size']:.1f}")
+                    _progress(
+                        f"  {model.name} inline c={concurrency}: "
+                        f"{cell['images_per_s']:.1f} images/s "
+                        f"(x{cell['ratio_to_baseline']:.2f} of baseline), "
+                        f"p50 {cell['latency_ms']['p50']:.1f} ms, "
+                        f"p99 {cell['latency_ms']['p99']:.1f} ms, mean batch "
+                        f"{cell['mean_batch_size']:.1f}"
+                    )
                 if args.no_plain:
                     continue
                 for concurrency in mode.model_concurrency.get(model.name, mode.concurrency):
@@ -542,9 +606,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for target in (PROXY, DIRECT):
                         plain[target] = _plain_run(pools[target], images, concurrency, mode)
                     result["no_model"].append(plain)
-                    _progress(f"  {model.name} documents, no model, c={concurrency}: proxy "
-                              f"{plain[PROXY]['images_per_s']:.0f} docs/s, direct "
-                              f"{plain[DIRECT]['images_per_s']:.0f} docs/s")
+                    _progress(
+                        f"  {model.name} documents, no model, c={concurrency}: proxy "
+                        f"{plain[PROXY]['images_per_s']:.0f} docs/s, direct "
+                        f"{plain[DIRECT]['images_per_s']:.0f} docs/s"
+                    )
             stack_s = time.perf_counter() - stack_started
         finally:
             for pool in pools.values():
@@ -607,40 +673,69 @@ def report(payload: dict[str, Any]) -> str:
         plain = {p["concurrency"]: p for p in result["no_model"]}
         for cell in result["inline"]:
             c = cell["concurrency"]
-            rows.append([
-                name, c, cell["images_per_s"], baseline["best_e2e"]["images_per_s"],
-                cell["ratio_to_baseline"], cell["latency_ms"]["p50"], cell["latency_ms"]["p99"],
-                cell["mean_batch_size"],
-                plain[c][PROXY]["images_per_s"] if c in plain else None,
-                plain[c][DIRECT]["images_per_s"] if c in plain else None,
-                plain[c][PROXY]["latency_ms"]["p50"] if c in plain else None,
-            ])
+            rows.append(
+                [
+                    name,
+                    c,
+                    cell["images_per_s"],
+                    baseline["best_e2e"]["images_per_s"],
+                    cell["ratio_to_baseline"],
+                    cell["latency_ms"]["p50"],
+                    cell["latency_ms"]["p99"],
+                    cell["mean_batch_size"],
+                    plain[c][PROXY]["images_per_s"] if c in plain else None,
+                    plain[c][DIRECT]["images_per_s"] if c in plain else None,
+                    plain[c][PROXY]["latency_ms"]["p50"] if c in plain else None,
+                ]
+            )
         for row in baseline["batches"]:
-            baseline_rows.append([name, row["batch"], row["e2e_images_per_s"],
-                                  row["run_images_per_s"], row["run_ms_per_batch"]])
+            baseline_rows.append(
+                [
+                    name,
+                    row["batch"],
+                    row["e2e_images_per_s"],
+                    row["run_images_per_s"],
+                    row["run_ms_per_batch"],
+                ]
+            )
     cpus = machine.get("cpus_usable", machine["cpu_count"])
-    return "\n".join([
-        f"modelgate inline benchmark — {machine['date']}, {cpus} CPUs "
-        f"({machine.get('cpu_model', '?')}), onnxruntime {machine['onnxruntime']} on "
-        f"{config['providers']}, upstream: {config['upstream']}, batch maxSize "
-        f"{config['batch']['maxSize']} maxDelayMs {config['batch']['maxDelayMs']}, "
-        f"{config['duration_s']:g} s per run",
-        "",
-        "inline inserts through modelgate (images/s, per-insert latency in ms) vs plain "
-        "onnxruntime at its best batch size (decode + preprocess + run); the same "
-        "documents with no model, through modelgate and straight to the upstream (docs/s)",
-        format_table(
-            ["model", "clients", "proxy img/s", "baseline img/s", "proxy/base",
-             "p50 ms", "p99 ms", "mean batch", "no-model proxy", "no-model direct",
-             "no-model p50 ms"],
-            rows,
-        ),
-        "",
-        "baseline: plain onnxruntime per batch size (images/s; e2e = PNG decode + "
-        "preprocess in one thread + run)",
-        format_table(["model", "batch", "e2e img/s", "run img/s", "run ms/batch"],
-                     baseline_rows, floatfmt=".1f"),
-    ])
+    return "\n".join(
+        [
+            f"modelgate inline benchmark — {machine['date']}, {cpus} CPUs "
+            f"({machine.get('cpu_model', '?')}), onnxruntime {machine['onnxruntime']} on "
+            f"{config['providers']}, upstream: {config['upstream']}, batch maxSize "
+            f"{config['batch']['maxSize']} maxDelayMs {config['batch']['maxDelayMs']}, "
+            f"{config['duration_s']:g} s per run",
+            "",
+            "inline inserts through modelgate (images/s, per-insert latency in ms) vs plain "
+            "onnxruntime at its best batch size (decode + preprocess + run); the same "
+            "documents with no model, through modelgate and straight to the upstream (docs/s)",
+            format_table(
+                [
+                    "model",
+                    "clients",
+                    "proxy img/s",
+                    "baseline img/s",
+                    "proxy/base",
+                    "p50 ms",
+                    "p99 ms",
+                    "mean batch",
+                    "no-model proxy",
+                    "no-model direct",
+                    "no-model p50 ms",
+                ],
+                rows,
+            ),
+            "",
+            "baseline: plain onnxruntime per batch size (images/s; e2e = PNG decode + "
+            "preprocess in one thread + run)",
+            format_table(
+                ["model", "batch", "e2e img/s", "run img/s", "run ms/batch"],
+                baseline_rows,
+                floatfmt=".1f",
+            ),
+        ]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -651,39 +746,80 @@ def build_parser() -> argparse.ArgumentParser:
         "the same model and inputs at its best batch size, and plain inserts of the same "
         "documents with no model (through modelgate and direct).",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help=f"short run: models {','.join(QUICK.models)}, "
-                        f"{QUICK.duration_s:g} s per run, baseline {QUICK.baseline_budget_s:g} s "
-                        f"per batch size (resnet18, if asked for, at concurrency 1 and 8 only)")
-    parser.add_argument("--json", metavar="PATH", help="write every number and the machine's "
-                        "description as JSON to PATH")
-    parser.add_argument("--upstream", metavar="URI", help="MongoDB to use (its database "
-                        f"{DB_NAME!r} is written to); default: an embedded in-memory SecantusDB")
-    parser.add_argument("--models", metavar="A,B",
-                        help=f"models to run, of {', '.join(MODELS)} "
-                        f"(default: {','.join(FULL.models)}; --quick: {','.join(QUICK.models)})")
-    parser.add_argument("--concurrency", metavar="1,8,32",
-                        help="client threads per run (default 1,8,32)")
-    parser.add_argument("--duration", type=float, metavar="SECONDS",
-                        help=f"timed phase of each inline run (default {FULL.duration_s:g}, "
-                        f"--quick {QUICK.duration_s:g})")
-    parser.add_argument("--max-docs", type=int, metavar="N",
-                        help="stop a run after N timed inserts even before its duration")
-    parser.add_argument("--max-batch", type=int, default=32, metavar="N",
-                        help="the model's batch.maxSize (default %(default)s)")
-    parser.add_argument("--max-delay-ms", type=float, default=5.0, metavar="MS",
-                        help="the model's batch.maxDelayMs (default %(default)s)")
-    parser.add_argument("--providers", metavar="LIST",
-                        help="onnxruntime providers, comma-separated, for modelgate "
-                        "(--providers) and the baseline alike; the first must be the one in "
-                        "use or the run fails (default: modelgate's automatic choice)")
-    parser.add_argument("--proxy-arg", action="append", metavar="ARG",
-                        help="extra argument for `modelgate serve` (repeat; e.g. "
-                        "--proxy-arg=--max-concurrent-runs --proxy-arg=4)")
-    parser.add_argument("--no-plain", action="store_true",
-                        help="skip the no-model inserts")
-    parser.add_argument("--profile-proxy", metavar="PATH",
-                        help="run modelgate under cProfile and write its profile to PATH")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"short run: models {','.join(QUICK.models)}, "
+        f"{QUICK.duration_s:g} s per run, baseline {QUICK.baseline_budget_s:g} s "
+        f"per batch size (resnet18, if asked for, at concurrency 1 and 8 only)",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write every number and the machine's description as JSON to PATH",
+    )
+    parser.add_argument(
+        "--upstream",
+        metavar="URI",
+        help="MongoDB to use (its database "
+        f"{DB_NAME!r} is written to); default: an embedded in-memory SecantusDB",
+    )
+    parser.add_argument(
+        "--models",
+        metavar="A,B",
+        help=f"models to run, of {', '.join(MODELS)} "
+        f"(default: {','.join(FULL.models)}; --quick: {','.join(QUICK.models)})",
+    )
+    parser.add_argument(
+        "--concurrency", metavar="1,8,32", help="client threads per run (default 1,8,32)"
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        metavar="SECONDS",
+        help=f"timed phase of each inline run (default {FULL.duration_s:g}, "
+        f"--quick {QUICK.duration_s:g})",
+    )
+    parser.add_argument(
+        "--max-docs",
+        type=int,
+        metavar="N",
+        help="stop a run after N timed inserts even before its duration",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=32,
+        metavar="N",
+        help="the model's batch.maxSize (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=5.0,
+        metavar="MS",
+        help="the model's batch.maxDelayMs (default %(default)s)",
+    )
+    parser.add_argument(
+        "--providers",
+        metavar="LIST",
+        help="onnxruntime providers, comma-separated, for modelgate "
+        "(--providers) and the baseline alike; the first must be the one in "
+        "use or the run fails (default: modelgate's automatic choice)",
+    )
+    parser.add_argument(
+        "--proxy-arg",
+        action="append",
+        metavar="ARG",
+        help="extra argument for `modelgate serve` (repeat; e.g. "
+        "--proxy-arg=--max-concurrent-runs --proxy-arg=4)",
+    )
+    parser.add_argument("--no-plain", action="store_true", help="skip the no-model inserts")
+    parser.add_argument(
+        "--profile-proxy",
+        metavar="PATH",
+        help="run modelgate under cProfile and write its profile to PATH",
+    )
     return parser
 
 

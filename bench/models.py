@@ -98,11 +98,15 @@ def build_resnet18(seed: int = SEED) -> BenchModel:
         name="resnet18",
         onnx=onnx,
         preprocess={
-            "kind": "image", "size": [224, 224], "mode": "RGB", "scale": 255,
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "layout": "NCHW",
+            "kind": "image",
+            "size": [224, 224],
+            "mode": "RGB",
+            "scale": 255,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "layout": "NCHW",
         },
-        postprocess={"kind": "classify", "labels": [f"class_{i}" for i in range(1000)],
-                     "topK": 5},
+        postprocess={"kind": "classify", "labels": [f"class_{i}" for i in range(1000)], "topK": 5},
         image_size=(224, 224),
         image_mode="RGB",
         build_s=time.perf_counter() - started,
@@ -114,9 +118,14 @@ def _digits_module() -> Any:
     from torch import nn
 
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16 x 14 x 14
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 32 x 7 x 7
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 16 x 14 x 14
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 32 x 7 x 7
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 10),
     )
 
 
@@ -132,8 +141,13 @@ def build_digits(seed: int = SEED) -> BenchModel:
         name="digits",
         onnx=onnx,
         preprocess={
-            "kind": "image", "size": [28, 28], "mode": "L", "scale": 255,
-            "mean": [0.1307], "std": [0.3081], "layout": "NCHW",
+            "kind": "image",
+            "size": [28, 28],
+            "mode": "L",
+            "scale": 255,
+            "mean": [0.1307],
+            "std": [0.3081],
+            "layout": "NCHW",
         },
         postprocess={"kind": "classify", "labels": list(range(10)), "topK": 3},
         image_size=(28, 28),

@@ -91,8 +91,13 @@ def _word(rng: random.Random, low: int, high: int) -> str:
     return "".join(rng.choices(string.ascii_letters, k=rng.randint(low, high)))
 
 
-def _fill(rng: random.Random, target: int, value: Callable[[], object], key_len: tuple[int, int],
-          doc: dict[str, Any] | None = None) -> dict[str, Any]:
+def _fill(
+    rng: random.Random,
+    target: int,
+    value: Callable[[], object],
+    key_len: tuple[int, int],
+    doc: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Add random keys with `value()` values to `doc` until its BSON is about `target`."""
     doc = {} if doc is None else doc
     size = len(bson.encode(doc))
@@ -118,6 +123,7 @@ def _fill(rng: random.Random, target: int, value: Callable[[], object], key_len:
 
 def small_doc(rng: random.Random) -> dict[str, Any]:
     """SMALL_DOC's shape: 20-30 fields of short random ASCII keys, ints and strings."""
+
     def value() -> object:
         return rng.randint(0, 2**31 - 1) if rng.random() < 0.5 else _word(rng, 2, 6)
 
@@ -162,8 +168,12 @@ def tweet_doc(rng: random.Random) -> dict[str, Any]:
         "truncated": False,
         "entities": {
             "user_mentions": [
-                {"indices": [0, 12], "screen_name": _word(rng, 6, 10),
-                 "id": rng.randint(10**8, 10**9), "name": _word(rng, 6, 12)}
+                {
+                    "indices": [0, 12],
+                    "screen_name": _word(rng, 6, 10),
+                    "id": rng.randint(10**8, 10**9),
+                    "name": _word(rng, 6, 12),
+                }
             ],
             "hashtags": [{"indices": [20, 28], "text": _word(rng, 4, 8)}],
             "urls": [],
@@ -182,6 +192,7 @@ def tweet_doc(rng: random.Random) -> dict[str, Any]:
 
 def large_doc(rng: random.Random) -> dict[str, Any]:
     """LARGE_DOC's shape: thousands of fields, mostly strings, some ints and arrays."""
+
     def value() -> object:
         roll = rng.random()
         if roll < 0.1:
@@ -311,8 +322,13 @@ def _bulk_insert(name: str, title: str, n: int, doc: dict[str, Any]) -> Task:
 
 #: Task names in the order they run.
 TASKS = (
-    "run_command", "find_one_by_id", "small_insert_one", "large_insert_one",
-    "find_many", "small_bulk_insert", "large_bulk_insert",
+    "run_command",
+    "find_one_by_id",
+    "small_insert_one",
+    "large_insert_one",
+    "find_many",
+    "small_bulk_insert",
+    "large_bulk_insert",
 )
 
 
@@ -323,8 +339,9 @@ def make_tasks(data: Dataset, scale: float, ops: int) -> list[Task]:
         _insert_one("small_insert_one", "small doc insertOne", ops, data.small),
         _insert_one("large_insert_one", "large doc insertOne", _count(10, scale), data.large),
         _find_many(_count(10_000, scale), data.tweet),
-        _bulk_insert("small_bulk_insert", "small doc bulk insert", _count(10_000, scale),
-                     data.small),
+        _bulk_insert(
+            "small_bulk_insert", "small doc bulk insert", _count(10_000, scale), data.small
+        ),
         _bulk_insert("large_bulk_insert", "large doc bulk insert", _count(10, scale), data.large),
     ]
 
@@ -336,8 +353,9 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _run_task(task: Task, dbs: dict[str, Db], direct_db: Db, iterations: int,
-              budget: float) -> dict[str, Any]:
+def _run_task(
+    task: Task, dbs: dict[str, Db], direct_db: Db, iterations: int, budget: float
+) -> dict[str, Any]:
     direct_db.client.drop_database(DB_NAME)
     task.load(direct_db)
     try:
@@ -351,13 +369,18 @@ def _run_task(task: Task, dbs: dict[str, Db], direct_db: Db, iterations: int,
         task.state.clear()
         direct_db.client.drop_database(DB_NAME)
     result: dict[str, Any] = {
-        "name": task.name, "title": task.title, "ops": task.ops,
-        "dataset_bytes": task.dataset_bytes, "dataset_mb": task.dataset_bytes / MB,
+        "name": task.name,
+        "title": task.title,
+        "ops": task.ops,
+        "dataset_bytes": task.dataset_bytes,
+        "dataset_mb": task.dataset_bytes / MB,
     }
     for name, samples in times.items():
         seconds = median(samples)
         result[name] = {
-            "median_s": seconds, "times_s": samples, "iterations": len(samples),
+            "median_s": seconds,
+            "times_s": samples,
+            "iterations": len(samples),
             "mb_per_s": mb_per_s(task.dataset_bytes, seconds),
             "ops_per_s": task.ops / seconds,
         }
@@ -365,14 +388,16 @@ def _run_task(task: Task, dbs: dict[str, Db], direct_db: Db, iterations: int,
     return result
 
 
-def _ping_latency(clients: dict[str, pymongo.MongoClient[dict[str, Any]]],
-                  count: int) -> dict[str, Any]:
+def _ping_latency(
+    clients: dict[str, pymongo.MongoClient[dict[str, Any]]], count: int
+) -> dict[str, Any]:
     admin = {name: client.admin for name, client in clients.items()}
     samples = latency_samples(
         {name: (lambda db=db: db.command("ping")) for name, db in admin.items()}, count
     )
     result: dict[str, Any] = {
-        "count": count, "unit": "us",
+        "count": count,
+        "unit": "us",
         **{name: summarize(values, 1e6) for name, values in samples.items()},
     }
     result["added_p50_us"] = result[PROXY]["p50"] - result[DIRECT]["p50"]
@@ -402,9 +427,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tasks = [task for task in make_tasks(data, scale, ops) if task.name in selected]
     results: list[dict[str, Any]] = []
     with bench_stack(args.upstream) as stack:
-        _progress(f"upstream {redact_uri(stack.direct_uri)}"
-                  f"{' (embedded SecantusDB)' if stack.embedded else ''}; "
-                  f"modelgate {stack.proxy_uri}")
+        _progress(
+            f"upstream {redact_uri(stack.direct_uri)}"
+            f"{' (embedded SecantusDB)' if stack.embedded else ''}; "
+            f"modelgate {stack.proxy_uri}"
+        )
         clients = {name: connect(uri) for name, uri in stack.uris.items()}
         try:
             dbs = {name: client[DB_NAME] for name, client in clients.items()}
@@ -412,10 +439,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _progress(f"  {task.title} ...")
                 task_started = time.perf_counter()
                 result = _run_task(task, dbs, dbs[DIRECT], iterations, budget)
-                _progress(f"    direct {result[DIRECT]['mb_per_s']:.2f} MB/s, "
-                          f"proxy {result[PROXY]['mb_per_s']:.2f} MB/s "
-                          f"(x{result['ratio']:.2f}, {result[DIRECT]['iterations']} iterations, "
-                          f"{time.perf_counter() - task_started:.1f} s)")
+                _progress(
+                    f"    direct {result[DIRECT]['mb_per_s']:.2f} MB/s, "
+                    f"proxy {result[PROXY]['mb_per_s']:.2f} MB/s "
+                    f"(x{result['ratio']:.2f}, {result[DIRECT]['iterations']} iterations, "
+                    f"{time.perf_counter() - task_started:.1f} s)"
+                )
                 results.append(result)
             latency = _ping_latency(clients, pings) if pings > 0 else None
         finally:
@@ -424,11 +453,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "wire",
         "spec": "https://github.com/mongodb/specifications/blob/master/source/benchmarking/"
-                "benchmarking.md",
+        "benchmarking.md",
         "config": {
-            "quick": args.quick, "scale": scale, "ops": ops, "iterations": iterations,
+            "quick": args.quick,
+            "scale": scale,
+            "ops": ops,
+            "iterations": iterations,
             "warmup": 1,
-            "pings": pings, "task_budget_s": budget,
+            "pings": pings,
+            "task_budget_s": budget,
             "upstream": redact_uri(args.upstream) if args.upstream else "embedded SecantusDB",
             "document_bytes": data.sizes,
         },
@@ -441,8 +474,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(payload: dict[str, Any]) -> str:
     rows = [
-        [t["name"], t["ops"], t["dataset_mb"], t[DIRECT]["mb_per_s"], t[PROXY]["mb_per_s"],
-         t["ratio"], t[DIRECT]["median_s"] * 1e3, t[PROXY]["median_s"] * 1e3]
+        [
+            t["name"],
+            t["ops"],
+            t["dataset_mb"],
+            t[DIRECT]["mb_per_s"],
+            t[PROXY]["mb_per_s"],
+            t["ratio"],
+            t[DIRECT]["median_s"] * 1e3,
+            t[PROXY]["median_s"] * 1e3,
+        ]
         for t in payload["tasks"]
     ]
     config = payload["config"]
@@ -454,22 +495,46 @@ def report(payload: dict[str, Any]) -> str:
         f"median of {config['iterations']} (after 1 warm-up)",
         "",
         format_table(
-            ["task", "ops", "MB", "direct MB/s", "proxy MB/s", "proxy/direct",
-             "direct ms", "proxy ms"],
-            rows, floatfmt=["", "", ".4g", ".4g", ".4g", ".2f", ".1f", ".1f"],
+            [
+                "task",
+                "ops",
+                "MB",
+                "direct MB/s",
+                "proxy MB/s",
+                "proxy/direct",
+                "direct ms",
+                "proxy ms",
+            ],
+            rows,
+            floatfmt=["", "", ".4g", ".4g", ".4g", ".2f", ".1f", ".1f"],
         ),
     ]
     latency = payload["ping_latency"]
     if latency:
         rows = [
-            [name, latency[name]["p50"], latency[name]["p99"], latency[name]["mean"],
-             latency[name]["max"]]
+            [
+                name,
+                latency[name]["p50"],
+                latency[name]["p99"],
+                latency[name]["mean"],
+                latency[name]["max"],
+            ]
             for name in (DIRECT, PROXY)
         ]
-        rows.append(["added by proxy", latency["added_p50_us"], latency["added_p99_us"],
-                     latency["added_mean_us"], None])
-        parts += ["", f"ping round trip, {latency['count']} sequential pings each (µs)",
-                  format_table(["", "p50", "p99", "mean", "max"], rows, floatfmt=".1f")]
+        rows.append(
+            [
+                "added by proxy",
+                latency["added_p50_us"],
+                latency["added_p99_us"],
+                latency["added_mean_us"],
+                None,
+            ]
+        )
+        parts += [
+            "",
+            f"ping round trip, {latency['count']} sequential pings each (µs)",
+            format_table(["", "p50", "p99", "mean", "max"], rows, floatfmt=".1f"),
+        ]
     return "\n".join(parts)
 
 
@@ -482,29 +547,59 @@ def build_parser() -> argparse.ArgumentParser:
         "/ median iteration time) and the proxy/direct ratio, plus the latency the proxy "
         "adds to a ping round trip (p50, p99).",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help=f"short run: scale {QUICK.scale}, {QUICK.ops} ops, "
-                        f"{QUICK.iterations} iterations, {QUICK.pings} pings (default: scale "
-                        f"{FULL.scale}, {FULL.ops} ops, {FULL.iterations} iterations, "
-                        f"{FULL.pings} pings; under 10 minutes on 2 cores)")
-    parser.add_argument("--json", metavar="PATH", help="write every number and the machine's "
-                        "description as JSON to PATH")
-    parser.add_argument("--upstream", metavar="URI", help="MongoDB to use (its database "
-                        f"{DB_NAME!r} is dropped); default: an embedded in-memory SecantusDB")
-    parser.add_argument("--iterations", type=int, metavar="K",
-                        help="timed iterations per task and target (median reported)")
-    parser.add_argument("--scale", type=float, metavar="F",
-                        help="multiply the spec's operation and document counts by F "
-                        "(1 = spec: 10,000 tweets or small docs, 10 large docs); document sizes "
-                        "stay the spec's. Alone, also sets --ops to 10,000 x F")
-    parser.add_argument("--ops", type=int, metavar="N",
-                        help="round trips per iteration of the one-at-a-time tasks (hello, "
-                        "find one by _id, small insertOne); the spec's is 10,000")
-    parser.add_argument("--pings", type=int, metavar="N",
-                        help="sequential pings per target for the latency (0: skip)")
-    parser.add_argument("--budget", type=float, metavar="SECONDS",
-                        help="per task: stop iterating once its timed calls together passed "
-                        "this (at least one iteration always runs)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"short run: scale {QUICK.scale}, {QUICK.ops} ops, "
+        f"{QUICK.iterations} iterations, {QUICK.pings} pings (default: scale "
+        f"{FULL.scale}, {FULL.ops} ops, {FULL.iterations} iterations, "
+        f"{FULL.pings} pings; under 10 minutes on 2 cores)",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write every number and the machine's description as JSON to PATH",
+    )
+    parser.add_argument(
+        "--upstream",
+        metavar="URI",
+        help="MongoDB to use (its database "
+        f"{DB_NAME!r} is dropped); default: an embedded in-memory SecantusDB",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        metavar="K",
+        help="timed iterations per task and target (median reported)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        metavar="F",
+        help="multiply the spec's operation and document counts by F "
+        "(1 = spec: 10,000 tweets or small docs, 10 large docs); document sizes "
+        "stay the spec's. Alone, also sets --ops to 10,000 x F",
+    )
+    parser.add_argument(
+        "--ops",
+        type=int,
+        metavar="N",
+        help="round trips per iteration of the one-at-a-time tasks (hello, "
+        "find one by _id, small insertOne); the spec's is 10,000",
+    )
+    parser.add_argument(
+        "--pings",
+        type=int,
+        metavar="N",
+        help="sequential pings per target for the latency (0: skip)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        metavar="SECONDS",
+        help="per task: stop iterating once its timed calls together passed "
+        "this (at least one iteration always runs)",
+    )
     parser.add_argument("--tasks", metavar="A,B", help=f"run only these: {', '.join(TASKS)}")
     return parser
 

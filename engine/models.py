@@ -59,6 +59,15 @@ class ModelSet:
     def has_deferred_on(self, namespace: str) -> bool:
         return namespace in self._deferred
 
+    def deferred_for(self, namespace: str) -> list[ModelServer]:
+        if namespace not in self._deferred:
+            return []
+        return [
+            server
+            for server in self.servers.values()
+            if server.model.spec.mode == "deferred" and server.model.spec.namespace == namespace
+        ]
+
     def get(self, name: str) -> ModelServer | None:
         return self.servers.get(name)
 

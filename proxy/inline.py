@@ -95,6 +95,22 @@ def _operator_input(mods: dict[str, Any], query: Any, upsert: bool, field: str) 
     return MISSING, "$set"
 
 
+def _mark_stale(mods: Any, input_field: str, output_field: str) -> bool:
+    """An operator update that changes a deferred model's input makes its output stale
+    in the same write: the output's version moves to `backfillOf` (as backfillModel
+    does), so the document is pending again even where no change stream reports the
+    update. Replacements need nothing: they drop the output themselves."""
+    if not isinstance(mods, dict) or not mods or not next(iter(mods)).startswith("$"):
+        return False
+    touched = [key for fields in mods.values() if isinstance(fields, dict) for key in fields]
+    if not any(path_touches(key, input_field) for key in touched) or any(
+        path_touches(key, output_field) for key in touched
+    ):
+        return False
+    mods.setdefault("$rename", {})[f"{output_field}.version"] = f"{output_field}.backfillOf"
+    return True
+
+
 def _unsets_input(mods: Any, field: str) -> bool:
     unset = mods.get("$unset") if isinstance(mods, dict) else None
     return isinstance(unset, dict) and any(path_touches(key, field) for key in unset)
@@ -122,12 +138,13 @@ class InlineWrites:
         else:
             namespaces = [f"{body.get('$db')}.{body.get(command)}"]
             servers = self.models.inline_for(namespaces[0])
-            if not servers:
+            deferred = self.models.deferred_for(namespaces[0])
+            if command == "update" and (servers or deferred):
+                intercepted = await self._update(context, body, message, servers, deferred)
+            elif not servers:
                 intercepted = None
             elif command == "insert":
                 intercepted = await self._insert(context, body, message, servers)
-            elif command == "update":
-                intercepted = await self._update(context, body, message, servers)
             else:
                 intercepted = await self._find_and_modify(context, body, servers)
         return self._notify_deferred(intercepted, namespaces)
@@ -173,17 +190,25 @@ class InlineWrites:
         body: dict[str, Any],
         message: OpMsg,
         servers: list[ModelServer],
-    ) -> InterceptedWrite:
+        deferred: list[ModelServer],
+    ) -> InterceptedWrite | None:
         updates, in_sequence = _statements(body, message, "updates")
         targets = []
+        stale = False
         for i, update in enumerate(updates):
             mods = update.get("u")
             for server in servers:
                 if isinstance(mods, dict) and _unsets_input(mods, server.model.spec.input_field):
                     mods.setdefault("$unset", {})[server.model.spec.output_field] = ""
+            for server in deferred:
+                stale |= _mark_stale(
+                    mods, server.model.spec.input_field, server.model.spec.output_field
+                )
             target = _update_target(i, mods, update.get("q"), bool(update.get("upsert")))
-            if target is not None:
+            if target is not None and servers:
                 targets.append(target)
+        if not targets and not stale:
+            return None
         refusals = await self._predict(context, servers, targets)
         return _rebuild(body, message, "updates", updates, in_sequence, refusals)
 

@@ -20,16 +20,33 @@ def test_bench_deferred_tiny_digits(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     report = tmp_path / "deferred.json"
     command = [
-        sys.executable, "-m", "bench", "deferred", "--quick", "--models", "digits",
-        "--docs", "150", "--processes", "1,2", "--steady-seconds", "2",
-        "--baseline-budget", "0.1", "--json", str(report),
+        sys.executable,
+        "-m",
+        "bench",
+        "deferred",
+        "--quick",
+        "--models",
+        "digits",
+        "--docs",
+        "150",
+        "--processes",
+        "1,2",
+        "--steady-seconds",
+        "2",
+        "--baseline-budget",
+        "0.1",
+        "--json",
+        str(report),
     ]
     upstream = os.environ.get("MODELGATE_TEST_UPSTREAM")
     if upstream:
         command += ["--upstream", upstream]
     # A session of its own, so that a hung run is ended with everything it started.
     process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:

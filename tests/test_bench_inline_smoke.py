@@ -21,16 +21,29 @@ CONCURRENCY = (1, 8, 32)
 def test_bench_inline_quick_digits(tmp_path: Path) -> None:
     report = tmp_path / "inline.json"
     command = [
-        sys.executable, "-m", "bench", "inline", "--quick", "--models", "digits",
-        "--json", str(report), "--concurrency", ",".join(map(str, CONCURRENCY)),
-        "--duration", "1",
+        sys.executable,
+        "-m",
+        "bench",
+        "inline",
+        "--quick",
+        "--models",
+        "digits",
+        "--json",
+        str(report),
+        "--concurrency",
+        ",".join(map(str, CONCURRENCY)),
+        "--duration",
+        "1",
     ]
     upstream = os.environ.get("MODELGATE_TEST_UPSTREAM")
     if upstream:
         command += ["--upstream", upstream]
     # A session of its own, so that a hung run is ended with everything it started.
     process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:

@@ -21,15 +21,29 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_wire_quick_writes_every_task(tmp_path: Path) -> None:
     report = tmp_path / "x.json"
     command = [
-        sys.executable, "-m", "bench", "wire", "--quick", "--json", str(report),
-        "--iterations", "1", "--scale", "0.02", "--pings", "100",
+        sys.executable,
+        "-m",
+        "bench",
+        "wire",
+        "--quick",
+        "--json",
+        str(report),
+        "--iterations",
+        "1",
+        "--scale",
+        "0.02",
+        "--pings",
+        "100",
     ]
     upstream = os.environ.get("MODELGATE_TEST_UPSTREAM")
     if upstream:
         command += ["--upstream", upstream]
     # A session of its own, so that a hung run is ended with everything it started.
     process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
