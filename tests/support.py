@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pymongo
 import pymongo.errors
 
 from proxy.embedded import free_port
 
-__all__ = ["ProxyProcess", "wait_for_ping"]
+__all__ = ["ProxyProcess", "run_benchmark", "wait_for_ping"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,3 +97,32 @@ class ProxyProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def run_benchmark(arguments: list[str], report: Path, timeout: float) -> tuple[dict[str, Any], str]:
+    """Run `python -m bench ARGUMENTS --json REPORT` (against MODELGATE_TEST_UPSTREAM when
+    set) and return its JSON report and printed output; fail the test on error or hang."""
+    command = [sys.executable, "-m", "bench", *arguments, "--json", str(report)]
+    upstream = os.environ.get("MODELGATE_TEST_UPSTREAM")
+    if upstream:
+        command += ["--upstream", upstream]
+    # A session of its own, so that a hung run is ended with everything it started.
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        text = output.decode(errors="replace")
+        raise AssertionError(
+            f"bench {arguments[0]} did not finish in {timeout:g} s:\n{text}"
+        ) from None
+    text = output.decode(errors="replace")
+    assert process.returncode == 0, text
+    return json.loads(report.read_text()), text

@@ -4,58 +4,32 @@ no timing assertions."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import run_benchmark
+
 CONCURRENCY = (1, 8, 32)
 
 
 @pytest.mark.timeout(90)
 def test_bench_inline_quick_digits(tmp_path: Path) -> None:
     report = tmp_path / "inline.json"
-    command = [
-        sys.executable,
-        "-m",
-        "bench",
-        "inline",
-        "--quick",
-        "--models",
-        "digits",
-        "--json",
-        str(report),
-        "--concurrency",
-        ",".join(map(str, CONCURRENCY)),
-        "--duration",
-        "1",
-    ]
-    upstream = os.environ.get("MODELGATE_TEST_UPSTREAM")
-    if upstream:
-        command += ["--upstream", upstream]
-    # A session of its own, so that a hung run is ended with everything it started.
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    payload, text = run_benchmark(
+        [
+            "inline",
+            "--quick",
+            "--models",
+            "digits",
+            "--concurrency",
+            ",".join(map(str, CONCURRENCY)),
+            "--duration",
+            "1",
+        ],
+        report,
+        timeout=80,
     )
-    try:
-        output, _ = process.communicate(timeout=80)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"bench inline did not finish in 80 s:\n{output.decode(errors='replace')}")
-    text = output.decode(errors="replace")
-    assert process.returncode == 0, text
-
-    payload = json.loads(report.read_text())
     assert payload["benchmark"] == "inline"
     assert payload["machine"]["cpu_count"] >= 1
     [result] = payload["models"]
