@@ -100,6 +100,14 @@ def decode_document(data: bytes) -> dict[str, Any]:
         raise RemoteProtocolError(f"invalid BSON document: {exc}") from exc
 
 
+def _namespace(name: str, body: bytes) -> str:
+    """`db.collection` (or just `db`) a command is about, for logs; never the contents."""
+    command = decode_document(body)
+    target = command.get(name)
+    database = str(command.get("$db", "?"))
+    return f"{database}.{target}" if isinstance(target, str) and target else database
+
+
 def decode_command(message: OpMsg) -> dict[str, Any]:
     """The whole command: body fields plus each document sequence as an array field."""
     command = decode_document(message.body)
@@ -211,6 +219,8 @@ class Session:
         if header.op_code == OpCode.OP_MSG:
             message = decode_op_msg(header, payload)
             name = command_name(message.body)
+            if self.log.isEnabledFor(logging.DEBUG):
+                self.log.debug("command %s on %s", name, _namespace(name, message.body))
             # A hello is not work in flight: drivers' monitors keep an awaitable hello
             # waiting upstream (maxAwaitTimeMS, 10 s), and shutdown must not wait for it.
             if not message.more_to_come and name not in HELLO_COMMANDS:
