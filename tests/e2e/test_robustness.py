@@ -208,8 +208,24 @@ def test_valid_raw_op_msg_gets_a_reply(proxy) -> None:
     assert bson.decode(body[5:])["ok"] == 1
 
 
-def test_disconnect_mid_request_leaves_nothing_behind(proxy, client, direct) -> None:
+def test_disconnect_mid_request_leaves_nothing_behind(tmp_path: Path) -> None:
+    # An upstream and a proxy of its own: nothing else opens or closes connections
+    # to it while the test counts them.
+    with (
+        EmbeddedUpstream(":memory:") as upstream,
+        ProxyProcess(
+            upstream.uri, tmp_path / "modelgate.log", args=("--data-dir", str(tmp_path))
+        ) as proxy,
+        pymongo.MongoClient(upstream.uri) as direct,
+        pymongo.MongoClient(proxy.uri) as client,
+    ):
+        _disconnect_mid_request(proxy, client, direct)
+
+
+def _disconnect_mid_request(proxy, client, direct) -> None:  # type: ignore[no-untyped-def]
     assert client.admin.command("ping")["ok"] == 1
+    # Let the proxy's own registry connections settle before counting.
+    time.sleep(1)
     baseline = upstream_connections(direct)
     sockets = [raw_connection(proxy) for _ in range(5)]
     # Each client connection has its own upstream connection while it is open.
