@@ -103,13 +103,22 @@ class ModelWorker:
         started = time.monotonic()
         last_progress = started
         done = 0
+        after = None  # how far this drain has come, in _id order
         while self.workers.models.get(self.name) is server:
             batch_started = time.monotonic()
             claimed = await trio.to_thread.run_sync(
-                queue.claim, self.claim_limit, settings.lease_seconds
+                queue.claim, self.claim_limit, settings.lease_seconds, after
             )
+            if claimed.scanned_to is None:
+                if after is None:
+                    break
+                # The end of the collection: once more from the start, for documents
+                # behind us that became pending meanwhile (updates, failures retried).
+                after = None
+                continue
+            after = claimed.scanned_to
             if not claimed.documents:
-                break
+                continue  # others hold these: move on
             written = await self._predict_batch(server, queue, claimed)
             if written is None:
                 return

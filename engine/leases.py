@@ -48,6 +48,8 @@ class Claimed:
     documents: list[dict[str, Any]]
     # Documents of the batch with earlier failed attempts, whose records go once done.
     retried: frozenset[Any] = frozenset()
+    # The last _id the claim looked at (None: it found no candidates at all).
+    scanned_to: Any = None
 
 
 class WorkQueue:
@@ -93,8 +95,10 @@ class WorkQueue:
         self.leases.create_index("batch")
         self.failures.create_index("model")
 
-    def claim(self, limit: int, lease_seconds: float) -> Claimed:
-        """Lease up to `limit` pending documents that nobody else holds.
+    def claim(self, limit: int, lease_seconds: float, after: Any = None) -> Claimed:
+        """Lease up to `limit` pending documents that nobody else holds (with `_id`
+        greater than `after`, when given: a drain moves forward through the collection
+        instead of rescanning the documents it has already done).
 
         Written for few round trips and no long $in lists (SecantusDB, and any upstream,
         answers those slowly): live leases and retry waits are read whole (they are
@@ -106,9 +110,12 @@ class WorkQueue:
         busy = [lease["doc"] for lease in self.leases.find({"model": name}, {"doc": 1})]
         failures = list(self.failures.find({"model": name}, {"doc": 1, "retry_at": 1}))
         busy += [f["doc"] for f in failures if f.get("retry_at") and _aware(f["retry_at"]) > now]
-        query = self.pending_filter()
+        clauses = [self.pending_filter()]
         if busy:
-            query = {"$and": [query, {"_id": {"$nin": busy}}]}
+            clauses.append({"_id": {"$nin": busy}})
+        if after is not None:
+            clauses.append({"_id": {"$gt": after}})
+        query = {"$and": clauses} if len(clauses) > 1 else clauses[0]
         # The input is read before the lease: the write is conditioned on it, so a
         # document that changes in between is never given a stale prediction.
         candidates = list(
@@ -117,6 +124,7 @@ class WorkQueue:
         batch = uuid.uuid4().hex
         if not candidates:
             return Claimed(batch, [])
+        scanned_to = candidates[-1]["_id"]
         expires = now + datetime.timedelta(seconds=lease_seconds)
         leases = [
             {
@@ -152,7 +160,7 @@ class WorkQueue:
                 self.leases.delete_many({"batch": batch, "doc": {"$in": gone}})
             won = [fresh[doc_id] for doc_id in ids if doc_id in fresh]
         retried = frozenset(f["doc"] for f in failures) & {doc["_id"] for doc in won}
-        return Claimed(batch, won, retried)
+        return Claimed(batch, won, retried, scanned_to)
 
     def release(self, claimed: Claimed) -> None:
         self.leases.delete_many({"batch": claimed.batch})
