@@ -147,12 +147,13 @@ class WorkQueue:
             # Another process may have finished some of these (and released its leases)
             # between the read above and our leases: read them again under our leases,
             # so only documents still pending are worked on (else: duplicate work).
+            # An _id range, not a long $in: upstreams that scan answer $in slowly.
             ids = [doc["_id"] for doc in won]
+            span = {"_id": {"$gte": ids[0], "$lte": ids[-1]}}
             fresh = {
                 doc["_id"]: doc
                 for doc in self.collection.find(
-                    {"$and": [self.pending_filter(), {"_id": {"$in": ids}}]},
-                    {self.spec.input_field: 1},
+                    {"$and": [self.pending_filter(), span]}, {self.spec.input_field: 1}
                 )
             }
             gone = [doc_id for doc_id in ids if doc_id not in fresh]
