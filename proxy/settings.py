@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.deferred import DeferredSettings
 from engine.fetch import FetchSettings
@@ -60,14 +62,14 @@ class Settings:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
         return cls(
-            listen=parse_host_port(args.listen),
+            listen=args.listen,
             upstream=args.upstream or None,
             data_dir=Path(args.data_dir),
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             grace_period=args.grace_period,
             connect_timeout=args.connect_timeout,
-            log_level=args.log_level.upper(),
+            log_level=args.log_level,
             registry_refresh=args.registry_refresh,
             runtime=RuntimeSettings(
                 providers=tuple(args.providers.split(",")) if args.providers else None,
@@ -101,107 +103,128 @@ class Settings:
         )
 
 
+def _option(
+    group: argparse._ActionsContainer,
+    flag: str,
+    help: str,
+    *,
+    type: Callable[[str], Any] = str,
+    default: str | None = None,
+    metavar: str | None = None,
+    shown_default: str | None = None,
+) -> None:
+    """A flag whose default comes from MODELGATE_<FLAG> (argparse converts it, so a bad
+    environment value is reported like a bad flag)."""
+    variable = "MODELGATE_" + flag.removeprefix("--").replace("-", "_").upper()
+    shown = shown_default or ("%(default)s" if default is not None else None)
+    note = f"{variable}; default {shown}" if shown else variable
+    group.add_argument(
+        flag,
+        type=type,
+        default=os.environ.get(variable, default),
+        metavar=metavar,
+        help=f"{help} ({note})" if help else f"({note})",
+    )
+
+
+def _switch(group: argparse._ActionsContainer, flag: str, help: str) -> None:
+    """An on/off flag, also turned on by MODELGATE_<FLAG>=1."""
+    variable = "MODELGATE_" + flag.removeprefix("--").replace("-", "_").upper()
+    group.add_argument(
+        flag,
+        action="store_true",
+        default=_env_flag(variable.removeprefix("MODELGATE_")),
+        help=f"{help} ({variable}=1)",
+    )
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `modelgate serve`; each defaults to its MODELGATE_* variable."""
-    parser.add_argument(
+    _option(
+        parser,
         "--listen",
-        default=_env("LISTEN", DEFAULT_LISTEN),
+        "address to accept MongoDB clients on",
+        type=parse_host_port,
+        default=DEFAULT_LISTEN,
         metavar="HOST:PORT",
-        help="address to accept MongoDB clients on (MODELGATE_LISTEN; default %(default)s)",
     )
-    parser.add_argument(
+    _option(
+        parser,
         "--upstream",
-        default=_env("UPSTREAM"),
+        "MongoDB URI to forward to, e.g. "
+        "mongodb://db1:27017/?replicaSet=rs0. Without it, an embedded SecantusDB is "
+        "started (needs the 'embedded' extra) with its data under --data-dir",
         metavar="URI",
-        help="MongoDB URI to forward to, e.g. mongodb://db1:27017/?replicaSet=rs0 "
-        "(MODELGATE_UPSTREAM). Without it, an embedded SecantusDB is started "
-        "(needs the 'embedded' extra) with its data under --data-dir.",
     )
-    parser.add_argument(
+    _option(
+        parser,
         "--data-dir",
-        default=_env("DATA_DIR", "modelgate-data"),
+        "folder for the embedded upstream's data and the image cache",
+        default="modelgate-data",
         metavar="DIR",
-        help="folder for the embedded upstream's data and the image cache "
-        "(MODELGATE_DATA_DIR; default %(default)s)",
     )
-    parser.add_argument(
-        "--tls-cert",
-        default=_env("TLS_CERT"),
-        metavar="PEM",
-        help="serve TLS to clients with this certificate chain (MODELGATE_TLS_CERT)",
-    )
-    parser.add_argument(
-        "--tls-key",
-        default=_env("TLS_KEY"),
-        metavar="PEM",
-        help="private key for --tls-cert (MODELGATE_TLS_KEY)",
-    )
-    parser.add_argument(
+    _option(parser, "--tls-cert", "serve TLS to clients with this certificate chain", metavar="PEM")
+    _option(parser, "--tls-key", "private key for --tls-cert", metavar="PEM")
+    _option(
+        parser,
         "--grace-period",
+        "on SIGINT/SIGTERM, how long requests in flight may take to finish",
         type=float,
-        default=float(_env("GRACE_PERIOD", "10") or 10),
+        default="10",
         metavar="SECONDS",
-        help="on SIGINT/SIGTERM, how long requests in flight may take to finish "
-        "(MODELGATE_GRACE_PERIOD; default %(default)s)",
     )
-    parser.add_argument(
+    _option(
+        parser,
         "--connect-timeout",
+        "how long to wait for the upstream before closing a client's connection",
         type=float,
-        default=float(_env("CONNECT_TIMEOUT", "5") or 5),
+        default="5",
         metavar="SECONDS",
-        help="how long to wait for the upstream before closing a client's connection "
-        "(MODELGATE_CONNECT_TIMEOUT; default %(default)s)",
     )
-    parser.add_argument(
+    _option(
+        parser,
         "--log-level",
-        default=_env("LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
-        help="(MODELGATE_LOG_LEVEL; default %(default)s)",
+        "DEBUG, INFO, WARNING or ERROR",
+        type=_log_level,
+        default="INFO",
+        metavar="LEVEL",
     )
+
     models = parser.add_argument_group("models")
-    models.add_argument(
+    _option(
+        models,
         "--providers",
-        default=_env("PROVIDERS"),
+        "onnxruntime execution providers in order of preference, comma-separated",
         metavar="LIST",
-        help="onnxruntime execution providers in order of preference, comma-separated "
-        "(MODELGATE_PROVIDERS; default: CUDA when available, else CPU)",
+        shown_default="CUDA when available, else CPU",
     )
-    models.add_argument(
-        "--tensorrt",
-        action="store_true",
-        default=_env_flag("TENSORRT"),
-        help="prefer the TensorRT execution provider where it is available (MODELGATE_TENSORRT=1)",
-    )
-    models.add_argument(
+    _switch(models, "--tensorrt", "prefer the TensorRT execution provider where available")
+    _option(
+        models,
         "--intra-op-threads",
+        "onnxruntime threads per run; 0: onnxruntime's choice",
         type=int,
-        default=int(_env("INTRA_OP_THREADS", "0") or 0),
+        default="0",
         metavar="N",
-        help="onnxruntime threads per run; 0 = onnxruntime's choice (MODELGATE_INTRA_OP_THREADS)",
     )
-    models.add_argument(
-        "--inter-op-threads",
-        type=int,
-        default=int(_env("INTER_OP_THREADS", "0") or 0),
-        metavar="N",
-        help="(MODELGATE_INTER_OP_THREADS)",
-    )
-    models.add_argument(
+    _option(models, "--inter-op-threads", "", type=int, default="0", metavar="N")
+    _option(
+        models,
         "--max-concurrent-runs",
+        "model runs at once across all models",
         type=int,
-        default=int(_env("MAX_CONCURRENT_RUNS", "2") or 2),
+        default="2",
         metavar="N",
-        help="model runs at once across all models (MODELGATE_MAX_CONCURRENT_RUNS; "
-        "default %(default)s)",
     )
-    models.add_argument(
+    _option(
+        models,
         "--registry-refresh",
+        "how often to pick up models registered through other modelgate processes",
         type=float,
-        default=float(_env("REGISTRY_REFRESH", "2") or 2),
+        default="2",
         metavar="SECONDS",
-        help="how often to pick up models registered through other "
-        "modelgate processes (MODELGATE_REGISTRY_REFRESH; default %(default)s)",
     )
+
     deferred = parser.add_argument_group("deferred models")
     deferred.add_argument(
         "--no-change-streams",
@@ -211,129 +234,113 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="find writes made around the proxy by the periodic sweep only, without change "
         "streams (MODELGATE_CHANGE_STREAMS=0)",
     )
-    deferred.add_argument(
+    _option(
+        deferred,
         "--sweep-interval",
+        "how often each deferred model looks for pending documents when nothing woke it",
         type=float,
-        default=float(_env("SWEEP_INTERVAL", "5") or 5),
+        default="5",
         metavar="SECONDS",
-        help="how often each deferred model looks for pending documents "
-        "when nothing woke it (MODELGATE_SWEEP_INTERVAL; default %(default)s)",
     )
-    deferred.add_argument(
+    _option(
+        deferred,
         "--lease-seconds",
+        "how long a claim on a document lasts before another process may take it over",
         type=float,
-        default=float(_env("LEASE_SECONDS", "30") or 30),
+        default="30",
         metavar="SECONDS",
-        help="how long a claim on a document lasts before another process "
-        "may take it over (MODELGATE_LEASE_SECONDS; default %(default)s)",
     )
-    deferred.add_argument(
+    _option(
+        deferred,
         "--max-attempts",
+        "attempts before a failing document gets an error record",
         type=int,
-        default=int(_env("MAX_ATTEMPTS", "3") or 3),
+        default="3",
         metavar="N",
-        help="attempts before a failing document gets an error record "
-        "(MODELGATE_MAX_ATTEMPTS; default %(default)s)",
     )
-    deferred.add_argument(
-        "--progress-interval",
-        type=float,
-        default=float(_env("PROGRESS_INTERVAL", "10") or 10),
-        metavar="SECONDS",
-        help="how often a long deferred backfill logs its progress "
-        "(MODELGATE_PROGRESS_INTERVAL; default %(default)s)",
-    )
-    deferred.add_argument(
+    _option(
+        deferred,
         "--retry-backoff",
+        "first retry delay, doubled each attempt",
         type=float,
-        default=float(_env("RETRY_BACKOFF", "1") or 1),
+        default="1",
         metavar="SECONDS",
-        help="first retry delay, doubled each attempt "
-        "(MODELGATE_RETRY_BACKOFF; default %(default)s)",
     )
+    _option(
+        deferred,
+        "--progress-interval",
+        "how often a long deferred backfill logs its progress",
+        type=float,
+        default="10",
+        metavar="SECONDS",
+    )
+
     images = parser.add_argument_group("image URLs")
-    images.add_argument(
+    _option(
+        images,
         "--cache-dir",
-        default=_env("CACHE_DIR"),
+        "LMDB cache of fetched images, shared by the modelgate processes of a host",
         metavar="DIR",
-        help="LMDB cache of fetched images, shared by the modelgate processes of a host "
-        "(MODELGATE_CACHE_DIR; default <data-dir>/image-cache)",
+        shown_default="<data-dir>/image-cache",
     )
-    images.add_argument(
+    _option(
+        images,
         "--cache-size",
+        "bound on cached image bytes; least recently used go first",
         type=int,
-        default=int(_env("CACHE_SIZE", str(1 << 30)) or 1 << 30),
+        default=str(1 << 30),
         metavar="BYTES",
-        help="bound on cached image bytes; least recently used go first "
-        "(MODELGATE_CACHE_SIZE; default 1 GiB)",
     )
-    images.add_argument(
+    _option(
+        images,
         "--cache-revalidate-after",
+        "revalidate cached images older than this with their ETag/Last-Modified",
         type=float,
-        default=float(_env("CACHE_REVALIDATE_AFTER") or 0) or None,
         metavar="SECONDS",
-        help="revalidate cached images older than this with their ETag/Last-Modified "
-        "(MODELGATE_CACHE_REVALIDATE_AFTER; default: never)",
+        shown_default="never",
     )
-    images.add_argument(
+    _switch(
+        images,
         "--fetch-allow-private",
-        action="store_true",
-        default=_env_flag("FETCH_ALLOW_PRIVATE"),
-        help="allow image URLs on private and loopback addresses (MODELGATE_FETCH_ALLOW_PRIVATE=1)"
-        "; cloud metadata addresses are never fetched",
+        "allow image URLs on private and loopback "
+        "addresses; cloud metadata addresses are never fetched",
     )
-    images.add_argument(
+    _option(
+        images,
         "--fetch-allow-hosts",
-        default=_env("FETCH_ALLOW_HOSTS"),
+        "hosts and CIDR ranges allowed even if private, comma-separated",
         metavar="LIST",
-        help="hosts and CIDR ranges allowed even if private, comma-separated "
-        "(MODELGATE_FETCH_ALLOW_HOSTS)",
     )
-    images.add_argument(
+    _option(
+        images,
         "--fetch-deny-hosts",
-        default=_env("FETCH_DENY_HOSTS"),
+        "hosts and CIDR ranges never fetched, comma-separated",
         metavar="LIST",
-        help="hosts and CIDR ranges never fetched, comma-separated (MODELGATE_FETCH_DENY_HOSTS)",
     )
-    images.add_argument(
-        "--fetch-allow-file",
-        action="store_true",
-        default=_env_flag("FETCH_ALLOW_FILE"),
-        help="allow file:// image URLs (MODELGATE_FETCH_ALLOW_FILE=1)",
-    )
-    images.add_argument(
+    _switch(images, "--fetch-allow-file", "allow file:// image URLs")
+    _option(
+        images,
         "--fetch-timeout",
+        "total time for one image fetch, retries included",
         type=float,
-        default=float(_env("FETCH_TIMEOUT", "30") or 30),
+        default="30",
         metavar="SECONDS",
-        help="total time for one image fetch, retries included "
-        "(MODELGATE_FETCH_TIMEOUT; default %(default)s)",
     )
-    images.add_argument(
-        "--fetch-connect-timeout",
-        type=float,
-        default=float(_env("FETCH_CONNECT_TIMEOUT", "5") or 5),
-        metavar="SECONDS",
-        help="(MODELGATE_FETCH_CONNECT_TIMEOUT; default %(default)s)",
-    )
-    images.add_argument(
-        "--fetch-read-timeout",
-        type=float,
-        default=float(_env("FETCH_READ_TIMEOUT", "10") or 10),
-        metavar="SECONDS",
-        help="(MODELGATE_FETCH_READ_TIMEOUT; default %(default)s)",
-    )
-    images.add_argument(
+    _option(images, "--fetch-connect-timeout", "", type=float, default="5", metavar="SECONDS")
+    _option(images, "--fetch-read-timeout", "", type=float, default="10", metavar="SECONDS")
+    _option(
+        images,
         "--fetch-max-bytes",
+        "largest image body fetched",
         type=int,
-        default=int(_env("FETCH_MAX_BYTES", "20000000") or 20_000_000),
+        default="20000000",
         metavar="BYTES",
-        help="largest image body fetched (MODELGATE_FETCH_MAX_BYTES; default %(default)s)",
     )
-    images.add_argument(
-        "--fetch-max-redirects",
-        type=int,
-        default=int(_env("FETCH_MAX_REDIRECTS", "5") or 5),
-        metavar="N",
-        help="(MODELGATE_FETCH_MAX_REDIRECTS; default %(default)s)",
-    )
+    _option(images, "--fetch-max-redirects", "", type=int, default="5", metavar="N")
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise argparse.ArgumentTypeError(f"expected DEBUG, INFO, WARNING or ERROR, got {text!r}")
+    return level
