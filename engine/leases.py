@@ -100,68 +100,69 @@ class WorkQueue:
         greater than `after`, when given: a drain moves forward through the collection
         instead of rescanning the documents it has already done).
 
-        Written for few round trips and no long $in lists (SecantusDB, and any upstream,
-        answers those slowly): live leases and retry waits are read whole (they are
-        small), candidates are read with their input, leases are inserted in one
-        unordered batch whose duplicate-key errors are the documents others hold."""
+        Written for few round trips and no long $in/$nin lists (upstreams that scan,
+        like SecantusDB, answer those slowly): live leases and retry waits are read whole
+        (they are small) and skipped here rather than in the query; leases are inserted
+        in one unordered batch whose duplicate-key errors are the documents others hold;
+        then the won documents are read, under their leases, by an _id range."""
         now = _now()
         name = self.spec.name
         self.leases.delete_many({"model": name, "expires": {"$lte": now}})  # holders died
-        busy = [lease["doc"] for lease in self.leases.find({"model": name}, {"doc": 1})]
+        busy = {lease["doc"] for lease in self.leases.find({"model": name}, {"doc": 1})}
         failures = list(self.failures.find({"model": name}, {"doc": 1, "retry_at": 1}))
-        busy += [f["doc"] for f in failures if f.get("retry_at") and _aware(f["retry_at"]) > now]
-        clauses = [self.pending_filter()]
-        if busy:
-            clauses.append({"_id": {"$nin": busy}})
+        busy |= {f["doc"] for f in failures if f.get("retry_at") and _aware(f["retry_at"]) > now}
+        query = self.pending_filter()
         if after is not None:
-            clauses.append({"_id": {"$gt": after}})
-        query = {"$and": clauses} if len(clauses) > 1 else clauses[0]
-        # The input is read before the lease: the write is conditioned on it, so a
-        # document that changes in between is never given a stale prediction.
-        candidates = list(
-            self.collection.find(query, {self.spec.input_field: 1}).sort("_id", 1).limit(limit)
-        )
+            query = {"$and": [query, {"_id": {"$gt": after}}]}
+        scanned = [
+            doc["_id"]
+            for doc in self.collection.find(query, {"_id": 1})
+            .sort("_id", 1)
+            .limit(limit + len(busy))
+        ]
         batch = uuid.uuid4().hex
-        if not candidates:
+        if not scanned:
             return Claimed(batch, [])
-        scanned_to = candidates[-1]["_id"]
+        candidates = [doc_id for doc_id in scanned if doc_id not in busy][:limit]
+        scanned_to = candidates[-1] if len(candidates) == limit else scanned[-1]
+        if not candidates:
+            return Claimed(batch, [], scanned_to=scanned_to)
         expires = now + datetime.timedelta(seconds=lease_seconds)
         leases = [
             {
-                "_id": {"model": name, "doc": doc["_id"]},
+                "_id": {"model": name, "doc": doc_id},
                 "model": name,
-                "doc": doc["_id"],
+                "doc": doc_id,
                 "owner": self.owner,
                 "batch": batch,
                 "expires": expires,
             }
-            for doc in candidates
+            for doc_id in candidates
         ]
         won = candidates
         try:
             self.leases.insert_many(leases, ordered=False)
         except pymongo.errors.BulkWriteError as exc:
             lost = {e["index"] for e in exc.details["writeErrors"]}
-            won = [doc for index, doc in enumerate(candidates) if index not in lost]
+            won = [doc_id for index, doc_id in enumerate(candidates) if index not in lost]
+        documents: list[dict[str, Any]] = []
         if won:
-            # Another process may have finished some of these (and released its leases)
-            # between the read above and our leases: read them again under our leases,
-            # so only documents still pending are worked on (else: duplicate work).
-            # An _id range, not a long $in: upstreams that scan answer $in slowly.
-            ids = [doc["_id"] for doc in won]
-            span = {"_id": {"$gte": ids[0], "$lte": ids[-1]}}
+            # Read under our leases, with the pending filter: a document another process
+            # finished meanwhile is dropped (else: duplicate work), and the input read
+            # here is the one the write will be conditioned on.
+            span = {"_id": {"$gte": won[0], "$lte": won[-1]}}
             fresh = {
                 doc["_id"]: doc
                 for doc in self.collection.find(
                     {"$and": [self.pending_filter(), span]}, {self.spec.input_field: 1}
                 )
             }
-            gone = [doc_id for doc_id in ids if doc_id not in fresh]
+            gone = [doc_id for doc_id in won if doc_id not in fresh]
             if gone:
                 self.leases.delete_many({"batch": batch, "doc": {"$in": gone}})
-            won = [fresh[doc_id] for doc_id in ids if doc_id in fresh]
-        retried = frozenset(f["doc"] for f in failures) & {doc["_id"] for doc in won}
-        return Claimed(batch, won, retried, scanned_to)
+            documents = [fresh[doc_id] for doc_id in won if doc_id in fresh]
+        retried = frozenset(f["doc"] for f in failures) & {doc["_id"] for doc in documents}
+        return Claimed(batch, documents, retried, scanned_to)
 
     def release(self, claimed: Claimed) -> None:
         self.leases.delete_many({"batch": claimed.batch})
