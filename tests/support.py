@@ -7,35 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import pymongo
-import pymongo.errors
-
+from bench.harness import wait_for_ping
 from proxy.embedded import free_port
 
 __all__ = ["ProxyProcess", "run_benchmark", "wait_for_ping"]
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for_ping(
-    uri: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with status {process.returncode}")
-        try:
-            with pymongo.MongoClient(uri, serverSelectionTimeoutMS=500) as client:
-                client.admin.command("ping")
-            return
-        except pymongo.errors.PyMongoError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 class ProxyProcess:

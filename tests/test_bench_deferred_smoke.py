@@ -12,7 +12,7 @@ from tests.support import run_benchmark
 
 @pytest.mark.timeout(150)
 def test_bench_deferred_tiny_digits(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", reason="needs the train extra (torch)")
     report = tmp_path / "deferred.json"
     payload, _ = run_benchmark(
         [
