@@ -15,19 +15,10 @@ from PIL import Image
 
 from engine.inputs.image import preprocess_image_bytes
 from engine.spec import ImagePreprocess
+from proxy.demo import PREPROCESS, SIZE  # the demo's model: the same preprocess
 
 __all__ = ["PREPROCESS", "SIZE", "Digits", "digit_png", "load_digits", "train_cnn"]
 
-SIZE = 28
-# The registerModel preprocess the model is trained for (and its engine form).
-PREPROCESS: dict[str, Any] = {
-    "kind": "image",
-    "size": [SIZE, SIZE],
-    "mode": "L",
-    "scale": 255,
-    "mean": [0.5],
-    "std": [0.5],
-}
 _ENGINE_PREPROCESS = ImagePreprocess(
     size=(SIZE, SIZE), mode="L", scale=255.0, mean=(0.5,), std=(0.5,)
 )
