@@ -102,6 +102,7 @@ class ModelWorker:
         settings = self.workers.settings
         started = time.monotonic()
         last_progress = started
+        reported = False  # a drain that showed progress also says when it caught up
         done = 0
         after = None  # how far this drain has come, in _id order
         while self.workers.models.get(self.name) is server:
@@ -111,6 +112,8 @@ class ModelWorker:
             )
             if claimed.scanned_to is None:
                 if after is None:
+                    if reported:
+                        self._log_rate(server, done, started, prefix="caught up, ")
                     break
                 # The end of the collection: once more from the start, for documents
                 # behind us that became pending meanwhile (updates, failures retried).
@@ -129,22 +132,29 @@ class ModelWorker:
                 self.claim_limit = min(settings.claim_size, self.claim_limit * 2)
             done += written
             self.workers.kick_namespace(server.model.spec.namespace, except_model=self.name)
-            now = time.monotonic()
-            if now - last_progress >= settings.progress_interval:
-                last_progress = now
+            if time.monotonic() - last_progress >= settings.progress_interval:
                 # Only the pending count: the full status costs several more queries.
                 pending = await trio.to_thread.run_sync(
                     lambda: queue.collection.count_documents(queue.pending_filter())
                 )
-                log.info(
-                    "deferred model '%s' v%d: %d done in %.0fs (%.1f/s), %d pending",
-                    self.name,
-                    server.version,
-                    done,
-                    now - started,
-                    done / max(now - started, 1e-9),
-                    pending,
-                )
+                self._log_rate(server, done, started, suffix=f", {pending} pending")
+                last_progress = time.monotonic()
+                reported = True
+
+    def _log_rate(
+        self, server: ModelServer, done: int, started: float, prefix: str = "", suffix: str = ""
+    ) -> None:
+        took = time.monotonic() - started
+        log.info(
+            "deferred model '%s' v%d: %s%d done in %.0fs (%.1f/s)%s",
+            self.name,
+            server.version,
+            prefix,
+            done,
+            took,
+            done / max(took, 1e-9),
+            suffix,
+        )
 
     async def _predict_batch(
         self, server: ModelServer, queue: WorkQueue, claimed: Claimed

@@ -169,7 +169,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "--grace-period",
         "on SIGINT/SIGTERM, how long requests in flight may take to finish",
-        type=float,
+        type=_non_negative(float),
         default="10",
         metavar="SECONDS",
     )
@@ -177,7 +177,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "--connect-timeout",
         "how long to wait for the upstream before closing a client's connection",
-        type=float,
+        type=_positive(float),
         default="5",
         metavar="SECONDS",
     )
@@ -203,16 +203,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         models,
         "--intra-op-threads",
         "onnxruntime threads per run; 0: onnxruntime's choice",
-        type=int,
+        type=_non_negative(int),
         default="0",
         metavar="N",
     )
-    _option(models, "--inter-op-threads", "", type=int, default="0", metavar="N")
+    _option(models, "--inter-op-threads", "", type=_non_negative(int), default="0", metavar="N")
     _option(
         models,
         "--max-concurrent-runs",
         "model runs at once across all models",
-        type=int,
+        type=_positive(int),
         default="2",
         metavar="N",
     )
@@ -220,7 +220,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         models,
         "--registry-refresh",
         "how often to pick up models registered through other modelgate processes",
-        type=float,
+        type=_positive(float),
         default="2",
         metavar="SECONDS",
     )
@@ -238,7 +238,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         deferred,
         "--sweep-interval",
         "how often each deferred model looks for pending documents when nothing woke it",
-        type=float,
+        type=_positive(float),
         default="5",
         metavar="SECONDS",
     )
@@ -246,7 +246,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         deferred,
         "--lease-seconds",
         "how long a claim on a document lasts before another process may take it over",
-        type=float,
+        type=_positive(float),
         default="30",
         metavar="SECONDS",
     )
@@ -254,7 +254,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         deferred,
         "--max-attempts",
         "attempts before a failing document gets an error record",
-        type=int,
+        type=_positive(int),
         default="3",
         metavar="N",
     )
@@ -262,7 +262,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         deferred,
         "--retry-backoff",
         "first retry delay, doubled each attempt",
-        type=float,
+        type=_non_negative(float),
         default="1",
         metavar="SECONDS",
     )
@@ -270,7 +270,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         deferred,
         "--progress-interval",
         "how often a long deferred backfill logs its progress",
-        type=float,
+        type=_positive(float),
         default="10",
         metavar="SECONDS",
     )
@@ -287,7 +287,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         images,
         "--cache-size",
         "bound on cached image bytes; least recently used go first",
-        type=int,
+        type=_positive(int),
         default=str(1 << 30),
         metavar="BYTES",
     )
@@ -295,7 +295,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         images,
         "--cache-revalidate-after",
         "revalidate cached images older than this with their ETag/Last-Modified",
-        type=float,
+        type=_positive(float),
         metavar="SECONDS",
         shown_default="never",
     )
@@ -322,21 +322,49 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         images,
         "--fetch-timeout",
         "total time for one image fetch, retries included",
-        type=float,
+        type=_positive(float),
         default="30",
         metavar="SECONDS",
     )
-    _option(images, "--fetch-connect-timeout", "", type=float, default="5", metavar="SECONDS")
-    _option(images, "--fetch-read-timeout", "", type=float, default="10", metavar="SECONDS")
+    _option(
+        images, "--fetch-connect-timeout", "", type=_positive(float), default="5", metavar="SECONDS"
+    )
+    _option(
+        images, "--fetch-read-timeout", "", type=_positive(float), default="10", metavar="SECONDS"
+    )
     _option(
         images,
         "--fetch-max-bytes",
         "largest image body fetched",
-        type=int,
+        type=_positive(int),
         default="20000000",
         metavar="BYTES",
     )
-    _option(images, "--fetch-max-redirects", "", type=int, default="5", metavar="N")
+    _option(images, "--fetch-max-redirects", "", type=_non_negative(int), default="5", metavar="N")
+
+
+def _number(convert: Callable[[str], Any], *, allow_zero: bool) -> Callable[[str], Any]:
+    """An argparse type for a count or a duration, refusing what cannot mean anything."""
+    bound = "zero or more" if allow_zero else "more than zero"
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"expected {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    return _number(convert, allow_zero=False)
+
+
+def _non_negative(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    return _number(convert, allow_zero=True)
 
 
 def _log_level(text: str) -> str:

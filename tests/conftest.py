@@ -32,9 +32,10 @@ def upstream_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def proxy(upstream_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     log_dir = tmp_path_factory.mktemp("proxy")
-    with ProxyProcess(
-        upstream_uri, log_dir / "modelgate.log", args=("--data-dir", str(log_dir))
-    ) as process:
+    # Every proxy on the shared upstream takes deferred work of any test's model, and the
+    # tests' image servers listen on loopback: this one must be able to fetch from them.
+    args = ("--data-dir", str(log_dir), "--fetch-allow-private")
+    with ProxyProcess(upstream_uri, log_dir / "modelgate.log", args=args) as process:
         yield process
 
 

@@ -457,15 +457,24 @@ def test_inline_and_deferred_models_on_one_collection(stack: Stack, names: tuple
     assert "deferred" not in stack.client.admin.command({"modelStatus": inline})
 
 
-@STREAMS_ONLY
-def test_long_backfill_logs_progress(stack: Stack, names: tuple[str, str]) -> None:
-    db, model = names
-    out = f"_outputs.{model}"
-    raw = stack.up[db].items
-    raw.insert_many([{"i": i, "x": one_hot(i)} for i in range(1000)])
-    stack.register(model, f"{db}.items", onnx_models.linear_classifier())
-    wait_for(lambda: all_current(raw, out, 1, 1000), timeout=90, what="the backfill")
-    pattern = re.compile(
-        rf"deferred model '{model}' v1: \d+ done in \d+s \([\d.]+/s\), \d+ pending"
+def test_long_backfill_logs_progress(upstream_factory: Callable[[], Stack]) -> None:
+    """Progress lines while a backfill runs, and one when it has caught up. Its own stack:
+    a proxy that reports after every batch, so that the lines do not depend on speed."""
+    own = upstream_factory()
+    proxy = own.add_proxy("--progress-interval", "0.001")
+    model = "progress"
+    raw = own.up.backfill.items
+    raw.insert_many([{"i": i, "x": one_hot(i)} for i in range(600)])
+    own.register(model, "backfill.items", onnx_models.linear_classifier())
+    wait_for(lambda: all_current(raw, f"_outputs.{model}", 1, 600), timeout=90, what="backfill")
+    rate = r"(\d+) done in \d+s \([\d.]+/s\)"
+    progress = re.findall(rf"deferred model '{model}' v1: {rate}, (\d+) pending", proxy.log_text())
+    assert progress, "no progress line in the proxy log"
+    assert [int(done) for done, _ in progress] == sorted(int(done) for done, _ in progress)
+    assert all(int(done) + int(pending) <= 600 for done, pending in progress)
+    caught_up = wait_for(
+        lambda: re.search(rf"deferred model '{model}' v1: caught up, {rate}", proxy.log_text()),
+        timeout=10,
+        what="the caught-up line",
     )
-    assert pattern.search(stack.proxies[0].log_text()), "no progress line in the proxy log"
+    assert int(caught_up.group(1)) == 600

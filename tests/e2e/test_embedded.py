@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pymongo
+import pytest
 
 from tests.support import ROOT, ProxyProcess
 
@@ -33,6 +35,38 @@ def test_help_mentions_upstream_and_environment_variables() -> None:
     assert "--upstream" in result.stdout
     for variable in ("MODELGATE_UPSTREAM", "MODELGATE_LISTEN", "MODELGATE_DATA_DIR"):
         assert variable in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (
+            ["--lease-seconds", "-1"],
+            {},
+            "argument --lease-seconds: expected more than zero, got '-1'",
+        ),
+        (["--max-concurrent-runs", "0"], {}, "expected more than zero, got '0'"),
+        (
+            ["--retry-backoff", "soon"],
+            {},
+            "argument --retry-backoff: expected a number, got 'soon'",
+        ),
+        ([], {"MODELGATE_SWEEP_INTERVAL": "0"}, "argument --sweep-interval: expected more than"),
+    ],
+)
+def test_meaningless_numbers_are_refused_before_starting(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
 
 
 def _children(pid: int) -> list[int]:
