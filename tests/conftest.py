@@ -1,7 +1,8 @@
 """Shared fixtures: a real upstream server process and modelgate in front of it.
 
-Set MODELGATE_TEST_UPSTREAM to a MongoDB URI to run the whole suite against a real
-MongoDB instead of the SecantusDB process the fixtures start by default."""
+Set MODELGATE_TEST_UPSTREAM to a MongoDB URI to run the suite against a real MongoDB
+instead of the SecantusDB process the fixtures start by default (tests that must own their
+upstream, see README.md, still start their own)."""
 
 from __future__ import annotations
 
