@@ -34,11 +34,10 @@ from bench.harness import (
     BenchError,
     ProxyProcess,
     connect,
-    exit_on_sigterm,
+    finish,
     format_table,
     percentile,
     upstream,
-    write_json,
 )
 
 __all__ = ["main", "run"]
@@ -380,13 +379,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.steady_seconds = 10.0 if args.quick else 30.0
     if args.baseline_budget is None:
         args.baseline_budget = 0.5 if args.quick else 2.0
-    exit_on_sigterm()
-    try:
-        payload = run(args)
-    except BenchError as exc:
-        print(f"bench deferred: {exc}")
-        return 1
-    print(table(payload))
-    if args.json:
-        print(f"wrote {write_json(args.json, payload)}")
-    return 0
+    return finish("deferred", args, run, table)

@@ -279,6 +279,29 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _handler)
 
 
+def finish(
+    name: str,
+    args: Any,
+    run: Callable[[Any], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+) -> int:
+    """The end of every benchmark's main: run it, print its report, write --json.
+    Exit status 1 when it could not be set up, 130 when interrupted."""
+    exit_on_sigterm()
+    try:
+        payload = run(args)
+    except BenchError as exc:
+        print(f"bench {name}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(report(payload))
+    if args.json:
+        print(f"\nwrote {write_json(args.json, payload)}")
+    return 0
+
+
 def redact_uri(uri: str) -> str:
     """The URI without a password, for logs and JSON."""
     scheme, sep, rest = uri.partition("://")

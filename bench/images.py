@@ -38,13 +38,13 @@ from bench.harness import (
     BenchError,
     bench_stack,
     connect,
-    exit_on_sigterm,
+    finish,
     format_table,
     machine_info,
     percentile,
     redact_uri,
-    write_json,
 )
+from proxy.settings import positive
 
 __all__ = ["SUMMARY", "main"]
 
@@ -371,9 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", type=lambda text: [t for t in text.split(",") if t],
         default=["digits", "resnet18"], help="comma-separated (digits,resnet18)",
     )  # fmt: skip
-    parser.add_argument("--concurrency", type=int, default=8, help="inserting threads (8)")
-    parser.add_argument("--images", type=int, default=1000, help="28x28 images per phase (1000)")
-    parser.add_argument("--large-images", type=int, default=200,
+    parser.add_argument(
+        "--concurrency", type=positive(int), default=8, help="inserting threads (8)"
+    )
+    parser.add_argument(
+        "--images", type=positive(int), default=1000, help="28x28 images per phase (1000)"
+    )
+    parser.add_argument("--large-images", type=positive(int), default=200,
                         help="224x224 images per phase (200)")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=2.0, help="per lookup measurement")
     return parser
@@ -385,19 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.images = min(args.images, 200)
         args.large_images = min(args.large_images, 24)
         args.seconds = min(args.seconds, 0.5)
-    if args.concurrency < 1 or args.images < 1 or args.large_images < 1:
-        print("--concurrency, --images and --large-images must be positive", file=sys.stderr)
-        return 2
-    exit_on_sigterm()
-    try:
-        payload = run(args)
-    except BenchError as exc:
-        print(f"bench images: {exc}", file=sys.stderr)
-        return 1
-    print(report(payload))
-    if args.json:
-        print(f"\nwrote {write_json(args.json, payload)}")
-    return 0
+    return finish("images", args, run, report)
 
 
 if __name__ == "__main__":

@@ -47,13 +47,12 @@ from bench.harness import (
     ProxyProcess,
     Stack,
     connect,
-    exit_on_sigterm,
+    finish,
     format_table,
     machine_info,
     redact_uri,
     summarize,
     upstream,
-    write_json,
 )
 from bench.models import MODELS, BenchModel, build_model, noise_pngs
 
@@ -824,18 +823,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    exit_on_sigterm()
-    try:
-        payload = run(args)
-    except BenchError as exc:
-        print(f"bench inline: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(report(payload))
-    if args.json:
-        path = write_json(args.json, payload)
-        print(f"\nwrote {path}")
-    return 0
+    return finish("inline", build_parser().parse_args(argv), run, report)

@@ -33,7 +33,7 @@ from bench.harness import (
     BenchError,
     bench_stack,
     connect,
-    exit_on_sigterm,
+    finish,
     format_table,
     latency_samples,
     machine_info,
@@ -42,8 +42,8 @@ from bench.harness import (
     redact_uri,
     run_alternating,
     summarize,
-    write_json,
 )
+from proxy.settings import positive
 
 __all__ = ["TASKS", "Dataset", "main", "make_dataset"]
 
@@ -568,13 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--iterations",
-        type=int,
+        type=positive(int),
         metavar="K",
         help="timed iterations per task and target (median reported)",
     )
     parser.add_argument(
         "--scale",
-        type=float,
+        type=positive(float),
         metavar="F",
         help="multiply the spec's operation and document counts by F "
         "(1 = spec: 10,000 tweets or small docs, 10 large docs); document sizes "
@@ -582,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ops",
-        type=int,
+        type=positive(int),
         metavar="N",
         help="round trips per iteration of the one-at-a-time tasks (hello, "
         "find one by _id, small insertOne); the spec's is 10,000",
@@ -605,27 +605,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.iterations is not None and args.iterations < 1:
-        print("--iterations must be at least 1", file=sys.stderr)
-        return 2
-    if args.scale is not None and args.scale <= 0:
-        print("--scale must be positive", file=sys.stderr)
-        return 2
-    if args.ops is not None and args.ops < 1:
-        print("--ops must be at least 1", file=sys.stderr)
-        return 2
-    exit_on_sigterm()
-    try:
-        payload = run(args)
-    except BenchError as exc:
-        print(f"bench wire: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print(report(payload))
-    if args.json:
-        path = write_json(args.json, payload)
-        print(f"\nwrote {path}")
-    return 0
+    return finish("wire", build_parser().parse_args(argv), run, report)

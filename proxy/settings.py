@@ -14,7 +14,7 @@ from engine.deferred import DeferredSettings
 from engine.fetch import FetchSettings
 from engine.runtime import RuntimeSettings
 
-__all__ = ["Settings", "add_serve_arguments", "parse_host_port"]
+__all__ = ["Settings", "add_serve_arguments", "non_negative", "parse_host_port", "positive"]
 
 DEFAULT_LISTEN = "127.0.0.1:27017"
 
@@ -169,7 +169,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "--grace-period",
         "on SIGINT/SIGTERM, how long requests in flight may take to finish",
-        type=_non_negative(float),
+        type=non_negative(float),
         default="10",
         metavar="SECONDS",
     )
@@ -177,7 +177,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "--connect-timeout",
         "how long to wait for the upstream before closing a client's connection",
-        type=_positive(float),
+        type=positive(float),
         default="5",
         metavar="SECONDS",
     )
@@ -203,16 +203,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         models,
         "--intra-op-threads",
         "onnxruntime threads per run; 0: onnxruntime's choice",
-        type=_non_negative(int),
+        type=non_negative(int),
         default="0",
         metavar="N",
     )
-    _option(models, "--inter-op-threads", "", type=_non_negative(int), default="0", metavar="N")
+    _option(models, "--inter-op-threads", "", type=non_negative(int), default="0", metavar="N")
     _option(
         models,
         "--max-concurrent-runs",
         "model runs at once across all models",
-        type=_positive(int),
+        type=positive(int),
         default="2",
         metavar="N",
     )
@@ -220,7 +220,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         models,
         "--registry-refresh",
         "how often to pick up models registered through other modelgate processes",
-        type=_positive(float),
+        type=positive(float),
         default="2",
         metavar="SECONDS",
     )
@@ -238,7 +238,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         deferred,
         "--sweep-interval",
         "how often each deferred model looks for pending documents when nothing woke it",
-        type=_positive(float),
+        type=positive(float),
         default="5",
         metavar="SECONDS",
     )
@@ -246,7 +246,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         deferred,
         "--lease-seconds",
         "how long a claim on a document lasts before another process may take it over",
-        type=_positive(float),
+        type=positive(float),
         default="30",
         metavar="SECONDS",
     )
@@ -254,7 +254,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         deferred,
         "--max-attempts",
         "attempts before a failing document gets an error record",
-        type=_positive(int),
+        type=positive(int),
         default="3",
         metavar="N",
     )
@@ -262,7 +262,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         deferred,
         "--retry-backoff",
         "first retry delay, doubled each attempt",
-        type=_non_negative(float),
+        type=non_negative(float),
         default="1",
         metavar="SECONDS",
     )
@@ -270,7 +270,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         deferred,
         "--progress-interval",
         "how often a long deferred backfill logs its progress",
-        type=_positive(float),
+        type=positive(float),
         default="10",
         metavar="SECONDS",
     )
@@ -287,7 +287,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         images,
         "--cache-size",
         "bound on cached image bytes; least recently used go first",
-        type=_positive(int),
+        type=positive(int),
         default=str(1 << 30),
         metavar="BYTES",
     )
@@ -295,7 +295,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         images,
         "--cache-revalidate-after",
         "revalidate cached images older than this with their ETag/Last-Modified",
-        type=_positive(float),
+        type=positive(float),
         metavar="SECONDS",
         shown_default="never",
     )
@@ -322,28 +322,28 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         images,
         "--fetch-timeout",
         "total time for one image fetch, retries included",
-        type=_positive(float),
+        type=positive(float),
         default="30",
         metavar="SECONDS",
     )
     _option(
-        images, "--fetch-connect-timeout", "", type=_positive(float), default="5", metavar="SECONDS"
+        images, "--fetch-connect-timeout", "", type=positive(float), default="5", metavar="SECONDS"
     )
     _option(
-        images, "--fetch-read-timeout", "", type=_positive(float), default="10", metavar="SECONDS"
+        images, "--fetch-read-timeout", "", type=positive(float), default="10", metavar="SECONDS"
     )
     _option(
         images,
         "--fetch-max-bytes",
         "largest image body fetched",
-        type=_positive(int),
+        type=positive(int),
         default="20000000",
         metavar="BYTES",
     )
-    _option(images, "--fetch-max-redirects", "", type=_non_negative(int), default="5", metavar="N")
+    _option(images, "--fetch-max-redirects", "", type=non_negative(int), default="5", metavar="N")
 
 
-def _number(convert: Callable[[str], Any], *, allow_zero: bool) -> Callable[[str], Any]:
+def number(convert: Callable[[str], Any], *, allow_zero: bool) -> Callable[[str], Any]:
     """An argparse type for a count or a duration, refusing what cannot mean anything."""
     bound = "zero or more" if allow_zero else "more than zero"
 
@@ -359,12 +359,12 @@ def _number(convert: Callable[[str], Any], *, allow_zero: bool) -> Callable[[str
     return parse
 
 
-def _positive(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    return _number(convert, allow_zero=False)
+def positive(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    return number(convert, allow_zero=False)
 
 
-def _non_negative(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    return _number(convert, allow_zero=True)
+def non_negative(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    return number(convert, allow_zero=True)
 
 
 def _log_level(text: str) -> str:
