@@ -31,6 +31,7 @@ from typing import Any
 import bson
 
 from bench.harness import (
+    BENCH_PROXY_ARGS,
     BenchError,
     ProxyProcess,
     connect,
@@ -60,8 +61,8 @@ def _cluster(
         for index in range(processes):
             proxy = ProxyProcess(
                 uri,
-                args=("--data-dir", str(scratch / f"data-{index}"), *proxy_args),
-                log_path=scratch / f"modelgate-{processes}-{index}.log",
+                scratch / f"modelgate-{processes}-{index}.log",
+                args=(*BENCH_PROXY_ARGS, "--data-dir", str(scratch / f"data-{index}"), *proxy_args),
             )
             stack.enter_context(proxy)
             proxies.append(proxy)

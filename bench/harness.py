@@ -42,9 +42,11 @@ import pymongo
 import pymongo.errors
 
 __all__ = [
+    "BENCH_PROXY_ARGS",
     "DIRECT",
     "MB",
     "PROXY",
+    "ROOT",
     "BenchError",
     "ProxyProcess",
     "Stack",
@@ -64,6 +66,8 @@ __all__ = [
     "wait_for_ping",
     "write_json",
 ]
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: The benchmarking spec's megabyte: 1,000,000 bytes.
 MB = 1_000_000
@@ -98,117 +102,104 @@ def wait_for_ping(
             time.sleep(0.1)
 
 
-class ProxyProcess:
-    """`python -m proxy.cli serve` as a child process on a free port.
+#: How the benchmarks run modelgate: quiet, and quick to stop.
+BENCH_PROXY_ARGS = ("--log-level", "WARNING", "--grace-period", "2")
 
-    Stopped with SIGTERM (then SIGKILL after `stop_timeout`). Its log goes to
-    `log_path` (a temporary file unless given), whose tail is put in the error
-    when it does not start."""
+
+class ProxyProcess:
+    """`modelgate serve` as a child process on a free port, the way users run it.
+
+    `upstream` None starts the embedded default. The log (stdout and stderr) goes to
+    `log_path`, a temporary file unless given; its tail is put in the error when the
+    process does not start. `profile` runs it under cProfile (the event loop thread)."""
 
     def __init__(
         self,
-        upstream_uri: str,
+        upstream: str | None,
+        log_path: Path | None = None,
         *,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
-        host: str = "127.0.0.1",
         port: int | None = None,
-        log_path: Path | None = None,
-        log_level: str = "WARNING",
-        grace_period: float = 2.0,
+        profile: Path | None = None,
         ready_timeout: float = 30.0,
     ) -> None:
         from proxy.embedded import free_port
 
-        self.upstream_uri = upstream_uri
+        self.upstream = upstream
         self.args = tuple(args)
         self.env = dict(env or {})
-        self.host = host
-        self.port = port or free_port(host)
-        self.log_level = log_level
-        self.grace_period = grace_period
+        self.port = port or free_port()
+        self.profile = profile
         self.ready_timeout = ready_timeout
         self._own_log = log_path is None
         if log_path is None:
-            handle, name = tempfile.mkstemp(prefix="modelgate-bench-", suffix=".log")
+            handle, name = tempfile.mkstemp(prefix="modelgate-", suffix=".log")
             os.close(handle)
             log_path = Path(name)
         self.log_path = log_path
-        self._process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def uri(self) -> str:
-        return f"mongodb://{self.host}:{self.port}/"
+        return f"mongodb://127.0.0.1:{self.port}/"
 
     @property
     def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "proxy.cli",
-            "serve",
-            "--listen",
-            f"{self.host}:{self.port}",
-            "--upstream",
-            self.upstream_uri,
-            "--log-level",
-            self.log_level,
-            "--grace-period",
-            str(self.grace_period),
-            *self.args,
-        ]
+        profiler = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
+        command = [sys.executable, *profiler, "-m", "proxy.cli", "serve"]
+        command += ["--listen", f"127.0.0.1:{self.port}"]
+        if self.upstream is not None:
+            command += ["--upstream", self.upstream]
+        return [*command, *self.args]
 
-    def start(self) -> None:
-        env = {**os.environ, **self.env}
+    def start(self, *, wait: bool = True, ping_uri: str | None = None) -> ProxyProcess:
+        """Start it; with `wait`, return once `ping_uri` (default: its own) answers."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                self.command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-            )
-        try:
-            wait_for_ping(self.uri, self.ready_timeout, self._process)
-        except BenchError as exc:
-            self.stop()
-            raise BenchError(f"modelgate did not start: {exc}\n{self.log_tail()}") from None
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=ROOT, env=env,
+            )  # fmt: skip
+        if wait:
+            try:
+                wait_for_ping(ping_uri or self.uri, self.ready_timeout, self.process)
+            except BenchError as exc:
+                self.stop()
+                raise BenchError(f"modelgate did not start: {exc}\n{self.log_tail()}") from None
+        return self
 
-    def stop(self, stop_timeout: float | None = None) -> int | None:
-        """SIGTERM, wait, SIGKILL if needed; returns the exit status (None if never started)."""
-        process, self._process = self._process, None
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Send `sig`, wait, SIGKILL after `timeout`; the exit status (None if not running)."""
+        process, self.process = self.process, None
         if process is None:
             return None
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(sig)
             try:
-                process.wait(stop_timeout if stop_timeout is not None else self.grace_period + 10)
+                process.wait(timeout)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
         return process.returncode
 
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
 
-    def cleanup(self) -> None:
-        """Remove the log file if it was a temporary one."""
-        if self._own_log:
-            with contextlib.suppress(OSError):
-                self.log_path.unlink()
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def __enter__(self) -> ProxyProcess:
-        self.start()
-        return self
+        return self.start()
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self.stop()
-        if exc_type is None:
-            self.cleanup()
+        if exc_type is None and self._own_log:
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
 
 
 @contextlib.contextmanager
@@ -253,11 +244,13 @@ def bench_stack(
     proxy_args: Sequence[str] = (),
     proxy_env: Mapping[str, str] | None = None,
     log_path: Path | None = None,
+    profile: Path | None = None,
 ) -> Iterator[Stack]:
     """Start (or reach) the upstream, start modelgate in front, yield both URIs; stop
     everything on exit, also on error and Ctrl-C (and SIGTERM with `exit_on_sigterm`)."""
     with upstream(upstream_uri) as uri:
-        proxy = ProxyProcess(uri, args=proxy_args, env=proxy_env, log_path=log_path)
+        args = (*BENCH_PROXY_ARGS, *proxy_args)
+        proxy = ProxyProcess(uri, log_path, args=args, env=proxy_env, profile=profile)
         with proxy:
             yield Stack(direct_uri=uri, proxy_uri=proxy.uri, proxy=proxy, embedded=not upstream_uri)
 

@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,15 +44,13 @@ from bench.harness import (
     DIRECT,
     PROXY,
     BenchError,
-    ProxyProcess,
-    Stack,
+    bench_stack,
     connect,
     finish,
     format_table,
     machine_info,
     redact_uri,
     summarize,
-    upstream,
 )
 from bench.models import MODELS, BenchModel, build_model, noise_pngs
 
@@ -356,34 +354,6 @@ def drive_inserts(
 # --------------------------------------------------------------------------- proxy
 
 
-class _ProfiledProxy(ProxyProcess):
-    """modelgate under `python -m cProfile -o PATH` (the event loop thread only)."""
-
-    def __init__(self, *args: Any, profile_path: Path, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.profile_path = profile_path
-
-    @property
-    def command(self) -> list[str]:
-        command = super().command
-        return [command[0], "-m", "cProfile", "-o", str(self.profile_path), *command[1:]]
-
-
-@contextlib.contextmanager
-def _stack(
-    upstream_uri: str | None, proxy_args: Sequence[str], profile: Path | None
-) -> Iterator[Stack]:
-    """bench.harness.bench_stack, with modelgate optionally under cProfile."""
-    with upstream(upstream_uri) as uri:
-        proxy: ProxyProcess
-        if profile is not None:
-            proxy = _ProfiledProxy(uri, args=proxy_args, profile_path=profile)
-        else:
-            proxy = ProxyProcess(uri, args=proxy_args)
-        with proxy:
-            yield Stack(direct_uri=uri, proxy_uri=proxy.uri, proxy=proxy, embedded=not upstream_uri)
-
-
 def _register(
     admin: Any,
     model: BenchModel,
@@ -572,7 +542,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     top = max(max(mode.concurrency), *[max(c) for c in mode.model_concurrency.values()] or [1])
     with (
         tempfile.TemporaryDirectory(prefix="modelgate-bench-inline-") as tmp,
-        _stack(args.upstream, proxy_args, profile) as stack,
+        bench_stack(args.upstream, proxy_args=proxy_args, profile=profile) as stack,
     ):
         _progress(
             f"upstream {redact_uri(stack.direct_uri)}"
