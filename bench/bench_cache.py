@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from bench.harness import format_table, write_json
+from bench.harness import add_common_arguments, format_table, write_json
 from engine.cache import EntryMeta, ImageCache
 from engine.fetch import Fetcher, FetchSettings
 from tests.engine.image_server import make_png
@@ -142,8 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=96, help="image side in pixels (96)")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent fetches")
     parser.add_argument("--seconds", type=float, default=2.0, help="per lookup measurement")
-    parser.add_argument("--quick", action="store_true", help="a short run")
-    parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    add_common_arguments(parser, quick="100 images, 0.5 s per measurement", database=None)
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.seconds = min(args.images, 100), min(args.seconds, 0.5)

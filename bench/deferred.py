@@ -34,6 +34,7 @@ from bench.harness import (
     BENCH_PROXY_ARGS,
     BenchError,
     ProxyProcess,
+    add_common_arguments,
     connect,
     finish,
     format_table,
@@ -314,16 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench deferred",
         description="Deferred predictions: catch-up rate vs plain onnxruntime, and lag.",
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a short run: 1,000 documents, digits only, 10 s steady phase",
-    )
-    parser.add_argument("--json", metavar="PATH", help="write every number to PATH")
-    parser.add_argument(
-        "--upstream",
-        metavar="URI",
-        help="MongoDB to use (default: an embedded SecantusDB per cell)",
+    add_common_arguments(
+        parser, quick="1,000 documents, digits only, 10 s steady phase", database=DB_NAME
     )
     parser.add_argument("--models", metavar="A,B", help="digits,resnet18 (default both)")
     parser.add_argument(

@@ -21,6 +21,7 @@ Typical use::
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -50,6 +51,7 @@ __all__ = [
     "BenchError",
     "ProxyProcess",
     "Stack",
+    "add_common_arguments",
     "bench_stack",
     "connect",
     "exit_on_sigterm",
@@ -270,6 +272,26 @@ def exit_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _handler)
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *, quick: str, database: str | None
+) -> None:
+    """--quick, --json and, for a benchmark that writes to MongoDB (in `database`),
+    --upstream: the same in every benchmark."""
+    parser.add_argument("--quick", action="store_true", help=f"a short run: {quick}")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write every number and the machine's description as JSON to PATH",
+    )
+    if database is not None:
+        parser.add_argument(
+            "--upstream",
+            metavar="URI",
+            help=f"MongoDB to use instead of an embedded in-memory SecantusDB "
+            f"(the benchmark writes to its database {database!r})",
+        )
 
 
 def finish(

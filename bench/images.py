@@ -36,6 +36,7 @@ import numpy as np
 from bench.bench_cache import _lookup_rate
 from bench.harness import (
     BenchError,
+    add_common_arguments,
     bench_stack,
     connect,
     finish,
@@ -364,9 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="a short run (< 90 s)")
-    parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
-    parser.add_argument("--upstream", metavar="URI", help="a real MongoDB instead of SecantusDB")
+    add_common_arguments(parser, quick="under 90 s", database=DB_NAME)
     parser.add_argument(
         "--models", type=lambda text: [t for t in text.split(",") if t],
         default=["digits", "resnet18"], help="comma-separated (digits,resnet18)",

@@ -44,6 +44,7 @@ from bench.harness import (
     DIRECT,
     PROXY,
     BenchError,
+    add_common_arguments,
     bench_stack,
     connect,
     finish,
@@ -715,23 +716,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the same model and inputs at its best batch size, and plain inserts of the same "
         "documents with no model (through modelgate and direct).",
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"short run: models {','.join(QUICK.models)}, "
+    add_common_arguments(
+        parser,
+        quick=f"models {','.join(QUICK.models)}, "
         f"{QUICK.duration_s:g} s per run, baseline {QUICK.baseline_budget_s:g} s "
         f"per batch size (resnet18, if asked for, at concurrency 1 and 8 only)",
-    )
-    parser.add_argument(
-        "--json",
-        metavar="PATH",
-        help="write every number and the machine's description as JSON to PATH",
-    )
-    parser.add_argument(
-        "--upstream",
-        metavar="URI",
-        help="MongoDB to use (its database "
-        f"{DB_NAME!r} is written to); default: an embedded in-memory SecantusDB",
+        database=DB_NAME,
     )
     parser.add_argument(
         "--models",

@@ -31,6 +31,7 @@ from bench.harness import (
     MB,
     PROXY,
     BenchError,
+    add_common_arguments,
     bench_stack,
     connect,
     finish,
@@ -547,24 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
         "/ median iteration time) and the proxy/direct ratio, plus the latency the proxy "
         "adds to a ping round trip (p50, p99).",
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"short run: scale {QUICK.scale}, {QUICK.ops} ops, "
+    add_common_arguments(
+        parser,
+        quick=f"scale {QUICK.scale}, {QUICK.ops} ops, "
         f"{QUICK.iterations} iterations, {QUICK.pings} pings (default: scale "
         f"{FULL.scale}, {FULL.ops} ops, {FULL.iterations} iterations, "
         f"{FULL.pings} pings; under 10 minutes on 2 cores)",
-    )
-    parser.add_argument(
-        "--json",
-        metavar="PATH",
-        help="write every number and the machine's description as JSON to PATH",
-    )
-    parser.add_argument(
-        "--upstream",
-        metavar="URI",
-        help="MongoDB to use (its database "
-        f"{DB_NAME!r} is dropped); default: an embedded in-memory SecantusDB",
+        database=DB_NAME,
     )
     parser.add_argument(
         "--iterations",
