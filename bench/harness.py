@@ -54,7 +54,6 @@ __all__ = [
     "add_common_arguments",
     "bench_stack",
     "connect",
-    "exit_on_sigterm",
     "format_table",
     "latency_samples",
     "machine_info",
@@ -249,7 +248,7 @@ def bench_stack(
     profile: Path | None = None,
 ) -> Iterator[Stack]:
     """Start (or reach) the upstream, start modelgate in front, yield both URIs; stop
-    everything on exit, also on error and Ctrl-C (and SIGTERM with `exit_on_sigterm`)."""
+    everything on exit, also on error, Ctrl-C and (under `finish`) SIGTERM."""
     with upstream(upstream_uri) as uri:
         args = (*BENCH_PROXY_ARGS, *proxy_args)
         proxy = ProxyProcess(uri, log_path, args=args, env=proxy_env, profile=profile)
@@ -265,7 +264,7 @@ def connect(uri: str, **kwargs: Any) -> pymongo.MongoClient[dict[str, Any]]:
     return client
 
 
-def exit_on_sigterm() -> None:
+def _exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so that `finally` blocks stop the child processes."""
 
     def _handler(signum: int, frame: object) -> None:
@@ -302,7 +301,7 @@ def finish(
 ) -> int:
     """The end of every benchmark's main: run it, print its report, write --json.
     Exit status 1 when it could not be set up, 130 when interrupted."""
-    exit_on_sigterm()
+    _exit_on_sigterm()
     try:
         payload = run(args)
     except BenchError as exc:

@@ -343,7 +343,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     _option(images, "--fetch-max-redirects", "", type=non_negative(int), default="5", metavar="N")
 
 
-def number(convert: Callable[[str], Any], *, allow_zero: bool) -> Callable[[str], Any]:
+def _number(convert: Callable[[str], Any], *, allow_zero: bool) -> Callable[[str], Any]:
     """An argparse type for a count or a duration, refusing what cannot mean anything."""
     bound = "zero or more" if allow_zero else "more than zero"
 
@@ -360,11 +360,11 @@ def number(convert: Callable[[str], Any], *, allow_zero: bool) -> Callable[[str]
 
 
 def positive(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    return number(convert, allow_zero=False)
+    return _number(convert, allow_zero=False)
 
 
 def non_negative(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    return number(convert, allow_zero=True)
+    return _number(convert, allow_zero=True)
 
 
 def _log_level(text: str) -> str:
