@@ -68,6 +68,10 @@ _TORCH_MISSING = "training needs torch: pip install 'modelgate[train]'"
 _CHUNK = 256  # documents read, fetched and preprocessed together
 _FETCH_CONCURRENCY = 32
 _NAMED_FAILURES = 3  # failures quoted in an error or warning
+# Images on which a training transform is compared with the serving preprocess document.
+_SERVING_CHECKS = 16
+# Largest difference allowed between the two paths: far below one 8-bit pixel step.
+_SERVING_TOLERANCE = 1e-4
 
 
 class TrainingError(ModelgateError):
@@ -195,7 +199,8 @@ class ImageClassifierTrainer:
     `preprocess` is the serving preprocess document (`{"kind": "image", "size": [28, 28],
     "mode": "L", ...}`, preferred: training and serving then share `preprocess_image_bytes`)
     or a callable taking a PIL image to a tensor (torchvision transforms); with a callable,
-    `serving_preprocess` is the document to register. `query` is a pymongo cursor
+    `serving_preprocess` is the document to register, checked against the callable on the
+    first images read (they must give the same input). `query` is a pymongo cursor
     (`db.users.find({...})`), a `(collection, filter)` pair or a collection. Missing
     fields, unknown labels and unusable images are skipped and counted with
     `missing="skip"`, refused with `missing="error"`. URLs are fetched with `fetch`
@@ -246,12 +251,18 @@ class ImageClassifierTrainer:
             self._label_index[str(label)] = i
         self._transform: Callable[[Any], Any] | None = None
         self._image_pre: ImagePreprocess | None = None
+        # With a transform: the serving preprocess, checked against it on the first images.
+        self._serving_pre: ImagePreprocess | None = None
+        self._serving_checks_left = 0
         if isinstance(preprocess, Mapping):
             self.preprocess_document: dict[str, Any] | None = dict(preprocess)
             self._image_pre = _image_preprocess(preprocess)
         elif callable(preprocess):
             self._transform = preprocess
             self.preprocess_document = dict(serving_preprocess) if serving_preprocess else None
+            if serving_preprocess:
+                self._serving_pre = _image_preprocess(serving_preprocess)
+                self._serving_checks_left = _SERVING_CHECKS
         else:
             raise TrainingError("preprocess must be a preprocess document or a callable")
         self.history: list[dict[str, Any]] = []
@@ -259,9 +270,9 @@ class ImageClassifierTrainer:
         self.report: LoadReport | None = None
         self.onnx_bytes: bytes | None = None
         self._data: _Dataset | None = None
-        if self._image_pre is not None:
+        if declared := self._image_pre or self._serving_pre:
             # Catch a model that does not fit the labels before any document is read.
-            self.check_output_size(np.zeros((1, *self._image_pre.item_shape), np.float32))
+            self.check_output_size(np.zeros((1, *declared.item_shape), np.float32))
 
     # -- checks ---------------------------------------------------------------------
 
@@ -333,6 +344,9 @@ class ImageClassifierTrainer:
                             if len(report.failures) < _NAMED_FAILURES:
                                 report.failures.append((document_id, exc.message))
                             continue
+                        if self._serving_checks_left > 0:
+                            self._serving_checks_left -= 1
+                            self._check_serving_agrees(document_id, data, array)
                         side = is_validation(document_id, self.validation_fraction)
                         xs[side].append(array)
                         ys[side].append(label)
@@ -388,6 +402,24 @@ class ImageClassifierTrainer:
                 continue
             items.append((document_id, value, self._label_index[str(label)]))
         return items
+
+    def _check_serving_agrees(self, document_id: Any, data: bytes, trained: np.ndarray) -> None:
+        """The training transform and serving_preprocess must give the model the same
+        input, or the registered model would see other numbers than it was trained on."""
+        assert self._serving_pre is not None
+        served = preprocess_image_bytes(data, self._serving_pre)
+        if served.shape != trained.shape:
+            raise TrainingError(
+                f"the transform gives shape {list(trained.shape)} but serving_preprocess "
+                f"{list(served.shape)} (document {document_id!r})"
+            )
+        difference = float(np.max(np.abs(served - trained)))
+        if not difference <= _SERVING_TOLERANCE:
+            raise TrainingError(
+                f"the transform and serving_preprocess disagree on document {document_id!r} "
+                f"(largest difference {difference:.4g}): serving would not see what "
+                "training saw; make serving_preprocess describe the transform"
+            )
 
     def _tensor(self, data: bytes) -> np.ndarray:
         if self._image_pre is not None:

@@ -5,6 +5,7 @@ server; the model is trained through the same fetcher and preprocessing as servi
 
 from __future__ import annotations
 
+import io
 import time
 import warnings
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import numpy as np
 import pymongo
 import pytest
 import trio
+from PIL import Image
 
 from engine import publish
 from engine.fetch import FetchSettings
@@ -206,6 +208,77 @@ def test_training_and_serving_preprocess_identically(trained, digits) -> None:  
         serving_side = trio.run(prepare_input, bson.Binary(png), model)
         assert training_side.dtype == serving_side.dtype == np.float32
         assert np.array_equal(training_side, serving_side)
+
+
+def digit_transform(mean: float = 0.5, size: int = SIZE) -> Any:
+    """torchvision's spelling of PREPROCESS (with `mean` and `size` to make it differ)."""
+    transforms = pytest.importorskip("torchvision.transforms", reason="needs torchvision")
+    return transforms.Compose(
+        [
+            transforms.Grayscale(),
+            transforms.Resize((size, size)),
+            transforms.ToTensor(),
+            transforms.Normalize([mean], [0.5]),
+        ]
+    )
+
+
+def test_torchvision_transform_trains_and_serves_identically(gate, errors_coll, digits) -> None:  # type: ignore[no-untyped-def]
+    pairs = zip(digits.train_png[:400], digits.train_labels[:400], strict=True)
+    errors_coll.insert_many([{"img": bson.Binary(p), "label": int(y)} for p, y in pairs])
+    trainer = make_trainer(
+        gate, errors_coll, preprocess=digit_transform(), serving_preprocess=PREPROCESS
+    )
+    trainer.fit(epochs=4, lr=3e-3, progress=False)
+    assert trainer.metrics["validationAccuracy"] >= 0.6, trainer.metrics
+    name = "t_train_transform"
+    probe = errors_coll.database.probe
+    trainer.register(name, mode="inline", collection=f"{probe.database.name}.probe")
+    try:
+        probe.insert_many([{"img": bson.Binary(p)} for p in digits.test_png[:30]])
+        served = [d["_outputs"][name]["label"] for d in probe.find()]
+        # The ONNX model on the serving preprocess answers as torch did on the transform.
+        module = trainer.module.eval()
+        with torch.no_grad():
+            batch = torch.stack(
+                [digit_transform()(Image.open(io.BytesIO(p))) for p in digits.test_png[:30]]
+            )
+            trained = [LABELS[i] for i in module(batch).argmax(dim=1).tolist()]
+        assert served == trained
+    finally:
+        publish.drop_model(gate, name)
+
+
+def test_transform_that_serving_cannot_reproduce_is_refused(gate, errors_coll, digits) -> None:  # type: ignore[no-untyped-def]
+    pairs = zip(digits.train_png[:20], digits.train_labels[:20], strict=True)
+    errors_coll.insert_many([{"img": bson.Binary(p), "label": int(y)} for p, y in pairs])
+    other_mean = make_trainer(
+        gate, errors_coll, preprocess=digit_transform(mean=0.4), serving_preprocess=PREPROCESS
+    )
+    with pytest.raises(train.TrainingError, match=r"disagree on document .*largest difference"):
+        other_mean.fit(epochs=1, progress=False)
+    # A model that takes 32x32 inputs, trained on 32x32 transforms; serving makes 28x28.
+    bigger = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 10))
+    other_size = make_trainer(
+        gate,
+        errors_coll,
+        module=bigger,
+        preprocess=digit_transform(size=32),
+        serving_preprocess={**PREPROCESS, "size": [32, 32]},
+    )
+    other_size.fit(epochs=1, progress=False)  # consistent: accepted
+    with pytest.raises(train.TrainingError, match=r"shape \[1, 32, 32\] but serving_preprocess"):
+        make_trainer(
+            gate,
+            errors_coll,
+            module=bigger,
+            preprocess=digit_transform(size=32),
+            serving_preprocess={**PREPROCESS, "size": [32, 32], "layout": "NHWC"},
+        ).fit(epochs=1, progress=False)
+    unregistrable = make_trainer(gate, errors_coll, preprocess=digit_transform())
+    unregistrable.fit(epochs=1, progress=False)
+    with pytest.raises(train.TrainingError, match="pass serving_preprocess"):
+        unregistrable.register("t_train_no_serving")
 
 
 # --------------------------------------------------------------------------- split
