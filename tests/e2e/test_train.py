@@ -257,7 +257,7 @@ def test_transform_that_serving_cannot_reproduce_is_refused(gate, errors_coll, d
     )
     with pytest.raises(train.TrainingError, match=r"disagree on document .*largest difference"):
         other_mean.fit(epochs=1, progress=False)
-    # A model that takes 32x32 inputs, trained on 32x32 transforms; serving makes 28x28.
+    # 32x32 on both paths is accepted; the same pixels in another layout (NHWC) are not.
     bigger = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 10))
     other_size = make_trainer(
         gate,
