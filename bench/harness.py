@@ -62,6 +62,7 @@ __all__ = [
     "percentile",
     "redact_uri",
     "run_alternating",
+    "run_interleaved",
     "summarize",
     "upstream",
     "wait_for_ping",
@@ -394,6 +395,54 @@ def run_alternating(
             elapsed = time.perf_counter() - start
             times[name].append(elapsed)
             spent += elapsed
+        if budget_s is not None and spent > budget_s:
+            break
+    return times
+
+
+def run_interleaved(
+    targets: Mapping[str, Callable[[int], object]],
+    ops: int,
+    *,
+    iterations: int,
+    block: int = 100,
+    setup: Callable[[str], object] | None = None,
+    budget_s: float | None = None,
+) -> dict[str, list[float]]:
+    """Time `targets[name](i)` for i in range(ops), per target and iteration, in blocks of
+    `block` calls that take turns between the targets (the order rotating each turn).
+
+    For one-operation-at-a-time work: an upstream whose speed drifts while the run goes
+    on (SecantusDB slows as writes accumulate) then slows every target alike, where
+    whole runs one after the other would charge the drift to whichever ran later.
+    `setup(name)` runs untimed before every iteration; a warm-up block per target comes
+    first. Returns per target the total seconds of each iteration's `ops` calls."""
+    names = list(targets)
+    for name in names:
+        if setup is not None:
+            setup(name)
+        for i in range(min(block, ops)):
+            targets[name](i)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    turn = 0
+    spent = 0.0
+    for _ in range(iterations):
+        if setup is not None:
+            for name in names:
+                setup(name)
+        totals = dict.fromkeys(names, 0.0)
+        for start in range(0, ops, block):
+            shift = turn % len(names)
+            turn += 1
+            for name in names[shift:] + names[:shift]:
+                call = targets[name]
+                began = time.perf_counter()
+                for i in range(start, min(start + block, ops)):
+                    call(i)
+                totals[name] += time.perf_counter() - began
+        for name in names:
+            times[name].append(totals[name])
+        spent += sum(totals.values())
         if budget_s is not None and spent > budget_s:
             break
     return times
