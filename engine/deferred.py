@@ -122,7 +122,10 @@ class ModelWorker:
             after = claimed.scanned_to
             if not claimed.documents:
                 continue  # others hold these: move on
-            written = await self._predict_batch(server, queue, claimed)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_leases, queue, claimed)
+                written = await self._predict_batch(server, queue, claimed)
+                nursery.cancel_scope.cancel()
             if written is None:
                 return
             took = time.monotonic() - batch_started
@@ -140,6 +143,19 @@ class ModelWorker:
                 self._log_rate(server, done, started, suffix=f", {pending} pending")
                 last_progress = time.monotonic()
                 reported = True
+
+    async def _keep_leases(self, queue: WorkQueue, claimed: Claimed) -> None:
+        """Renew the batch's leases while it is worked on: a batch that outlasts its
+        lease (a big model, a busy machine) would otherwise be taken over and done twice."""
+        lease_seconds = self.workers.settings.lease_seconds
+        while True:
+            await trio.sleep(lease_seconds / 3)
+            try:
+                await trio.to_thread.run_sync(
+                    queue.renew, claimed, lease_seconds, abandon_on_cancel=True
+                )
+            except pymongo.errors.PyMongoError as exc:
+                log.warning("deferred model '%s': cannot renew leases: %s", self.name, exc)
 
     def _log_rate(
         self, server: ModelServer, done: int, started: float, prefix: str = "", suffix: str = ""

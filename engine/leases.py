@@ -164,6 +164,11 @@ class WorkQueue:
         retried = frozenset(f["doc"] for f in failures) & {doc["_id"] for doc in documents}
         return Claimed(batch, documents, retried, scanned_to)
 
+    def renew(self, claimed: Claimed, lease_seconds: float) -> None:
+        """Extend the batch's leases (those still ours) from now."""
+        expires = _now() + datetime.timedelta(seconds=lease_seconds)
+        self.leases.update_many({"batch": claimed.batch}, {"$set": {"expires": expires}})
+
     def release(self, claimed: Claimed) -> None:
         self.leases.delete_many({"batch": claimed.batch})
 

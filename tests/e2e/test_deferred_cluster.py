@@ -1,6 +1,7 @@
 """Deferred models across process deaths and several processes: a proxy killed with
 SIGKILL mid-work and restarted loses nothing, and three proxies sharing one collection
-split the work through their leases with little duplicate work."""
+split the work through their leases with little duplicate work; a batch that outlasts its
+lease is not done twice (leases are renewed while it runs)."""
 
 from __future__ import annotations
 
@@ -79,10 +80,9 @@ def test_sigkill_mid_work_then_restart_loses_nothing(stack: Stack) -> None:
 def test_three_proxies_share_the_work(stack: Stack) -> None:
     total = 900
     stack.up.db.items.insert_many([{"i": i, "x": one_hot(i)} for i in range(total)])
-    # Leases long enough for a batch on a loaded SecantusDB: a lease that expires
-    # mid-batch lets another process redo the work (the duplicates counted here).
+    # The default test leases (3 s), renewed while a batch runs.
     for _ in range(3):
-        stack.add_proxy("--lease-seconds", "20")
+        stack.add_proxy()
     stack.register(MODEL, "db.items", onnx_models.linear_classifier())
     raw = stack.up.db.items
 
@@ -107,3 +107,28 @@ def test_three_proxies_share_the_work(stack: Stack) -> None:
     workers = sum(1 for n in processed if n > 0)
     assert len(holders) > 1 or workers >= 2, (holders, processed)
     assert workers >= 2, processed
+
+
+def test_a_batch_that_outlasts_its_lease_is_not_done_twice(stack: Stack) -> None:
+    """Leases are renewed while their batch runs: with 1 s leases and one claim's worth of
+    documents that takes the model about 5 s, the second process waits instead of taking
+    the batch over and predicting it again."""
+    lease = 1.0
+    model = onnx_models.slow_model(1024, 160)
+    # At most one claim (256): the first process to look takes them all in one batch.
+    count = onnx_models.slow_model_documents(
+        model, 5 * lease, ["CPUExecutionProvider"], least=16, most=256
+    )
+    raw = stack.up.db.items
+    raw.insert_many([{"i": i, "x": [1.0]} for i in range(count)])
+    for _ in range(2):
+        stack.add_proxy("--lease-seconds", str(lease))
+    started = time.monotonic()
+    stack.register(MODEL, "db.items", model, postprocess={"kind": "raw"})
+    wait_for(
+        lambda: raw.count_documents({f"{OUT}.version": 1}) == count,
+        timeout=120,
+        what=f"{count} slow predictions",
+    )
+    assert time.monotonic() - started > 2 * lease, "the batch did not outlast its lease"
+    assert stack.status(MODEL)["duplicates"] == 0

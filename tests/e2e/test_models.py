@@ -17,7 +17,6 @@ import numpy as np
 import pymongo
 import pymongo.errors
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from engine.outputs import softmax
@@ -573,50 +572,14 @@ def test_register_and_drop_are_immediate_despite_frequent_refreshes(
                 assert exc.code == 4, exc
 
 
-def slow_model(width: int = 1024, layers: int = 16) -> bytes:
-    """x [N, 1] -> [N, 1] through `layers` MatMuls of width x width (one shared weight,
-    each column averaging, so values stay 1 * x). Slow for big batches."""
-    up = np.ones((1, width), dtype=np.float32)
-    w = np.full((width, width), 1.0 / width, dtype=np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "up"], ["h0"])]
-    for i in range(layers):
-        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
-    nodes.append(helper.make_node("ReduceMean", [f"h{layers}"], ["y"], axes=[1], keepdims=1))
-    graph = helper.make_graph(
-        nodes,
-        "slow",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
-        initializer=[numpy_helper.from_array(up, "up"), numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
-
-
-def documents_for_a_slow_run(model: bytes, seconds: float, providers: list[str]) -> int:
-    """How many documents keep `model` busy for about `seconds` on this machine, in one
-    batch (timed here with onnxruntime and the proxy's providers, as the proxy runs it)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model, providers=providers)
-    probe = 256
-    x = np.ones((probe, 1), dtype=np.float32)
-    session.run(None, {"x": x})  # warm up
-    started = time.perf_counter()
-    session.run(None, {"x": x})
-    per_document = (time.perf_counter() - started) / probe
-    return int(min(max(seconds / per_document, 1000), 50_000))
-
-
 def test_slow_model_does_not_block_other_connections(register, proxy, db_name, direct) -> None:
     """While one connection's insert waits seconds for a slow model, another connection's
     reads and writes are answered: modelStatus still shows no finished batch, and the slow
     insert's documents are not stored yet. (Were the event loop blocked by the model, every
     answer would come after the run, when the batch is counted.)"""
-    model = slow_model()
+    model = onnx_models.slow_model()
     reply = register("slow", model, postprocess={"kind": "raw"}, batch={"maxSize": 100_000})
-    count = documents_for_a_slow_run(model, 3.0, reply["providers"])
+    count = onnx_models.slow_model_documents(model, 3.0, reply["providers"], least=1000)
     out = f"{db_name}_slow"
     direct[db_name].other.insert_one({"k": "seed"})
     slow_done = threading.Event()
