@@ -245,7 +245,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     _option(
         deferred,
         "--lease-seconds",
-        "how long a claim on a document lasts before another process may take it over",
+        "lease on claimed documents, renewed while they are worked on: how soon "
+        "another process takes over the claims of one that died",
         type=positive(float),
         default="30",
         metavar="SECONDS",
