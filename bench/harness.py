@@ -1,10 +1,11 @@
 """Shared pieces of the benchmarks: the processes, the timing, the output.
 
-Every benchmark (`wire`, and later `inline`, `deferred`, `cache`) compares the same
-work done straight against the upstream and through modelgate. This module starts
-both ends (an embedded SecantusDB unless a URI is given, and `modelgate serve` as a
-child process, the way users run it), times callables with the two targets
-alternating, and prints a table and writes JSON with the machine's description.
+Every benchmark (`wire`, `inline`, `deferred`, `images`, `cache`) compares the same
+work done straight against the upstream (or plain onnxruntime) and through modelgate.
+This module starts both ends (an embedded SecantusDB unless a URI is given, and
+`modelgate serve` as a child process, the way users run it; the tests use the same
+`ProxyProcess`), times callables with the two targets alternating or taking turns in
+blocks, and prints a table and writes JSON with the machine's description.
 
 Typical use::
 
