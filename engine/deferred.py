@@ -105,23 +105,37 @@ class ModelWorker:
         reported = False  # a drain that showed progress also says when it caught up
         done = 0
         after = None  # how far this drain has come, in _id order
+        claimed_in_pass = False  # whether this pass through the collection won anything
         while self.workers.models.get(self.name) is server:
             batch_started = time.monotonic()
             claimed = await trio.to_thread.run_sync(
                 queue.claim, self.claim_limit, settings.lease_seconds, after
             )
+            if claimed.taken_over:
+                log.warning(
+                    "deferred model '%s': %d expired leases taken over (their holder died "
+                    "or did not renew them in time); those documents may be done twice",
+                    self.name,
+                    claimed.taken_over,
+                )
             if claimed.scanned_to is None:
                 if after is None:
                     if reported:
                         self._log_rate(server, done, started, prefix="caught up, ")
                     break
+                if not claimed_in_pass:
+                    # Whatever is pending, other processes hold: leave it to them until
+                    # the next wake-up (a write, or the sweep, which takes over the
+                    # leases of a process that died) instead of asking again at once.
+                    break
                 # The end of the collection: once more from the start, for documents
                 # behind us that became pending meanwhile (updates, failures retried).
-                after = None
+                after, claimed_in_pass = None, False
                 continue
             after = claimed.scanned_to
             if not claimed.documents:
                 continue  # others hold these: move on
+            claimed_in_pass = True
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep_leases, queue, claimed)
                 written = await self._predict_batch(server, queue, claimed)

@@ -50,6 +50,8 @@ class Claimed:
     retried: frozenset[Any] = frozenset()
     # The last _id the claim looked at (None: it found no candidates at all).
     scanned_to: Any = None
+    # Expired leases this claim removed: a holder died, or stopped renewing in time.
+    taken_over: int = 0
 
 
 class WorkQueue:
@@ -107,7 +109,8 @@ class WorkQueue:
         then the won documents are read, under their leases, by an _id range."""
         now = _now()
         name = self.spec.name
-        self.leases.delete_many({"model": name, "expires": {"$lte": now}})  # holders died
+        expired = self.leases.delete_many({"model": name, "expires": {"$lte": now}})
+        taken_over = expired.deleted_count
         busy = {lease["doc"] for lease in self.leases.find({"model": name}, {"doc": 1})}
         failures = list(self.failures.find({"model": name}, {"doc": 1, "retry_at": 1}))
         busy |= {f["doc"] for f in failures if f.get("retry_at") and _aware(f["retry_at"]) > now}
@@ -122,12 +125,13 @@ class WorkQueue:
         ]
         batch = uuid.uuid4().hex
         if not scanned:
-            return Claimed(batch, [])
+            return Claimed(batch, [], taken_over=taken_over)
         candidates = [doc_id for doc_id in scanned if doc_id not in busy][:limit]
         scanned_to = candidates[-1] if len(candidates) == limit else scanned[-1]
         if not candidates:
-            return Claimed(batch, [], scanned_to=scanned_to)
-        expires = now + datetime.timedelta(seconds=lease_seconds)
+            return Claimed(batch, [], scanned_to=scanned_to, taken_over=taken_over)
+        # From now, not from the start of the claim: its reads may have taken a while.
+        expires = _now() + datetime.timedelta(seconds=lease_seconds)
         leases = [
             {
                 "_id": {"model": name, "doc": doc_id},
@@ -162,7 +166,7 @@ class WorkQueue:
                 self.leases.delete_many({"batch": batch, "doc": {"$in": gone}})
             documents = [fresh[doc_id] for doc_id in won if doc_id in fresh]
         retried = frozenset(f["doc"] for f in failures) & {doc["_id"] for doc in documents}
-        return Claimed(batch, documents, retried, scanned_to)
+        return Claimed(batch, documents, retried, scanned_to, taken_over)
 
     def renew(self, claimed: Claimed, lease_seconds: float) -> None:
         """Extend the batch's leases (those still ours) from now."""
