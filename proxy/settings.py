@@ -262,7 +262,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     _option(
         deferred,
         "--retry-backoff",
-        "first retry delay, doubled each attempt",
+        "first retry delay, doubled each attempt; the retry runs at the first sweep or "
+        "write after it",
         type=non_negative(float),
         default="1",
         metavar="SECONDS",
