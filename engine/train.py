@@ -253,7 +253,6 @@ class ImageClassifierTrainer:
         self._image_pre: ImagePreprocess | None = None
         # With a transform: the serving preprocess, checked against it on the first images.
         self._serving_pre: ImagePreprocess | None = None
-        self._serving_checks_left = 0
         if isinstance(preprocess, Mapping):
             self.preprocess_document: dict[str, Any] | None = dict(preprocess)
             self._image_pre = _image_preprocess(preprocess)
@@ -262,7 +261,6 @@ class ImageClassifierTrainer:
             self.preprocess_document = dict(serving_preprocess) if serving_preprocess else None
             if serving_preprocess:
                 self._serving_pre = _image_preprocess(serving_preprocess)
-                self._serving_checks_left = _SERVING_CHECKS
         else:
             raise TrainingError("preprocess must be a preprocess document or a callable")
         self.history: list[dict[str, Any]] = []
@@ -344,8 +342,8 @@ class ImageClassifierTrainer:
                             if len(report.failures) < _NAMED_FAILURES:
                                 report.failures.append((document_id, exc.message))
                             continue
-                        if self._serving_checks_left > 0:
-                            self._serving_checks_left -= 1
+                        loaded = len(ys[False]) + len(ys[True])
+                        if self._serving_pre is not None and loaded < _SERVING_CHECKS:
                             self._check_serving_agrees(document_id, data, array)
                         side = is_validation(document_id, self.validation_fraction)
                         xs[side].append(array)

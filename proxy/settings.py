@@ -26,16 +26,14 @@ def parse_host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"MODELGATE_{name}", default)
-
-
 def _split(text: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
-def _env_flag(name: str) -> bool:
-    return (_env(name) or "").lower() in {"1", "true", "yes", "on"}
+def _variable(flag: str) -> str:
+    """The environment variable that gives a flag its default: --cache-dir ->
+    MODELGATE_CACHE_DIR."""
+    return "MODELGATE_" + flag.removeprefix("--").replace("-", "_").upper()
 
 
 @dataclass(frozen=True)
@@ -115,7 +113,7 @@ def _option(
 ) -> None:
     """A flag whose default comes from MODELGATE_<FLAG> (argparse converts it, so a bad
     environment value is reported like a bad flag)."""
-    variable = "MODELGATE_" + flag.removeprefix("--").replace("-", "_").upper()
+    variable = _variable(flag)
     shown = shown_default or ("%(default)s" if default is not None else None)
     note = f"{variable}; default {shown}" if shown else variable
     group.add_argument(
@@ -129,11 +127,11 @@ def _option(
 
 def _switch(group: argparse._ActionsContainer, flag: str, help: str) -> None:
     """An on/off flag, also turned on by MODELGATE_<FLAG>=1."""
-    variable = "MODELGATE_" + flag.removeprefix("--").replace("-", "_").upper()
+    variable = _variable(flag)
     group.add_argument(
         flag,
         action="store_true",
-        default=_env_flag(variable.removeprefix("MODELGATE_")),
+        default=os.environ.get(variable, "").lower() in {"1", "true", "yes", "on"},
         help=f"{help} ({variable}=1)",
     )
 
@@ -230,7 +228,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-change-streams",
         dest="change_streams",
         action="store_false",
-        default=(_env("CHANGE_STREAMS", "1") or "1").lower() not in {"0", "false", "no", "off"},
+        default=os.environ.get("MODELGATE_CHANGE_STREAMS", "1").lower()
+        not in {"0", "false", "no", "off"},
         help="find writes made around the proxy by the periodic sweep only, without change "
         "streams (MODELGATE_CHANGE_STREAMS=0)",
     )

@@ -14,14 +14,15 @@ import numpy as np
 from PIL import Image
 
 from engine.inputs.image import preprocess_image_bytes
-from engine.spec import ImagePreprocess
+from engine.spec import ModelSpec
 from proxy.demo import PREPROCESS, SIZE  # the demo's model: the same preprocess
 
 __all__ = ["PREPROCESS", "SIZE", "Digits", "digit_png", "load_digits", "train_cnn"]
 
-_ENGINE_PREPROCESS = ImagePreprocess(
-    size=(SIZE, SIZE), mode="L", scale=255.0, mean=(0.5,), std=(0.5,)
-)
+# PREPROCESS as the engine holds it, parsed as registerModel parses it.
+_ENGINE_PREPROCESS = ModelSpec.from_document(
+    {"name": "digits", "collection": "a.b", "input": "img", "preprocess": PREPROCESS}
+).preprocess
 
 
 def digit_png(pixels: np.ndarray) -> bytes:

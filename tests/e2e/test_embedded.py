@@ -23,15 +23,21 @@ def _port_accepts(port: int) -> bool:
         return False
 
 
-def test_help_mentions_upstream_and_environment_variables() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "serve", "--help"],
+def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`modelgate serve ARGS` run to its end (for --help and refused arguments)."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "serve", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env={**os.environ, **(env or {})},
         timeout=30,
-        check=True,
     )
+
+
+def test_help_mentions_upstream_and_environment_variables() -> None:
+    result = _serve("--help")
+    assert result.returncode == 0, result.stderr
     assert "--upstream" in result.stdout
     for variable in ("MODELGATE_UPSTREAM", "MODELGATE_LISTEN", "MODELGATE_DATA_DIR"):
         assert variable in result.stdout
@@ -57,14 +63,7 @@ def test_help_mentions_upstream_and_environment_variables() -> None:
 def test_meaningless_numbers_are_refused_before_starting(
     args: list[str], env: dict[str, str], message: str
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "serve", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, **env},
-        timeout=30,
-    )
+    result = _serve(*args, env=env)
     assert result.returncode == 2
     assert message in result.stderr
 
