@@ -4,7 +4,7 @@ Measures, on this machine:
 
 - LMDB cache lookups per second for hits, from one thread and from two threads;
 - images per second fetched by `engine.fetch.Fetcher` from a local HTTP server
-  (tests/engine/image_server.py on 127.0.0.1) with a cold cache and with a warm cache,
+  (bench/support/image_server.py on 127.0.0.1) with a cold cache and with a warm cache,
   against reading the same files from local disk with the same concurrency.
 
 No MongoDB and no proxy are involved: this is the engine's image path alone.
@@ -27,9 +27,9 @@ from typing import Any
 import trio
 
 from bench.harness import add_common_arguments, format_table, write_json
+from bench.support.image_server import make_png
 from engine.cache import EntryMeta, ImageCache
 from engine.fetch import Fetcher, FetchSettings
-from tests.engine.image_server import make_png
 
 __all__ = ["SUMMARY", "main"]
 
@@ -114,7 +114,7 @@ async def _fetch_benchmarks(
 _SERVER_SCRIPT = """
 import sys, time
 from pathlib import Path
-from tests.engine.image_server import ImageServer
+from bench.support.image_server import ImageServer
 server = ImageServer().start()
 for path in sys.argv[1:]:
     server.images[Path(path).stem] = Path(path).read_bytes()

@@ -30,17 +30,8 @@ from typing import Any
 
 import bson
 
-from bench.harness import (
-    BENCH_PROXY_ARGS,
-    BenchError,
-    ProxyProcess,
-    add_common_arguments,
-    connect,
-    finish,
-    format_table,
-    percentile,
-    upstream,
-)
+from bench.harness import add_common_arguments, finish, format_table, percentile
+from bench.support.processes import BENCH_PROXY_ARGS, BenchError, ProxyProcess, connect, upstream
 
 __all__ = ["main", "run"]
 

@@ -36,9 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a file: `python bench/gpu_check.py`
     sys.path.insert(0, str(ROOT))
 
-from bench.harness import BenchError, format_table, machine_info, write_json  # noqa: E402
+from bench.harness import format_table, machine_info, write_json  # noqa: E402
 from bench.inline import measure_baseline  # noqa: E402
 from bench.models import build_digits, build_resnet18, noise_pngs  # noqa: E402
+from bench.support.processes import BenchError  # noqa: E402
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

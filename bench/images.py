@@ -10,7 +10,7 @@ both from bench/models.py, or a one-layer stand-in when torch is missing), docum
 
 against the same files decoded from local disk in this process (read, then
 engine.inputs.image.preprocess_image_bytes, then onnxruntime session.run at the
-proxy's mean batch size). The images are served by tests/engine/image_server.py in
+proxy's mean batch size). The images are served by bench/support/image_server.py in
 a process of its own, so that it does not share a GIL with anything measured. Also
 reported: LMDB cache lookups/s for hits (bench.bench_cache's measurement).
 """
@@ -34,17 +34,8 @@ import bson
 import numpy as np
 
 from bench.bench_cache import _lookup_rate
-from bench.harness import (
-    BenchError,
-    add_common_arguments,
-    bench_stack,
-    connect,
-    finish,
-    format_table,
-    machine_info,
-    percentile,
-    redact_uri,
-)
+from bench.harness import add_common_arguments, finish, format_table, machine_info, percentile
+from bench.support.processes import BenchError, bench_stack, connect, redact_uri
 from proxy.settings import positive
 
 __all__ = ["SUMMARY", "main"]
@@ -61,7 +52,7 @@ MAX_INLINE_ONNX_BYTES = 16 * 1024 * 1024 - 64 * 1024
 _SERVER_SCRIPT = """
 import sys, time
 from pathlib import Path
-from tests.engine import image_server
+from bench.support import image_server
 image_server._Handler.disable_nagle_algorithm = True
 server = image_server.ImageServer().start()
 for path in sys.argv[1:]:
@@ -93,7 +84,7 @@ def _models(names: Sequence[str]) -> list[Any]:
         try:
             built.append(build_model(name))
         except ImportError as exc:
-            from tests.engine.onnx_models import image_classifier
+            from bench.support.onnx_models import image_classifier
 
             side, mode = (28, "L") if name == "digits" else (224, "RGB")
             channels = 1 if mode == "L" else 3

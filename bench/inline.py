@@ -40,20 +40,9 @@ import bson
 import numpy as np
 import pymongo
 
-from bench.harness import (
-    DIRECT,
-    PROXY,
-    BenchError,
-    add_common_arguments,
-    bench_stack,
-    connect,
-    finish,
-    format_table,
-    machine_info,
-    redact_uri,
-    summarize,
-)
+from bench.harness import add_common_arguments, finish, format_table, machine_info, summarize
 from bench.models import MODELS, BenchModel, build_model, noise_pngs
+from bench.support.processes import DIRECT, PROXY, BenchError, bench_stack, connect, redact_uri
 
 __all__ = ["Mode", "main", "measure_baseline", "run"]
 

@@ -34,24 +34,19 @@ import pymongo
 from pymongo.database import Database
 
 from bench.harness import (
-    DIRECT,
     MB,
-    PROXY,
-    BenchError,
     add_common_arguments,
-    bench_stack,
-    connect,
     finish,
     format_table,
     latency_samples,
     machine_info,
     mb_per_s,
     median,
-    redact_uri,
     run_alternating,
     run_interleaved,
     summarize,
 )
+from bench.support.processes import DIRECT, PROXY, BenchError, bench_stack, connect, redact_uri
 from proxy.settings import positive
 
 __all__ = ["TASKS", "Dataset", "main", "make_dataset"]

@@ -281,9 +281,9 @@ def run(args: argparse.Namespace) -> int:
 def _story(args: argparse.Namespace, size: Size, data_dir: Path, stack: Any) -> bool:
     import pymongo
 
-    from engine import publish
     from engine.fetch import FetchSettings
-    from engine.train import ImageClassifierTrainer, wait_for_backfill
+    from modelgate import admin
+    from modelgate.train import ImageClassifierTrainer, wait_for_backfill
     from proxy.embedded import EmbeddedUpstream
 
     step = _Step(1, "upstream and modelgate")
@@ -361,9 +361,9 @@ def _story(args: argparse.Namespace, size: Size, data_dir: Path, stack: Any) -> 
 
     step = _Step(5, "attach: deferred (backfill + watch) and inline")
     reply = trainer.predict("img", select={"label": {"$exists": False}}, name=DEFERRED_MODEL)
-    stack.callback(_drop, publish, client, DEFERRED_MODEL)
+    stack.callback(_drop, admin, client, DEFERRED_MODEL)
     trainer.register(INLINE_MODEL, mode="inline", output="inline")
-    stack.callback(_drop, publish, client, INLINE_MODEL)
+    stack.callback(_drop, admin, client, INLINE_MODEL)
     status = wait_for_backfill(client, DEFERRED_MODEL, timeout=args.timeout)
     backfilled = list(users.find({"label": {"$exists": False}}))
     right = sum(_label(doc, DEFERRED_MODEL) == str(truth_of[doc["name"]]) for doc in backfilled)
@@ -411,6 +411,6 @@ def _shown(prediction: dict[str, Any]) -> str:
     return f"{prediction['label']} ({prediction['score']:.2f})"
 
 
-def _drop(publish: Any, client: Any, name: str) -> None:
+def _drop(admin: Any, client: Any, name: str) -> None:
     with contextlib.suppress(Exception):  # cleanup: the model may not exist
-        publish.drop_model(client, name)
+        admin.drop_model(client, name)

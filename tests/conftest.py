@@ -14,8 +14,8 @@ from pathlib import Path
 import pymongo
 import pytest
 
+from bench.support.processes import ProxyProcess
 from proxy.embedded import EmbeddedUpstream
-from tests.support import ProxyProcess
 
 REAL_UPSTREAM = os.environ.get("MODELGATE_TEST_UPSTREAM")
 

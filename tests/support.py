@@ -1,4 +1,4 @@
-"""Processes the end-to-end tests start: the upstream and modelgate itself."""
+"""Running a benchmark as a test does: a child process with a JSON report."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.harness import ROOT, ProxyProcess, wait_for_ping
+from bench.support.processes import ROOT
 
-__all__ = ["ROOT", "ProxyProcess", "run_benchmark", "wait_for_ping"]
+__all__ = ["run_benchmark"]
 
 
 def run_benchmark(arguments: list[str], report: Path, timeout: float) -> tuple[dict[str, Any], str]:

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from tests.support import ROOT
+from bench.support.processes import ROOT
 
-PATHS = ["proxy", "engine", "bench", "tests"]
+PATHS = ["modelgate", "proxy", "engine", "bench", "tests"]
 
 
 def _run(*command: str) -> subprocess.CompletedProcess[str]:

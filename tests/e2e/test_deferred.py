@@ -22,9 +22,9 @@ import pymongo.errors
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from bench.support import onnx_models
+from bench.support.processes import ProxyProcess
 from proxy.embedded import EmbeddedUpstream
-from tests.engine import onnx_models
-from tests.support import ProxyProcess
 
 T = TypeVar("T")
 

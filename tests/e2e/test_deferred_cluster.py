@@ -12,9 +12,9 @@ from pathlib import Path
 import pymongo
 import pytest
 
+from bench.support import onnx_models
 from proxy.embedded import EmbeddedUpstream
 from tests.e2e.test_deferred import Stack, expected_label, one_hot, output_of, wait_for
-from tests.engine import onnx_models
 
 MODEL = "cluster_m"
 OUT = f"_outputs.{MODEL}"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.support import ROOT
+from bench.support.processes import ROOT
 
 pytest.importorskip("torch", reason="needs the train extra (torch)")
 pytest.importorskip("sklearn", reason="needs the train extra (scikit-learn)")

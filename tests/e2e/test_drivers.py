@@ -11,7 +11,7 @@ import pytest
 from pymongo.cursor import CursorType
 from pymongo.write_concern import WriteConcern
 
-from tests.support import ProxyProcess
+from bench.support.processes import ProxyProcess
 
 
 def test_driver_sees_a_mongos_with_upstream_limits(client, direct) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pymongo
 import pytest
 
-from tests.support import ROOT, ProxyProcess
+from bench.support.processes import ROOT, ProxyProcess
 
 
 def _port_accepts(port: int) -> bool:

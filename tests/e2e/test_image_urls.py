@@ -21,9 +21,9 @@ import pymongo
 import pymongo.errors
 import pytest
 
-from tests.engine.image_server import ImageServer, make_png
-from tests.engine.onnx_models import image_classifier
-from tests.support import ProxyProcess
+from bench.support.image_server import ImageServer, make_png
+from bench.support.onnx_models import image_classifier
+from bench.support.processes import ProxyProcess
 
 LABELS = ["black", "white"]
 WHITE = (255, 255, 255)

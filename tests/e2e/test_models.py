@@ -19,9 +19,9 @@ import pymongo.errors
 import pytest
 from PIL import Image
 
+from bench.support import onnx_models
+from bench.support.processes import ProxyProcess
 from engine.outputs import softmax
-from tests.engine import onnx_models
-from tests.support import ProxyProcess
 
 LABELS = ["a", "b", "c"]
 CLASSIFY = {"kind": "classify", "labels": LABELS, "topK": 2}

@@ -12,9 +12,9 @@ import pymongo
 import pymongo.errors
 import pytest
 
+from bench.support.onnx_models import linear_classifier
+from bench.support.processes import ProxyProcess
 from proxy.embedded import EmbeddedUpstream
-from tests.engine.onnx_models import linear_classifier
-from tests.support import ProxyProcess
 
 USERS = {
     "root": [{"role": "root", "db": "admin"}],

@@ -13,8 +13,8 @@ import pymongo
 import pymongo.errors
 import pytest
 
-from engine import publish
-from tests.engine import onnx_models
+from bench.support import onnx_models
+from modelgate import admin
 
 BAD_VALUE, TYPE_MISMATCH, UNAUTHORIZED, NO_SUCH_KEY, COMMAND_NOT_FOUND = 2, 14, 13, 4, 59
 CODE_NAMES = {2: "BadValue", 14: "TypeMismatch", 13: "Unauthorized", 4: "NoSuchKey"}
@@ -151,7 +151,7 @@ def test_status_and_drop_of_an_unknown_model(client, name) -> None:
 def test_register_by_path_reads_the_file_on_disk(client, db, name, db_name, tmp_path: Path):
     model_file = tmp_path / "model.onnx"
     model_file.write_bytes(onnx_models.linear_classifier())
-    reply = publish.register_model(
+    reply = admin.register_model(
         client,
         name,
         collection=f"{db_name}.items",
@@ -189,4 +189,4 @@ def test_a_refused_registration_keeps_the_previous_version(client, db, name, db_
 def test_export_onnx_without_torch_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'modelgate\[train\]'"):
-        publish.export_onnx(object(), object())  # type: ignore[arg-type]
+        admin.export_onnx(object(), object())  # type: ignore[arg-type]

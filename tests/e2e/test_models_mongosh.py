@@ -11,8 +11,8 @@ import pymongo.errors
 import pytest
 from bson import json_util
 
-from tests.engine import onnx_models
-from tests.support import ROOT
+from bench.support import onnx_models
+from bench.support.processes import ROOT
 
 MONGOSH = ROOT / "node_modules" / ".bin" / "mongosh"
 

@@ -1,5 +1,5 @@
-"""The Python user's path: train a torch CNN, export it with `engine.publish.export_onnx`,
-register it with `engine.publish.register_model`, and let modelgate classify the digit
+"""The Python user's path: train a torch CNN, export it with `modelgate.admin.export_onnx`,
+register it with `modelgate.admin.register_model`, and let modelgate classify the digit
 images written through pymongo."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pymongo.errors
 import pytest
 
-from engine import publish
+from modelgate import admin
 from tests.e2e.digits import PREPROCESS, SIZE, load_digits, train_cnn
 
 torch = pytest.importorskip("torch", reason="needs the train extra (torch)")
@@ -23,7 +23,7 @@ def test_trained_digits_cnn_classifies_documents(client, db, db_name, direct) ->
     digits = load_digits(test_size=100)
     model = train_cnn(digits.train_png, digits.train_labels)
     name = f"{db_name}_digits"
-    reply = publish.register_model(
+    reply = admin.register_model(
         client,
         name,
         collection=f"{db_name}.digits",
@@ -36,7 +36,7 @@ def test_trained_digits_cnn_classifies_documents(client, db, db_name, direct) ->
     )
     try:
         assert reply["version"] == 1
-        listed = {m["name"]: m for m in publish.list_models(client)}
+        listed = {m["name"]: m for m in admin.list_models(client)}
         assert listed[name]["metadata"] == {"dataset": "sklearn digits"}
         assert model.training is False  # export left the module as it was (eval)
 
@@ -58,14 +58,14 @@ def test_trained_digits_cnn_classifies_documents(client, db, db_name, direct) ->
         assert 0.0 < first["score"] <= 1.0
         assert sum(t["score"] for t in first["top"]) <= 1.0 + 1e-6
 
-        status = publish.model_status(client, name)
+        status = admin.model_status(client, name)
         assert status["predicted"] == len(digits.test_png)
         assert status["version"] == 1
     finally:
-        assert publish.drop_model(client, name)["version"] == 1
-    assert name not in {m["name"] for m in publish.list_models(client)}
+        assert admin.drop_model(client, name)["version"] == 1
+    assert name not in {m["name"] for m in admin.list_models(client)}
     with pytest.raises(pymongo.errors.OperationFailure) as failure:
-        publish.model_status(client, name)
+        admin.model_status(client, name)
     assert failure.value.code == 4
 
 
@@ -74,7 +74,7 @@ def test_export_onnx_has_a_dynamic_batch_dimension() -> None:
 
     module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
     module.train()
-    onnx_bytes = publish.export_onnx(module, torch.zeros(2, 4))
+    onnx_bytes = admin.export_onnx(module, torch.zeros(2, 4))
     assert module.training is True  # restored after the export
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape[0] not in (1, 2)  # symbolic
@@ -87,13 +87,11 @@ def test_export_onnx_has_a_dynamic_batch_dimension() -> None:
 
 def test_register_model_errors_are_operation_failures(client, db_name) -> None:
     with pytest.raises(pymongo.errors.OperationFailure) as failure:
-        publish.register_model(
+        admin.register_model(
             client, f"{db_name}_bad", collection=f"{db_name}.x", input="x", model=b"not onnx"
         )
     assert failure.value.code == 2
     with pytest.raises(ValueError, match="exactly one"):
-        publish.register_model(client, "n", collection="d.c", input="x")
+        admin.register_model(client, "n", collection="d.c", input="x")
     with pytest.raises(ValueError, match="example_input"):
-        publish.register_model(
-            client, "n", collection="d.c", input="x", model=torch.nn.Linear(2, 2)
-        )
+        admin.register_model(client, "n", collection="d.c", input="x", model=torch.nn.Linear(2, 2))

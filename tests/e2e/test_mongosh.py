@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.support import ROOT, ProxyProcess
+from bench.support.processes import ROOT, ProxyProcess
 
 MONGOSH = ROOT / "node_modules" / ".bin" / "mongosh"
 NODE = shutil.which("node")

@@ -17,9 +17,9 @@ import pymongo.errors
 import pytest
 from pymongo import monitoring
 
+from bench.support.processes import ProxyProcess
 from proxy.embedded import EmbeddedUpstream, free_port
 from proxy.wire.checksum import crc32c
-from tests.support import ProxyProcess
 
 OP_MSG = 2013
 # What a driver sees when the proxy closes its connection or has no upstream to offer.

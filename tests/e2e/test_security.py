@@ -10,9 +10,9 @@ import pymongo
 import pymongo.errors
 import pytest
 
+from bench.support.processes import ProxyProcess, wait_for_ping
 from proxy.embedded import EmbeddedUpstream
 from tests.e2e.certs import CertPair, make_self_signed
-from tests.support import ProxyProcess, wait_for_ping
 
 USER, PASSWORD = "app", "s3cret-pass"
 

@@ -19,15 +19,15 @@ import pytest
 import trio
 from PIL import Image
 
-from engine import publish
+from bench.support.image_server import ImageServer
+from bench.support.processes import ProxyProcess
 from engine.fetch import FetchSettings
+from modelgate import admin
 from tests.e2e.digits import PREPROCESS, SIZE, load_digits
-from tests.engine.image_server import ImageServer
-from tests.support import ProxyProcess
 
 torch = pytest.importorskip("torch", reason="needs the train extra (torch)")
 
-from engine import train  # noqa: E402  (needs torch only when a trainer is created)
+from modelgate import train  # noqa: E402
 
 pytestmark = pytest.mark.train
 
@@ -246,7 +246,7 @@ def test_torchvision_transform_trains_and_serves_identically(gate, errors_coll, 
             trained = [LABELS[i] for i in module(batch).argmax(dim=1).tolist()]
         assert served == trained
     finally:
-        publish.drop_model(gate, name)
+        admin.drop_model(gate, name)
 
 
 def test_transform_that_serving_cannot_reproduce_is_refused(gate, errors_coll, digits) -> None:  # type: ignore[no-untyped-def]
@@ -466,10 +466,10 @@ def test_register_keeps_the_metrics_in_the_registry(trained, gate) -> None:  # t
     reply = trainer.register(name, collection=f"{db_name}.incoming")
     try:
         assert reply["version"] >= 1
-        listed = {m["name"]: m for m in publish.list_models(gate)}[name]
+        listed = {m["name"]: m for m in admin.list_models(gate)}[name]
         assert listed["metadata"]["validationAccuracy"] == trainer.metrics["validationAccuracy"]
         assert listed["metadata"]["labels"] == LABELS
-        status = publish.model_status(gate, name)
+        status = admin.model_status(gate, name)
         assert status["metadata"]["trainSize"] == trainer.metrics["trainSize"]
         assert status["mode"] == "inline"
 
@@ -479,7 +479,7 @@ def test_register_keeps_the_metrics_in_the_registry(trained, gate) -> None:  # t
         doc = gate[db_name].incoming.find_one({"_id": 1})
         assert doc["_outputs"][name]["label"] in LABELS
     finally:
-        publish.drop_model(gate, name)
+        admin.drop_model(gate, name)
 
 
 def wait_until(predicate: Any, timeout: float = 60.0) -> None:
@@ -510,7 +510,7 @@ def test_predict_watch_backfills_and_classifies_new_documents(trained, gate, dig
         # Out of scope: the labelled training documents are left alone.
         assert users.count_documents({"label": {"$exists": True}, out: {"$exists": True}}) == 0
 
-        status = publish.model_status(gate, name)
+        status = admin.model_status(gate, name)
         assert status["mode"] == "deferred"
         assert status["metadata"]["validationAccuracy"] >= 0.9
 
@@ -520,7 +520,7 @@ def test_predict_watch_backfills_and_classifies_new_documents(trained, gate, dig
         predicted = users.find_one({"_id": new_id.inserted_id})["_outputs"][name]
         assert predicted["label"] in LABELS and 0 < predicted["score"] <= 1
     finally:
-        publish.drop_model(gate, name)
+        admin.drop_model(gate, name)
 
 
 def test_predict_without_watch_backfills_then_detaches(trained, gate, digits) -> None:  # type: ignore[no-untyped-def]
@@ -531,7 +531,7 @@ def test_predict_without_watch_backfills_then_detaches(trained, gate, digits) ->
     reply = trainer.predict(select={}, watch=False, name=name, collection=f"{db_name}.once")
     assert reply["backfilled"] == 20
     assert coll.count_documents({f"_outputs.{name}.label": {"$exists": True}}) == 20
-    assert name not in {m["name"] for m in publish.list_models(gate)}
+    assert name not in {m["name"] for m in admin.list_models(gate)}
 
 
 def test_torch_missing_message_names_the_extra() -> None:

@@ -19,11 +19,11 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench.support.image_server import ImageServer
 from engine.addresses import METADATA_ADDRESSES, AddressPolicy, BlockedAddress, resolve_checked
 from engine.cache import ImageCache
 from engine.errors import PredictionError
 from engine.fetch import Fetcher, FetchSettings
-from tests.engine.image_server import ImageServer
 
 FAST = FetchSettings(
     allow_private=True,  # the test server is on 127.0.0.1

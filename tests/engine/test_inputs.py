@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.support import onnx_models
 from engine.errors import PredictionError
 from engine.inputs import (
     decode_image,
@@ -21,7 +22,6 @@ from engine.inputs import (
 )
 from engine.runtime import CompiledModel, RuntimeSettings, load_model
 from engine.spec import ClassifyPostprocess, ImagePreprocess, ModelSpec, TensorPreprocess
-from tests.engine import onnx_models
 
 CPU = RuntimeSettings(providers=("CPUExecutionProvider",))
 

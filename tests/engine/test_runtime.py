@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import trio
 
+from bench.support import onnx_models
 from engine.batching import Batcher, Failure, ModelServer, Prediction
 from engine.errors import InvalidModel, PredictionError
 from engine.runtime import CompiledModel, RuntimeSettings, load_model, resolve_providers
@@ -20,7 +21,6 @@ from engine.spec import (
     RawPostprocess,
     TensorPreprocess,
 )
-from tests.engine import onnx_models
 
 CPU = RuntimeSettings(providers=("CPUExecutionProvider",))
 LABELS = ("a", "b", "c")

@@ -6,6 +6,7 @@ from typing import Any
 import bson
 import pytest
 
+from bench.support.onnx_models import linear_classifier
 from engine.errors import BadValue, ModelgateError, TypeMismatch
 from engine.spec import (
     BatchPolicy,
@@ -17,7 +18,6 @@ from engine.spec import (
     TensorPreprocess,
     parse_register_command,
 )
-from tests.engine.onnx_models import linear_classifier
 
 ONNX = linear_classifier()
 

@@ -36,13 +36,13 @@ import bson.json_util
 import numpy as np
 import trio
 
-from engine import publish
 from engine.cache import ImageCache
 from engine.documents import MISSING, get_path
 from engine.errors import ModelgateError, PredictionError
 from engine.fetch import Fetcher, FetchSettings
 from engine.inputs.image import decode_image, preprocess_image_bytes
 from engine.spec import ImagePreprocess, ModelSpec
+from modelgate import admin
 
 if TYPE_CHECKING:
     import pymongo
@@ -622,7 +622,7 @@ class ImageClassifierTrainer:
         data = self._data
         batch = data.val_x[:samples] if len(data.val_y) else data.train_x[:samples]
         self.module.to("cpu").eval()
-        onnx_bytes = publish.export_onnx(self.module, torch.from_numpy(batch[:2]))
+        onnx_bytes = admin.export_onnx(self.module, torch.from_numpy(batch[:2]))
         with torch.no_grad():
             expected = self.module(torch.from_numpy(batch)).numpy()
         options = ort.SessionOptions()
@@ -658,7 +658,7 @@ class ImageClassifierTrainer:
                 "serving should use) to the trainer to register"
             )
         onnx_bytes = self.onnx_bytes or self.export()
-        return publish.register_model(
+        return admin.register_model(
             self.client,
             name,
             collection=collection or self.collection.full_name,
@@ -704,7 +704,7 @@ class ImageClassifierTrainer:
         )
         if not watch:
             status = wait_for_backfill(self.client, name, timeout=timeout)
-            publish.drop_model(self.client, name)
+            admin.drop_model(self.client, name)
             reply["backfilled"] = status.get("deferred", {}).get("done", 0)
         return reply
 
@@ -719,7 +719,7 @@ def wait_for_backfill(
     returns the last status. TrainingError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        status = publish.model_status(client, name)
+        status = admin.model_status(client, name)
         deferred = status.get("deferred", {})
         if deferred.get("pending", 1) == 0 and deferred.get("inProgress", 0) == 0:
             return status
