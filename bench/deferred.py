@@ -30,8 +30,9 @@ from typing import Any
 
 import bson
 
-from bench.harness import add_common_arguments, finish, format_table, percentile
+from bench.harness import add_common_arguments, finish, format_table
 from bench.support.processes import BENCH_PROXY_ARGS, BenchError, ProxyProcess, connect, upstream
+from engine.stats import percentile
 
 __all__ = ["main", "run"]
 

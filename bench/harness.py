@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import platform
 import signal
@@ -39,6 +38,7 @@ from typing import Any
 import pymongo
 
 from bench.support.processes import BenchError
+from engine.stats import percentile
 
 __all__ = [
     "MB",
@@ -48,7 +48,6 @@ __all__ = [
     "machine_info",
     "mb_per_s",
     "median",
-    "percentile",
     "run_alternating",
     "run_interleaved",
     "summarize",
@@ -116,16 +115,6 @@ def finish(
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100), linear interpolation between closest ranks."""
-    if not values:
-        raise ValueError("percentile of no values")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def mb_per_s(size_bytes: float, seconds: float) -> float:

@@ -34,8 +34,9 @@ import bson
 import numpy as np
 
 from bench.bench_cache import _lookup_rate
-from bench.harness import add_common_arguments, finish, format_table, machine_info, percentile
+from bench.harness import add_common_arguments, finish, format_table, machine_info
 from bench.support.processes import BenchError, bench_stack, connect, redact_uri
+from engine.stats import percentile
 from proxy.settings import positive
 
 __all__ = ["SUMMARY", "main"]

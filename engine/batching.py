@@ -19,7 +19,6 @@ interrupted anyway (onnxruntime runs to completion in its thread).
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from engine.errors import PredictionError
 from engine.inputs import ImageSource, prepare_input
 from engine.outputs import postprocess
 from engine.runtime import CompiledModel
+from engine.stats import percentile
 
 __all__ = ["BatchStats", "Batcher", "Failure", "ModelServer", "Outcome", "Prediction"]
 
@@ -61,15 +61,8 @@ class BatchStats:
         return self.batched_items / self.batches if self.batches else 0.0
 
     def latency_percentiles_ms(self) -> dict[str, float]:
-        if not self._latencies:
-            return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
-        ordered = sorted(self._latencies)
-
-        def nearest_rank(p: float) -> float:
-            index = max(0, math.ceil(p / 100 * len(ordered)) - 1)
-            return ordered[index] * 1000.0
-
-        return {"p50": nearest_rank(50), "p95": nearest_rank(95), "p99": nearest_rank(99)}
+        latencies = list(self._latencies)
+        return {f"p{q}": percentile(latencies, q) * 1000.0 for q in (50, 95, 99)}
 
     def snapshot(self) -> dict[str, Any]:
         return {

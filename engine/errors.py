@@ -1,58 +1,98 @@
-"""The engine's error types. Each carries MongoDB's error code and codeName so that the
-proxy can turn it into a `{ok: 0, code, codeName, errmsg}` reply without guessing."""
+"""The engine's error types, and the one table of MongoDB error codes modelgate uses.
+
+Each error carries MongoDB's code and codeName, so that the proxy can turn it into a
+`{ok: 0, code, codeName, errmsg}` reply without guessing and drivers raise their usual
+exceptions."""
 
 from __future__ import annotations
+
+__all__ = [
+    "MONGODB_CODES",
+    "BadValue",
+    "DocumentValidationFailure",
+    "FailedToParse",
+    "HostUnreachable",
+    "InvalidModel",
+    "ModelNotFound",
+    "ModelgateError",
+    "NamespaceNotFound",
+    "PredictionError",
+    "TypeMismatch",
+    "Unauthorized",
+]
+
+#: MongoDB's codes (src/mongo/base/error_codes.yml) for the codeNames modelgate replies with.
+MONGODB_CODES: dict[str, int] = {
+    "InternalError": 1,
+    "BadValue": 2,
+    "NoSuchKey": 4,
+    "HostUnreachable": 6,
+    "FailedToParse": 9,
+    "Unauthorized": 13,
+    "TypeMismatch": 14,
+    "NamespaceNotFound": 26,
+    "DocumentValidationFailure": 121,
+}
 
 
 class ModelgateError(Exception):
     """Root of every error that modelgate reports to a client."""
 
-    code: int = 1
     code_name: str = "InternalError"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
+    @property
+    def code(self) -> int:
+        return MONGODB_CODES[self.code_name]
+
     def to_reply(self) -> dict[str, object]:
         return {"ok": 0.0, "errmsg": self.message, "code": self.code, "codeName": self.code_name}
 
 
 class BadValue(ModelgateError):
-    code = 2
     code_name = "BadValue"
 
 
 class FailedToParse(ModelgateError):
-    code = 9
     code_name = "FailedToParse"
 
 
 class TypeMismatch(ModelgateError):
-    code = 14
     code_name = "TypeMismatch"
 
 
 class Unauthorized(ModelgateError):
-    code = 13
     code_name = "Unauthorized"
 
 
 class NamespaceNotFound(ModelgateError):
-    code = 26
     code_name = "NamespaceNotFound"
+
+
+class HostUnreachable(ModelgateError):
+    """The upstream refused or went away in the middle of modelgate's own work."""
+
+    code_name = "HostUnreachable"
+
+
+class DocumentValidationFailure(ModelgateError):
+    """A document refused before it is stored: the code MongoDB gives a document that
+    fails schema validation, which is what an inline model's `reject` is."""
+
+    code_name = "DocumentValidationFailure"
 
 
 class ModelNotFound(ModelgateError):
     # MongoDB has no "model" concept; NoSuchKey is the closest existing code.
-    code = 4
     code_name = "NoSuchKey"
 
 
 class InvalidModel(ModelgateError):
     """The ONNX bytes cannot be loaded, or do not fit the declared pre/postprocess."""
 
-    code = 2
     code_name = "BadValue"
 
 
@@ -61,5 +101,4 @@ class PredictionError(ModelgateError):
 
     Carried per document: inline `reject` turns it into a write error, `record` stores it."""
 
-    code = 2
     code_name = "BadValue"

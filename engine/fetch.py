@@ -19,7 +19,6 @@ or OS exception leaves this module.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
@@ -36,6 +35,7 @@ import trio
 from engine.addresses import AddressPolicy, resolve_checked
 from engine.cache import CachedEntry, CacheError, EntryMeta, ImageCache
 from engine.errors import PredictionError
+from engine.stats import percentile
 
 __all__ = ["FetchSettings", "Fetcher"]
 
@@ -310,8 +310,8 @@ class Fetcher:
     def stats(self) -> dict[str, float]:
         result: dict[str, float] = dict(self._counts)
         ordered = sorted(self._latencies)
-        result["latency_p50_ms"] = _percentile(ordered, 0.50) * 1000
-        result["latency_p99_ms"] = _percentile(ordered, 0.99) * 1000
+        result["latency_p50_ms"] = percentile(ordered, 50) * 1000
+        result["latency_p99_ms"] = percentile(ordered, 99) * 1000
         result["in_flight"] = len(self._flights)
         return result
 
@@ -528,10 +528,3 @@ class Fetcher:
     def _refresh(self, url: str) -> None:
         assert self.cache is not None
         self.cache.refresh(url)
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return 0.0
-    index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
-    return ordered[index]

@@ -23,6 +23,7 @@ import pymongo.errors
 from pymongo.collection import Collection
 
 from engine.documents import FAITHFUL, get_path
+from engine.outputs import stale_update
 from engine.registry import DATABASE
 from engine.spec import ModelSpec
 
@@ -300,21 +301,18 @@ class WorkQueue:
         out = self.spec.output_field
         self.collection.update_one(
             {"_id": doc_id, f"{out}.version": {"$exists": True}},
-            {"$rename": {f"{out}.version": f"{out}.backfillOf"}},
+            stale_update(out),
         )
 
     def mark_stale(self, extra_filter: dict[str, Any] | None) -> int:
         """backfillModel: recompute outputs that exist (pending ones are already due).
 
-        The output's `version` moves to `backfillOf`, so the document is pending again
-        and still says which version made the output it holds until it is replaced."""
+        The output is made stale (engine.outputs), so the document is pending again."""
         out = self.spec.output_field
         clauses: list[dict[str, Any]] = [{f"{out}.version": {"$exists": True}}]
         if self.spec.filter:
             clauses.append(self.spec.filter)
         if extra_filter:
             clauses.append(extra_filter)
-        result = self.collection.update_many(
-            {"$and": clauses}, {"$rename": {f"{out}.version": f"{out}.backfillOf"}}
-        )
+        result = self.collection.update_many({"$and": clauses}, stale_update(out))
         return int(result.modified_count)

@@ -1,4 +1,10 @@
-"""Model output rows -> the document values stored in the output field."""
+"""The output document: what a model stores in its output field, and how it goes stale.
+
+A prediction is `{label, score, top, version}`, `{vector, version}` or `{value, version}`;
+a failure is `{error, version[, attempts]}`. `version` says which model version made it.
+An output made stale (backfillModel, or an update of the input) keeps its contents and
+has its `version` renamed to `backfillOf`: the document is pending again for deferred
+work, and still says which version made what it holds until it is replaced."""
 
 from __future__ import annotations
 
@@ -9,7 +15,20 @@ import numpy as np
 from engine.errors import PredictionError
 from engine.spec import ClassifyPostprocess, EmbeddingPostprocess, ModelSpec
 
-__all__ = ["error_record", "is_probability_vector", "postprocess", "softmax"]
+__all__ = [
+    "STALE_VERSION",
+    "VERSION",
+    "error_record",
+    "is_probability_vector",
+    "postprocess",
+    "softmax",
+    "stale_update",
+]
+
+#: The field of an output that names the model version that made it.
+VERSION = "version"
+#: Where `version` goes when the output is stale.
+STALE_VERSION = "backfillOf"
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -47,3 +66,8 @@ def error_record(message: str, version: int, attempts: int | None = None) -> dic
     if attempts is not None:
         record["attempts"] = attempts
     return record
+
+
+def stale_update(output_field: str) -> dict[str, Any]:
+    """The update operator that makes the output at `output_field` stale."""
+    return {"$rename": {f"{output_field}.{VERSION}": f"{output_field}.{STALE_VERSION}"}}

@@ -20,7 +20,7 @@ import gridfs
 import pymongo
 import pymongo.errors
 
-from engine.errors import ModelgateError, ModelNotFound
+from engine.errors import HostUnreachable, ModelNotFound
 from engine.spec import ModelSpec
 
 __all__ = ["DATABASE", "ModelRecord", "ModelRegistry", "RegistryError"]
@@ -28,11 +28,8 @@ __all__ = ["DATABASE", "ModelRecord", "ModelRegistry", "RegistryError"]
 DATABASE = "modelgate"
 
 
-class RegistryError(ModelgateError):
+class RegistryError(HostUnreachable):
     """The registry's storage failed (the upstream refused or went away)."""
-
-    code = 6
-    code_name = "HostUnreachable"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from engine.documents import path_touches
 from engine.errors import BadValue, TypeMismatch
 
 __all__ = [
@@ -225,7 +226,7 @@ def _parse_spec(name_value: Any, fields: Mapping[str, Any]) -> ModelSpec:
     namespace = _namespace(_required(fields, "collection"))
     input_field = _field_path("input", _required(fields, "input"))
     output_field = _field_path("output", fields.get("output", f"_outputs.{name}"))
-    if _paths_overlap(input_field, output_field):
+    if path_touches(input_field, output_field):
         raise BadValue(
             f"output field '{output_field}' may not be, contain or lie inside "
             f"the input field '{input_field}'"
@@ -333,10 +334,6 @@ def _field_path(key: str, value: Any) -> str:
         if part.startswith("$"):
             raise BadValue(f"'{key}' field path '{path}' may not start a part with '$'")
     return path
-
-
-def _paths_overlap(a: str, b: str) -> bool:
-    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:

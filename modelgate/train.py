@@ -77,7 +77,6 @@ _SERVING_TOLERANCE = 1e-4
 class TrainingError(ModelgateError):
     """The data or the model cannot be trained on (or exported, or attached)."""
 
-    code = 2
     code_name = "BadValue"
 
 

@@ -18,19 +18,15 @@ import bson
 
 from engine.batching import Failure, ModelServer
 from engine.documents import FAITHFUL, MISSING, get_path, path_touches, set_path
-from engine.errors import BadValue
+from engine.errors import DocumentValidationFailure
 from engine.models import ModelSet
-from engine.outputs import error_record
+from engine.outputs import error_record, stale_update
 from proxy.session import CommandContext, InterceptedWrite
 from proxy.wire.opmsg import DocumentSequence, OpMsg
 
 __all__ = ["InlineWrites"]
 
 WRITE_COMMANDS = frozenset({"insert", "update", "findAndModify", "findandmodify", "bulkWrite"})
-
-# MongoDB's code for a document refused before it is stored (as by schema validation).
-REFUSED_CODE = 121
-REFUSED_CODE_NAME = "DocumentValidationFailure"
 
 
 # Finds a statement's model input for an input field: (value or MISSING, and a function
@@ -97,9 +93,9 @@ def _operator_input(mods: dict[str, Any], query: Any, upsert: bool, field: str) 
 
 def _mark_stale(mods: Any, input_field: str, output_field: str) -> bool:
     """An operator update that changes a deferred model's input makes its output stale
-    in the same write: the output's version moves to `backfillOf` (as backfillModel
-    does), so the document is pending again even where no change stream reports the
-    update. Replacements need nothing: they drop the output themselves."""
+    in the same write (engine.outputs.stale_update, as backfillModel does), so the
+    document is pending again even where no change stream reports the update.
+    Replacements need nothing: they drop the output themselves."""
     if not isinstance(mods, dict) or not mods or not next(iter(mods)).startswith("$"):
         return False
     touched = [key for fields in mods.values() if isinstance(fields, dict) for key in fields]
@@ -107,7 +103,8 @@ def _mark_stale(mods: Any, input_field: str, output_field: str) -> bool:
         path_touches(key, output_field) for key in touched
     ):
         return False
-    mods.setdefault("$rename", {})[f"{output_field}.version"] = f"{output_field}.backfillOf"
+    for operator, fields in stale_update(output_field).items():
+        mods.setdefault(operator, {}).update(fields)
     return True
 
 
@@ -221,9 +218,7 @@ class InlineWrites:
         target = _update_target(0, mods, body.get("query"), bool(body.get("upsert")))
         refusals = await self._predict(context, servers, [target] if target else [])
         if refusals:
-            error = BadValue(refusals[0])
-            error.code, error.code_name = REFUSED_CODE, REFUSED_CODE_NAME
-            return InterceptedWrite(local_reply=error.to_reply())
+            return InterceptedWrite(local_reply=DocumentValidationFailure(refusals[0]).to_reply())
         return InterceptedWrite(OpMsg(0, bson.encode(body, codec_options=FAITHFUL)))
 
     async def _bulk_write(
@@ -336,7 +331,8 @@ def _rebuild(
 
 def _write_error(index: int, reason: str, bulk: bool) -> dict[str, Any]:
     key = "idx" if bulk else "index"
-    error = {key: index, "code": REFUSED_CODE, "codeName": REFUSED_CODE_NAME, "errmsg": reason}
+    refused = DocumentValidationFailure(reason)
+    error = {key: index, "code": refused.code, "codeName": refused.code_name, "errmsg": reason}
     return {"ok": 0.0, **error} if bulk else error
 
 
