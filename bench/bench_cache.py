@@ -13,9 +13,7 @@ No MongoDB and no proxy are involved: this is the engine's image path alone.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -27,7 +25,7 @@ from typing import Any
 import trio
 
 from bench.harness import add_common_arguments, format_table, write_json
-from bench.support.image_server import make_png
+from bench.support.image_server import make_png, serve_files_in_process
 from engine.cache import EntryMeta, ImageCache
 from engine.fetch import Fetcher, FetchSettings
 
@@ -111,31 +109,6 @@ async def _fetch_benchmarks(
     return results
 
 
-_SERVER_SCRIPT = """
-import sys, time
-from pathlib import Path
-from bench.support.image_server import ImageServer
-server = ImageServer().start()
-for path in sys.argv[1:]:
-    server.images[Path(path).stem] = Path(path).read_bytes()
-print(server.base_url, flush=True)
-while True:
-    time.sleep(3600)
-"""
-
-
-def _start_server(files: list[Path]) -> subprocess.Popen[str]:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    return subprocess.Popen(
-        [sys.executable, "-c", _SERVER_SCRIPT, *map(str, files)],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_cache", description=__doc__)
     parser.add_argument("--images", type=int, default=500, help="distinct images (500)")
@@ -174,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             path.write_bytes(body)
             files.append(path)
         # The server runs in its own process so that it does not share our GIL.
-        server = _start_server(files)
+        server = serve_files_in_process(files)
         try:
             base = server.stdout.readline().strip() if server.stdout else ""
             if not base.startswith("http://127.0.0.1:"):

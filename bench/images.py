@@ -18,9 +18,7 @@ reported: LMDB cache lookups/s for hits (bench.bench_cache's measurement).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +33,7 @@ import numpy as np
 
 from bench.bench_cache import _lookup_rate
 from bench.harness import add_common_arguments, finish, format_table, machine_info
+from bench.support.image_server import serve_files_in_process
 from bench.support.processes import BenchError, bench_stack, connect, redact_uri
 from engine.stats import percentile
 from proxy.settings import positive
@@ -45,32 +44,6 @@ SUMMARY = "images/s of an inline model on image URLs: cold cache, warm cache, lo
 
 DB_NAME = "bench_images"
 MAX_INLINE_ONNX_BYTES = 16 * 1024 * 1024 - 64 * 1024
-
-
-# The test image server, in a process of its own, with Nagle's algorithm off: it writes
-# headers and body separately, and Nagle + the client's delayed ACK would add ~40 ms to
-# every fetch, which no real image host does.
-_SERVER_SCRIPT = """
-import sys, time
-from pathlib import Path
-from bench.support import image_server
-image_server._Handler.disable_nagle_algorithm = True
-server = image_server.ImageServer().start()
-for path in sys.argv[1:]:
-    server.images[Path(path).stem] = Path(path).read_bytes()
-print(server.base_url, flush=True)
-while True:
-    time.sleep(3600)
-"""
-
-
-def _start_server(files: Sequence[Path]) -> subprocess.Popen[str]:
-    root = Path(__file__).resolve().parents[1]
-    return subprocess.Popen(
-        [sys.executable, "-c", _SERVER_SCRIPT, *map(str, files)],
-        cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- models
@@ -282,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for n in (1, 2)
             }
 
-        server = _start_server(all_files)
+        server = serve_files_in_process(all_files)
         try:
             base = server.stdout.readline().strip() if server.stdout else ""
             if not base.startswith("http://127.0.0.1:"):

@@ -12,6 +12,10 @@ client goes away), /loop (redirects to itself), /redirect?to=URL, /notimage (tex
 
 stop() closes the listening socket and every open connection, so later requests get
 "connection refused" rather than a kept-alive connection.
+
+`serve_files_in_process(files)` runs one in a process of its own (for benchmarks, so that
+serving does not take the measuring process's GIL), serving each file at
+/img/<file stem>.png; `python -m bench.support.image_server FILE...` is that process.
 """
 
 from __future__ import annotations
@@ -21,16 +25,19 @@ import hashlib
 import io
 import random
 import socket
+import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image
 
-__all__ = ["ImageServer", "make_png"]
+__all__ = ["ImageServer", "make_png", "serve_files_in_process"]
 
 _LAST_MODIFIED = "Wed, 21 Oct 2015 07:28:00 GMT"
 
@@ -259,3 +266,30 @@ class ImageServer:
                 self._connections.add(conn)
             else:
                 self._connections.discard(conn)
+
+
+def serve_files_in_process(files: list[Path]) -> subprocess.Popen[str]:
+    """An ImageServer process serving `files`; its first line of output is the base URL.
+    The caller ends it (terminate, then wait)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.support.image_server", *map(str, files)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _serve_files(paths: list[str]) -> None:
+    # Nagle's algorithm off: the handler writes headers and body separately, and Nagle +
+    # the client's delayed ACK would add ~40 ms to every fetch, which no real host does.
+    _Handler.disable_nagle_algorithm = True
+    server = ImageServer().start()
+    for path in map(Path, paths):
+        server.images[path.stem] = path.read_bytes()
+    print(server.base_url, flush=True)
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    _serve_files(sys.argv[1:])

@@ -114,6 +114,18 @@ def _too_big(name: str, size: int) -> RemoteProtocolError:
     )
 
 
+def _corrupt(name: str, exc: Exception) -> RemoteProtocolError:
+    return RemoteProtocolError(f"OP_COMPRESSED ({name}) data is corrupt: {exc}")
+
+
+def _check_stream_end(name: str, size: int, produced: int, ended: bool) -> None:
+    """A streaming decompressor's output: within the declared size, and complete."""
+    if produced > size:
+        raise _too_big(name, size)
+    if not ended:
+        raise RemoteProtocolError(f"OP_COMPRESSED ({name}) stream is truncated")
+
+
 def _noop(data: bytes, size: int, name: str) -> bytes:
     return data
 
@@ -133,7 +145,7 @@ def _snappy(data: bytes, size: int, name: str) -> bytes:
     try:
         return bytes(snappy.decompress(data))
     except snappy.UncompressError as exc:
-        raise RemoteProtocolError(f"OP_COMPRESSED ({name}) data is corrupt: {exc}") from None
+        raise _corrupt(name, exc) from None
 
 
 def _zlib(data: bytes, size: int, name: str) -> bytes:
@@ -142,11 +154,8 @@ def _zlib(data: bytes, size: int, name: str) -> bytes:
         # max_length=0 would mean "no limit", hence size + 1 (which also detects a lie).
         result = decompressor.decompress(data, size + 1)
     except zlib.error as exc:
-        raise RemoteProtocolError(f"OP_COMPRESSED ({name}) data is corrupt: {exc}") from None
-    if len(result) > size:
-        raise _too_big(name, size)
-    if not decompressor.eof:
-        raise RemoteProtocolError(f"OP_COMPRESSED ({name}) stream is truncated")
+        raise _corrupt(name, exc) from None
+    _check_stream_end(name, size, len(result), decompressor.eof)
     if decompressor.unused_data:
         raise RemoteProtocolError(f"OP_COMPRESSED ({name}) has bytes after the end of the stream")
     return result
@@ -161,11 +170,8 @@ def _zstd(data: bytes, size: int, name: str) -> bytes:
         try:
             result += decompressor.decompress(rest, size + 1 - len(result))
         except zstd.ZstdError as exc:
-            raise RemoteProtocolError(f"OP_COMPRESSED ({name}) data is corrupt: {exc}") from None
-        if len(result) > size:
-            raise _too_big(name, size)
-        if not decompressor.eof:
-            raise RemoteProtocolError(f"OP_COMPRESSED ({name}) stream is truncated")
+            raise _corrupt(name, exc) from None
+        _check_stream_end(name, size, len(result), decompressor.eof)
         rest = decompressor.unused_data
         if not rest:
             return bytes(result)
