@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -20,15 +22,20 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from proxy.settings import InvalidSetting, load_settings
+
+    try:
+        settings = load_settings(args, os.environ)
+    except InvalidSetting as exc:
+        parser.error(str(exc))  # exits 2, like a flag argparse refuses itself
+
     import trio
 
     from proxy.app import run_proxy
     from proxy.embedded import EmbeddedUpstream, EmbeddedUpstreamError
-    from proxy.settings import Settings
     from proxy.upstream import UpstreamError
 
-    settings = Settings.from_args(args)
     _configure_logging(settings.log_level)
     embedded = None
     upstream = settings.upstream
@@ -77,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the proxy in front of a MongoDB (or an embedded SecantusDB).",
     )
     add_serve_arguments(serve)
-    serve.set_defaults(handler=_serve)
+    serve.set_defaults(handler=functools.partial(_serve, serve))
     demo = commands.add_parser(
         "demo",
         help="train a digits classifier through modelgate and watch it classify new users",

@@ -1,12 +1,18 @@
-"""The one settings object: built from CLI flags and MODELGATE_* environment variables,
-then passed explicitly to whatever needs it."""
+"""The one settings object, and the one table that declares how each setting is given.
+
+Each `Option` names a field of `Settings` (or of its runtime/deferred/fetch parts), how its
+text is read and checked, its flag, its MODELGATE_* variable and its help. Defaults are never
+written here: they are the dataclass defaults, read through the field path. A value is taken
+from the flag, else the variable, else the default; a further source (a config file) is one
+more step in `load_settings`, and printing the effective values is `Option.show` over
+`OPTIONS`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,32 +20,23 @@ from engine.deferred import DeferredSettings
 from engine.fetch import FetchSettings
 from engine.runtime import RuntimeSettings
 
-__all__ = ["Settings", "add_serve_arguments", "non_negative", "parse_host_port", "positive"]
-
-DEFAULT_LISTEN = "127.0.0.1:27017"
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _split(text: str | None) -> tuple[str, ...]:
-    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
-
-
-def _variable(flag: str) -> str:
-    """The environment variable that gives a flag its default: --cache-dir ->
-    MODELGATE_CACHE_DIR."""
-    return "MODELGATE_" + flag.removeprefix("--").replace("-", "_").upper()
+__all__ = [
+    "OPTIONS",
+    "InvalidSetting",
+    "Option",
+    "Settings",
+    "add_serve_arguments",
+    "load_settings",
+    "non_negative",
+    "parse_host_port",
+    "positive",
+]
 
 
 @dataclass(frozen=True)
 class Settings:
     listen: tuple[str, int] = ("127.0.0.1", 27017)
-    upstream: str | None = None
+    upstream: str | None = None  # None: start an embedded SecantusDB
     data_dir: Path = Path("modelgate-data")
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -57,295 +54,20 @@ class Settings:
     def image_cache_dir(self) -> Path:
         return self.cache_dir or self.data_dir / "image-cache"
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Settings:
-        return cls(
-            listen=args.listen,
-            upstream=args.upstream or None,
-            data_dir=Path(args.data_dir),
-            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-            tls_key=Path(args.tls_key) if args.tls_key else None,
-            grace_period=args.grace_period,
-            connect_timeout=args.connect_timeout,
-            log_level=args.log_level,
-            registry_refresh=args.registry_refresh,
-            runtime=RuntimeSettings(
-                providers=tuple(args.providers.split(",")) if args.providers else None,
-                tensorrt=args.tensorrt,
-                intra_op_threads=args.intra_op_threads,
-                inter_op_threads=args.inter_op_threads,
-                max_concurrent_runs=args.max_concurrent_runs,
-            ),
-            deferred=DeferredSettings(
-                change_streams=args.change_streams,
-                sweep_interval=args.sweep_interval,
-                lease_seconds=args.lease_seconds,
-                max_attempts=args.max_attempts,
-                retry_backoff=args.retry_backoff,
-                progress_interval=args.progress_interval,
-            ),
-            fetch=FetchSettings(
-                connect_timeout=args.fetch_connect_timeout,
-                read_timeout=args.fetch_read_timeout,
-                total_timeout=args.fetch_timeout,
-                max_bytes=args.fetch_max_bytes,
-                max_redirects=args.fetch_max_redirects,
-                allow_private=args.fetch_allow_private,
-                allow_hosts=_split(args.fetch_allow_hosts),
-                deny_hosts=_split(args.fetch_deny_hosts),
-                allow_file=args.fetch_allow_file,
-                revalidate_after=args.cache_revalidate_after,
-            ),
-            cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-            cache_size=args.cache_size,
-        )
+
+_DEFAULTS = Settings()
 
 
-def _option(
-    group: argparse._ActionsContainer,
-    flag: str,
-    help: str,
-    *,
-    type: Callable[[str], Any] = str,
-    default: str | None = None,
-    metavar: str | None = None,
-    shown_default: str | None = None,
-) -> None:
-    """A flag whose default comes from MODELGATE_<FLAG> (argparse converts it, so a bad
-    environment value is reported like a bad flag)."""
-    variable = _variable(flag)
-    shown = shown_default or ("%(default)s" if default is not None else None)
-    note = f"{variable}; default {shown}" if shown else variable
-    group.add_argument(
-        flag,
-        type=type,
-        default=os.environ.get(variable, default),
-        metavar=metavar,
-        help=f"{help} ({note})" if help else f"({note})",
-    )
+class InvalidSetting(ValueError):
+    """A flag or variable whose value cannot mean anything; worded like argparse's own
+    refusals ("argument --FLAG: ...")."""
 
 
-def _switch(group: argparse._ActionsContainer, flag: str, help: str) -> None:
-    """An on/off flag, also turned on by MODELGATE_<FLAG>=1."""
-    variable = _variable(flag)
-    group.add_argument(
-        flag,
-        action="store_true",
-        default=os.environ.get(variable, "").lower() in {"1", "true", "yes", "on"},
-        help=f"{help} ({variable}=1)",
-    )
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `modelgate serve`; each defaults to its MODELGATE_* variable."""
-    _option(
-        parser,
-        "--listen",
-        "address to accept MongoDB clients on",
-        type=parse_host_port,
-        default=DEFAULT_LISTEN,
-        metavar="HOST:PORT",
-    )
-    _option(
-        parser,
-        "--upstream",
-        "MongoDB URI to forward to, e.g. "
-        "mongodb://db1:27017/?replicaSet=rs0. Without it, an embedded SecantusDB is "
-        "started (needs the 'embedded' extra) with its data under --data-dir",
-        metavar="URI",
-    )
-    _option(
-        parser,
-        "--data-dir",
-        "folder for the embedded upstream's data and the image cache",
-        default="modelgate-data",
-        metavar="DIR",
-    )
-    _option(parser, "--tls-cert", "serve TLS to clients with this certificate chain", metavar="PEM")
-    _option(parser, "--tls-key", "private key for --tls-cert", metavar="PEM")
-    _option(
-        parser,
-        "--grace-period",
-        "on SIGINT/SIGTERM, how long requests in flight may take to finish",
-        type=non_negative(float),
-        default="10",
-        metavar="SECONDS",
-    )
-    _option(
-        parser,
-        "--connect-timeout",
-        "how long to wait for the upstream before closing a client's connection",
-        type=positive(float),
-        default="5",
-        metavar="SECONDS",
-    )
-    _option(
-        parser,
-        "--log-level",
-        "DEBUG, INFO, WARNING or ERROR",
-        type=_log_level,
-        default="INFO",
-        metavar="LEVEL",
-    )
-
-    models = parser.add_argument_group("models")
-    _option(
-        models,
-        "--providers",
-        "onnxruntime execution providers in order of preference, comma-separated",
-        metavar="LIST",
-        shown_default="CUDA when available, else CPU",
-    )
-    _switch(models, "--tensorrt", "prefer the TensorRT execution provider where available")
-    _option(
-        models,
-        "--intra-op-threads",
-        "onnxruntime threads per run; 0: onnxruntime's choice",
-        type=non_negative(int),
-        default="0",
-        metavar="N",
-    )
-    _option(models, "--inter-op-threads", "", type=non_negative(int), default="0", metavar="N")
-    _option(
-        models,
-        "--max-concurrent-runs",
-        "model runs at once across all models",
-        type=positive(int),
-        default="2",
-        metavar="N",
-    )
-    _option(
-        models,
-        "--registry-refresh",
-        "how often to pick up models registered through other modelgate processes",
-        type=positive(float),
-        default="2",
-        metavar="SECONDS",
-    )
-
-    deferred = parser.add_argument_group("deferred models")
-    deferred.add_argument(
-        "--no-change-streams",
-        dest="change_streams",
-        action="store_false",
-        default=os.environ.get("MODELGATE_CHANGE_STREAMS", "1").lower()
-        not in {"0", "false", "no", "off"},
-        help="find writes made around the proxy by the periodic sweep only, without change "
-        "streams (MODELGATE_CHANGE_STREAMS=0)",
-    )
-    _option(
-        deferred,
-        "--sweep-interval",
-        "how often each deferred model looks for pending documents when nothing woke it",
-        type=positive(float),
-        default="5",
-        metavar="SECONDS",
-    )
-    _option(
-        deferred,
-        "--lease-seconds",
-        "lease on claimed documents, renewed while they are worked on: how soon "
-        "another process takes over the claims of one that died",
-        type=positive(float),
-        default="30",
-        metavar="SECONDS",
-    )
-    _option(
-        deferred,
-        "--max-attempts",
-        "attempts before a failing document gets an error record",
-        type=positive(int),
-        default="3",
-        metavar="N",
-    )
-    _option(
-        deferred,
-        "--retry-backoff",
-        "first retry delay, doubled each attempt; the retry runs at the first sweep or "
-        "write after it",
-        type=non_negative(float),
-        default="1",
-        metavar="SECONDS",
-    )
-    _option(
-        deferred,
-        "--progress-interval",
-        "how often a long deferred backfill logs its progress",
-        type=positive(float),
-        default="10",
-        metavar="SECONDS",
-    )
-
-    images = parser.add_argument_group("image URLs")
-    _option(
-        images,
-        "--cache-dir",
-        "LMDB cache of fetched images, shared by the modelgate processes of a host",
-        metavar="DIR",
-        shown_default="<data-dir>/image-cache",
-    )
-    _option(
-        images,
-        "--cache-size",
-        "bound on cached image bytes; least recently used go first",
-        type=positive(int),
-        default=str(1 << 30),
-        metavar="BYTES",
-    )
-    _option(
-        images,
-        "--cache-revalidate-after",
-        "revalidate cached images older than this with their ETag/Last-Modified",
-        type=positive(float),
-        metavar="SECONDS",
-        shown_default="never",
-    )
-    _switch(
-        images,
-        "--fetch-allow-private",
-        "allow image URLs on private and loopback "
-        "addresses; cloud metadata addresses are never fetched",
-    )
-    _option(
-        images,
-        "--fetch-allow-hosts",
-        "hosts and CIDR ranges allowed even if private, comma-separated",
-        metavar="LIST",
-    )
-    _option(
-        images,
-        "--fetch-deny-hosts",
-        "hosts and CIDR ranges never fetched, comma-separated",
-        metavar="LIST",
-    )
-    _switch(images, "--fetch-allow-file", "allow file:// image URLs")
-    _option(
-        images,
-        "--fetch-timeout",
-        "total time for one image fetch, retries included",
-        type=positive(float),
-        default="30",
-        metavar="SECONDS",
-    )
-    _option(
-        images, "--fetch-connect-timeout", "", type=positive(float), default="5", metavar="SECONDS"
-    )
-    _option(
-        images, "--fetch-read-timeout", "", type=positive(float), default="10", metavar="SECONDS"
-    )
-    _option(
-        images,
-        "--fetch-max-bytes",
-        "largest image body fetched",
-        type=positive(int),
-        default="20000000",
-        metavar="BYTES",
-    )
-    _option(images, "--fetch-max-redirects", "", type=non_negative(int), default="5", metavar="N")
+# Readers of a setting's text: each returns the value or raises ArgumentTypeError.
 
 
 def _number(convert: Callable[[str], Any], *, allow_zero: bool) -> Callable[[str], Any]:
-    """An argparse type for a count or a duration, refusing what cannot mean anything."""
+    """A count or a duration, refusing what cannot mean anything."""
     bound = "zero or more" if allow_zero else "more than zero"
 
     def parse(text: str) -> Any:
@@ -368,8 +90,351 @@ def non_negative(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     return _number(convert, allow_zero=True)
 
 
+def parse_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _host_port_text(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise argparse.ArgumentTypeError(f"expected DEBUG, INFO, WARNING or ERROR, got {text!r}")
     return level
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    return names
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _on_off(text: str) -> bool:
+    if text.lower() in _TRUE | _FALSE:
+        return text.lower() in _TRUE
+    raise argparse.ArgumentTypeError(f"expected 1 or 0, got {text!r}")
+
+
+def _text(value: Any) -> str:
+    """A value written back the way it is given, for --help (and a printed config)."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting as users give it. A bool field is a switch: its flag turns the default
+    around (`--tensorrt`, `--no-change-streams`) and its variable takes 1 or 0."""
+
+    name: str  # --NAME (--no-NAME for a switch that is on by default) and MODELGATE_NAME
+    field: str  # dotted path in Settings: "deferred.sweep_interval"
+    help: str
+    parse: Callable[[str], Any] = str
+    metavar: str | None = None
+    show: Callable[[Any], str] = _text
+    shown_default: str | None = None  # for a default that means something: "never"
+
+    @property
+    def default(self) -> Any:
+        value: Any = _DEFAULTS
+        for part in self.field.split("."):
+            value = getattr(value, part)
+        return value
+
+    @property
+    def is_switch(self) -> bool:
+        return isinstance(self.default, bool)
+
+    @property
+    def flag(self) -> str:
+        return f"--no-{self.name}" if self.default is True else f"--{self.name}"
+
+    @property
+    def variable(self) -> str:
+        return "MODELGATE_" + self.name.replace("-", "_").upper()
+
+    def read(self, text: str, origin: str) -> Any:
+        """The value of `text`; `origin` ends the message of a refusal."""
+        try:
+            return (_on_off if self.is_switch else self.parse)(text)
+        except argparse.ArgumentTypeError as exc:
+            raise InvalidSetting(f"argument {self.flag}: {exc}{origin}") from None
+
+    def help_text(self) -> str:
+        if self.is_switch:
+            note = f"{self.variable}={_text(not self.default)}"
+        else:
+            shown = self.shown_default or ("" if self.default is None else self.show(self.default))
+            note = f"{self.variable}; default {shown}" if shown else self.variable
+        return f"{self.help} ({note})" if self.help else f"({note})"
+
+
+# Argument groups of `modelgate serve --help` (None: the general one), in the order shown.
+_GROUPS: dict[str | None, tuple[Option, ...]] = {
+    None: (
+        Option(
+            "listen",
+            "listen",
+            "address to accept MongoDB clients on",
+            parse_host_port,
+            "HOST:PORT",
+            show=_host_port_text,
+        ),
+        Option(
+            "upstream",
+            "upstream",
+            "MongoDB URI to forward to, e.g. mongodb://db1:27017/?replicaSet=rs0. Without it, "
+            "an embedded SecantusDB is started (needs the 'embedded' extra) with its data "
+            "under --data-dir",
+            metavar="URI",
+        ),
+        Option(
+            "data-dir",
+            "data_dir",
+            "folder for the embedded upstream's data and the image cache",
+            Path,
+            "DIR",
+        ),
+        Option(
+            "tls-cert",
+            "tls_cert",
+            "serve TLS to clients with this certificate chain",
+            Path,
+            "PEM",
+        ),
+        Option("tls-key", "tls_key", "private key for --tls-cert", Path, "PEM"),
+        Option(
+            "grace-period",
+            "grace_period",
+            "on SIGINT/SIGTERM, how long requests in flight may take to finish",
+            non_negative(float),
+            "SECONDS",
+        ),
+        Option(
+            "connect-timeout",
+            "connect_timeout",
+            "how long to wait for the upstream before closing a client's connection",
+            positive(float),
+            "SECONDS",
+        ),
+        Option("log-level", "log_level", "DEBUG, INFO, WARNING or ERROR", _log_level, "LEVEL"),
+    ),
+    "models": (
+        Option(
+            "providers",
+            "runtime.providers",
+            "onnxruntime execution providers in order of preference, comma-separated",
+            _names,
+            "LIST",
+            shown_default="CUDA when available, else CPU",
+        ),
+        Option(
+            "tensorrt",
+            "runtime.tensorrt",
+            "prefer the TensorRT execution provider where available",
+        ),
+        Option(
+            "intra-op-threads",
+            "runtime.intra_op_threads",
+            "onnxruntime threads per run; 0: onnxruntime's choice",
+            non_negative(int),
+            "N",
+        ),
+        Option(
+            "inter-op-threads",
+            "runtime.inter_op_threads",
+            "",
+            non_negative(int),
+            "N",
+        ),
+        Option(
+            "max-concurrent-runs",
+            "runtime.max_concurrent_runs",
+            "model runs at once across all models",
+            positive(int),
+            "N",
+        ),
+        Option(
+            "registry-refresh",
+            "registry_refresh",
+            "how often to pick up models registered through other modelgate processes",
+            positive(float),
+            "SECONDS",
+        ),
+    ),
+    "deferred models": (
+        Option(
+            "change-streams",
+            "deferred.change_streams",
+            "find writes made around the proxy by the periodic sweep only, without change streams",
+        ),
+        Option(
+            "sweep-interval",
+            "deferred.sweep_interval",
+            "how often each deferred model looks for pending documents when nothing woke it",
+            positive(float),
+            "SECONDS",
+        ),
+        Option(
+            "lease-seconds",
+            "deferred.lease_seconds",
+            "lease on claimed documents, renewed while they are worked on: how soon another "
+            "process takes over the claims of one that died",
+            positive(float),
+            "SECONDS",
+        ),
+        Option(
+            "max-attempts",
+            "deferred.max_attempts",
+            "attempts before a failing document gets an error record",
+            positive(int),
+            "N",
+        ),
+        Option(
+            "retry-backoff",
+            "deferred.retry_backoff",
+            "first retry delay, doubled each attempt; the retry runs at the first sweep or "
+            "write after it",
+            non_negative(float),
+            "SECONDS",
+        ),
+        Option(
+            "progress-interval",
+            "deferred.progress_interval",
+            "how often a long deferred backfill logs its progress",
+            positive(float),
+            "SECONDS",
+        ),
+    ),
+    "image URLs": (
+        Option(
+            "cache-dir",
+            "cache_dir",
+            "LMDB cache of fetched images, shared by the modelgate processes of a host",
+            Path,
+            "DIR",
+            shown_default="<data-dir>/image-cache",
+        ),
+        Option(
+            "cache-size",
+            "cache_size",
+            "bound on cached image bytes; least recently used go first",
+            positive(int),
+            "BYTES",
+        ),
+        Option(
+            "cache-revalidate-after",
+            "fetch.revalidate_after",
+            "revalidate cached images older than this with their ETag/Last-Modified",
+            positive(float),
+            "SECONDS",
+            shown_default="never",
+        ),
+        Option(
+            "fetch-allow-private",
+            "fetch.allow_private",
+            "allow image URLs on private and loopback addresses; cloud metadata addresses "
+            "are never fetched",
+        ),
+        Option(
+            "fetch-allow-hosts",
+            "fetch.allow_hosts",
+            "hosts and CIDR ranges allowed even if private, comma-separated",
+            _names,
+            "LIST",
+        ),
+        Option(
+            "fetch-deny-hosts",
+            "fetch.deny_hosts",
+            "hosts and CIDR ranges never fetched, comma-separated",
+            _names,
+            "LIST",
+        ),
+        Option("fetch-allow-file", "fetch.allow_file", "allow file:// image URLs"),
+        Option(
+            "fetch-timeout",
+            "fetch.total_timeout",
+            "total time for one image fetch, retries included",
+            positive(float),
+            "SECONDS",
+        ),
+        Option("fetch-connect-timeout", "fetch.connect_timeout", "", positive(float), "SECONDS"),
+        Option("fetch-read-timeout", "fetch.read_timeout", "", positive(float), "SECONDS"),
+        Option(
+            "fetch-max-bytes",
+            "fetch.max_bytes",
+            "largest image body fetched",
+            positive(int),
+            "BYTES",
+        ),
+        Option("fetch-max-redirects", "fetch.max_redirects", "", non_negative(int), "N"),
+    ),
+}
+
+OPTIONS: tuple[Option, ...] = tuple(option for group in _GROUPS.values() for option in group)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `modelgate serve`, one per option. They keep the text as given and set
+    nothing when absent: `load_settings` reads the text and falls back to the variable."""
+    for title, options in _GROUPS.items():
+        group = parser if title is None else parser.add_argument_group(title)
+        for option in options:
+            # A switch's flag stands for the text its variable would take to turn it around.
+            takes: dict[str, Any] = (
+                {"action": "store_const", "const": _text(not option.default)}
+                if option.is_switch
+                else {"metavar": option.metavar}
+            )
+            group.add_argument(
+                option.flag,
+                dest=option.name,
+                default=argparse.SUPPRESS,
+                help=option.help_text(),
+                **takes,
+            )
+
+
+def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """Each setting from its flag, else its MODELGATE_* variable, else its dataclass default.
+    An empty value stands for the default (`MODELGATE_UPSTREAM=` keeps the embedded one)."""
+    flags = vars(args)
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.name in flags:
+            text, origin = flags[option.name], ""
+        elif option.variable in environ:
+            text, origin = environ[option.variable], f" (from {option.variable})"
+        else:
+            continue
+        if text:
+            values[option.field] = option.read(text, origin)
+    return _settings_with(values)
+
+
+def _settings_with(values: Mapping[str, Any]) -> Settings:
+    """The default Settings with the fields named by dotted paths replaced."""
+    parts: dict[str, dict[str, Any]] = {}
+    for path, value in values.items():
+        part, _, name = path.rpartition(".")
+        parts.setdefault(part, {})[name] = value
+    nested = {
+        part: replace(getattr(_DEFAULTS, part), **fields) for part, fields in parts.items() if part
+    }
+    return replace(_DEFAULTS, **parts.get("", {}), **nested)
