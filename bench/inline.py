@@ -140,7 +140,7 @@ def open_session(onnx: bytes, providers: Sequence[str], *, require_first: bool) 
 
 
 def _preprocess_spec(model: BenchModel) -> Any:
-    from engine.spec import parse_register_command
+    from proxy.commands.register_model import parse_register_command
 
     spec, _ = parse_register_command(
         {

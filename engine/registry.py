@@ -6,7 +6,9 @@ Database `modelgate`:
   model_versions  one document per (name, version): spec, ONNX file id, checksum, time
   onnx.files/.chunks  GridFS bucket with the ONNX bytes (models can exceed 16 MB)
 
-Everything here is synchronous pymongo; the async side calls it in worker threads."""
+Everything here is synchronous pymongo; the async side calls it in worker threads. An
+upstream failure is raised as a ModelgateError (engine.upstream_failures), so that the
+admin command in progress replies with it and the background refresh logs it."""
 
 from __future__ import annotations
 
@@ -20,16 +22,13 @@ import gridfs
 import pymongo
 import pymongo.errors
 
-from engine.errors import HostUnreachable, ModelNotFound
+from engine.errors import ModelNotFound
 from engine.spec import ModelSpec
+from engine.upstream_failures import upstream_failure
 
-__all__ = ["DATABASE", "ModelRecord", "ModelRegistry", "RegistryError"]
+__all__ = ["DATABASE", "ModelRecord", "ModelRegistry"]
 
 DATABASE = "modelgate"
-
-
-class RegistryError(HostUnreachable):
-    """The registry's storage failed (the upstream refused or went away)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ class ModelRegistry:
                 {"$set": document},
             )
         except pymongo.errors.PyMongoError as exc:
-            raise RegistryError(f"cannot store model '{spec.name}': {exc}") from exc
+            raise upstream_failure(exc, f"storing model '{spec.name}'") from exc
         return record
 
     @staticmethod
@@ -116,11 +115,14 @@ class ModelRegistry:
         try:
             documents = list(self.models.find({"version": {"$exists": True}}))
         except pymongo.errors.PyMongoError as exc:
-            raise RegistryError(f"cannot read the model registry: {exc}") from exc
+            raise upstream_failure(exc, "reading the model registry") from exc
         return [self._record(doc) for doc in documents]
 
     def get(self, name: str) -> ModelRecord:
-        document = self.models.find_one({"_id": name, "version": {"$exists": True}})
+        try:
+            document = self.models.find_one({"_id": name, "version": {"$exists": True}})
+        except pymongo.errors.PyMongoError as exc:
+            raise upstream_failure(exc, f"reading model '{name}'") from exc
         if document is None:
             raise ModelNotFound(f"no model named '{name}'")
         return self._record(document)
@@ -137,12 +139,13 @@ class ModelRegistry:
         )
 
     def onnx_bytes(self, record: ModelRecord) -> bytes:
+        which = f"the ONNX file of model '{record.spec.name}' v{record.version}"
         try:
             return self.files.open_download_stream(record.onnx_file_id).read()
-        except (gridfs.errors.NoFile, pymongo.errors.PyMongoError) as exc:
-            raise RegistryError(
-                f"cannot read the ONNX file of model '{record.spec.name}' v{record.version}: {exc}"
-            ) from exc
+        except gridfs.errors.NoFile as exc:
+            raise ModelNotFound(f"{which} is missing from the registry") from exc
+        except pymongo.errors.PyMongoError as exc:
+            raise upstream_failure(exc, f"reading {which}") from exc
 
     def drop(self, name: str) -> ModelRecord:
         """Remove a model and its stored versions; outputs already written stay."""
@@ -154,5 +157,5 @@ class ModelRegistry:
             self.versions.delete_many({"name": name})
             self.models.delete_one({"_id": name})
         except pymongo.errors.PyMongoError as exc:
-            raise RegistryError(f"cannot drop model '{name}': {exc}") from exc
+            raise upstream_failure(exc, f"dropping model '{name}'") from exc
         return record

@@ -1,9 +1,11 @@
-"""The model declaration: what a `registerModel` command says, as frozen dataclasses.
+"""The model declaration: what a model says about its input, output and mode, as frozen
+dataclasses the engine takes already validated.
 
-`parse_register_command` validates the client's command (every wrong argument becomes a
-MongoDB-shaped error: BadValue for wrong values, TypeMismatch for wrong types) and
-`ModelSpec.to_document` / `ModelSpec.from_document` round-trip the declaration through a
-BSON-able dict for the registry. Namespace errors are BadValue (code 2) throughout.
+`ModelSpec.from_document` is the one validation of a declaration: every wrong value
+becomes a MongoDB-shaped error (BadValue for wrong values, TypeMismatch for wrong types;
+namespace errors are BadValue throughout). The proxy's registerModel command hands it the
+client's fields; the registry reloads what `ModelSpec.to_document` stored with it, which
+also refuses a stored document that was changed by hand into something unservable.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from engine.documents import path_touches
 from engine.errors import BadValue, TypeMismatch
 
 __all__ = [
+    "DECLARATION_FIELDS",
     "BatchPolicy",
     "ClassifyPostprocess",
     "EmbeddingPostprocess",
@@ -26,9 +29,21 @@ __all__ = [
     "Preprocess",
     "RawPostprocess",
     "TensorPreprocess",
-    "parse_register_command",
 ]
 
+#: The fields of a declaration besides its name (registerModel's, and the stored spec's).
+DECLARATION_FIELDS = (
+    "collection",
+    "input",
+    "output",
+    "mode",
+    "preprocess",
+    "postprocess",
+    "batch",
+    "onError",
+    "filter",
+    "metadata",
+)
 MAX_NAME_LENGTH = 120
 MAX_BATCH_SIZE = 100_000
 MODES = ("inline", "deferred")
@@ -165,60 +180,15 @@ class ModelSpec:
 
     @classmethod
     def from_document(cls, doc: Mapping[str, Any]) -> ModelSpec:
-        """Inverse of `to_document`. Keys the registry adds (`_id`, version, ...) are ignored."""
-        fields = {k: doc[k] for k in _SPEC_KEYS if k in doc}
+        """The validated spec of a declaration document; the inverse of `to_document`.
+        Keys that are not declaration fields (the registry's `_id`, version, ...) are ignored."""
+        fields = {k: doc[k] for k in DECLARATION_FIELDS if k in doc}
         if "name" not in doc:
             raise BadValue("missing required field 'name'")
         return _parse_spec(doc["name"], fields)
 
 
 # --------------------------------------------------------------------------- parsing
-
-_REGISTER_FIELDS = frozenset(
-    {
-        "registerModel",
-        "collection",
-        "input",
-        "output",
-        "mode",
-        "onnx",
-        "path",
-        "preprocess",
-        "postprocess",
-        "batch",
-        "onError",
-        "filter",
-        "metadata",
-    }
-)
-_SPEC_KEYS = (
-    "collection",
-    "input",
-    "output",
-    "mode",
-    "preprocess",
-    "postprocess",
-    "batch",
-    "onError",
-    "filter",
-    "metadata",
-)
-
-
-def parse_register_command(
-    fields: Mapping[str, Any], *, allow_path: bool = True
-) -> tuple[ModelSpec, bytes]:
-    """Validate a `registerModel` command; return the spec and the ONNX bytes.
-
-    `fields` is the command document without the generic fields ($db, lsid, ...)."""
-    for key in fields:
-        if key not in _REGISTER_FIELDS:
-            raise BadValue(f"registerModel: unknown field '{key}'")
-    if "registerModel" not in fields:
-        raise BadValue("missing required field 'registerModel'")
-    spec = _parse_spec(fields["registerModel"], fields)
-    onnx_bytes = _read_model_bytes(fields, allow_path=allow_path)
-    return spec, onnx_bytes
 
 
 def _parse_spec(name_value: Any, fields: Mapping[str, Any]) -> ModelSpec:
@@ -458,28 +428,3 @@ def _batch(value: Any) -> BatchPolicy:
     if max_delay < 0:
         raise BadValue(f"'batch.maxDelayMs' may not be negative, got {max_delay}")
     return BatchPolicy(max_size=max_size, max_delay_ms=max_delay)
-
-
-def _read_model_bytes(fields: Mapping[str, Any], *, allow_path: bool) -> bytes:
-    has_onnx = fields.get("onnx") is not None
-    has_path = fields.get("path") is not None
-    if has_onnx == has_path:
-        raise BadValue("registerModel needs exactly one of 'onnx' (bytes) or 'path'")
-    if has_onnx:
-        data = fields["onnx"]
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise TypeMismatch(f"'onnx' must be binary data, got {_type_name(data)}")
-        if not data:
-            raise BadValue("'onnx' is empty")
-        return bytes(data)
-    path = _expect_str("path", fields["path"])
-    if not allow_path:
-        raise BadValue("'path' is not allowed here; send the model bytes in 'onnx'")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise BadValue(f"cannot read model file '{path}': {e.strerror or e}") from e
-    if not data:
-        raise BadValue(f"model file '{path}' is empty")
-    return data

@@ -1,6 +1,7 @@
 """modelgate's admin commands, one module each, in a table {name: handler}.
 
-Commands not in the table go to MongoDB as before."""
+Every handler in the table replies with a MongoDB error document when anything fails
+inside it (proxy.commands.failures). Commands not in the table go to MongoDB as before."""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ from proxy.commands import (
     model_status,
     register_model,
 )
+from proxy.commands.failures import replying_on_failure
 from proxy.session import CommandHandler
 
 __all__ = ["COMMANDS"]
 
 COMMANDS: dict[str, CommandHandler] = {
-    "registerModel": register_model.handle,
-    "listModels": list_models.handle,
-    "modelStatus": model_status.handle,
-    "dropModel": drop_model.handle,
-    "backfillModel": backfill_model.handle,
-    "cacheStatus": cache_status.handle,
+    name: replying_on_failure(name, handler)
+    for name, handler in {
+        "registerModel": register_model.handle,
+        "listModels": list_models.handle,
+        "modelStatus": model_status.handle,
+        "dropModel": drop_model.handle,
+        "backfillModel": backfill_model.handle,
+        "cacheStatus": cache_status.handle,
+    }.items()
 }
