@@ -1,8 +1,8 @@
 """The engine's error types, and the one table of MongoDB error codes modelgate uses.
 
 Each error carries MongoDB's code and codeName, so that the proxy can turn it into a
-`{ok: 0, code, codeName, errmsg}` reply without guessing and drivers raise their usual
-exceptions."""
+`{ok: 0, code, codeName, errmsg}` reply (proxy.replies.error_reply) without guessing and
+drivers raise their usual exceptions."""
 
 from __future__ import annotations
 
@@ -47,9 +47,6 @@ class ModelgateError(Exception):
     @property
     def code(self) -> int:
         return MONGODB_CODES[self.code_name]
-
-    def to_reply(self) -> dict[str, object]:
-        return {"ok": 0.0, "errmsg": self.message, "code": self.code, "codeName": self.code_name}
 
 
 class BadValue(ModelgateError):

@@ -7,7 +7,10 @@ and wire versions are kept: they are what the upstream will accept."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+from proxy.wire.compression import SUPPORTED_COMPRESSORS
 
 __all__ = ["HELLO_COMMANDS", "rewrite_hello_reply"]
 
@@ -32,10 +35,19 @@ _REPLICA_SET_FIELDS = (
 )
 
 
-def rewrite_hello_reply(reply: dict[str, Any]) -> dict[str, Any]:
-    """The hello reply a mongos would send in place of `reply`. Errors pass unchanged."""
+def rewrite_hello_reply(reply: dict[str, Any], offered: Sequence[str]) -> dict[str, Any]:
+    """The hello reply a mongos would send in place of `reply`. Errors pass unchanged.
+
+    Compression is negotiated on the proxy's own account: it agrees to whatever the
+    client `offered` that it can decompress, whatever the upstream takes, and compresses
+    the replies itself where the upstream does not take the client's compressor."""
     if not reply.get("ok"):
         return reply
     rewritten = {key: value for key, value in reply.items() if key not in _REPLICA_SET_FIELDS}
     rewritten["msg"] = "isdbgrid"
+    agreed = [name for name in offered if name in SUPPORTED_COMPRESSORS]
+    if agreed:
+        rewritten["compression"] = agreed
+    else:
+        rewritten.pop("compression", None)
     return rewritten

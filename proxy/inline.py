@@ -10,21 +10,29 @@ writeErrors index in the reply is the client's own."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import bson
 
 from engine.batching import Failure, ModelServer
 from engine.documents import FAITHFUL, MISSING, get_path, path_touches, set_path
 from engine.errors import DocumentValidationFailure
-from engine.models import ModelSet
+from engine.inputs import ImageSource
 from engine.outputs import error_record, stale_update
-from proxy.session import CommandContext, InterceptedWrite
+from proxy.replies import ReplyHook, error_reply
+from proxy.session import (
+    AnswerLocally,
+    CommandContext,
+    ForwardRewritten,
+    ForwardUnchanged,
+    WriteDecision,
+)
 from proxy.wire.opmsg import DocumentSequence, OpMsg
 
-__all__ = ["InlineWrites"]
+__all__ = ["InlineWrites", "ServedModels"]
 
 WRITE_COMMANDS = frozenset({"insert", "update", "findAndModify", "findandmodify", "bulkWrite"})
 
@@ -113,11 +121,32 @@ def _unsets_input(mods: Any, field: str) -> bool:
     return isinstance(unset, dict) and any(path_touches(key, field) for key in unset)
 
 
+class ServedModels(Protocol):
+    """What the interceptor reads of the models served (engine.models.ModelSet)."""
+
+    @property
+    def image_source(self) -> ImageSource | None: ...
+
+    @property
+    def has_inline(self) -> bool: ...
+
+    @property
+    def has_deferred(self) -> bool: ...
+
+    def inline_for(self, namespace: str) -> list[ModelServer]: ...
+
+    def deferred_for(self, namespace: str) -> list[ModelServer]: ...
+
+    def has_deferred_on(self, namespace: str) -> bool: ...
+
+
 class InlineWrites:
     """The session's WriteInterceptor: inline predictions, and a nudge to the deferred
     workers of the namespace once the upstream has acknowledged a write."""
 
-    def __init__(self, models: ModelSet, on_written: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, models: ServedModels, on_written: Callable[[str], None] | None = None
+    ) -> None:
         self.models = models
         self.on_written = on_written
 
@@ -126,46 +155,41 @@ class InlineWrites:
 
     async def intercept(
         self, context: CommandContext, command: str, message: OpMsg
-    ) -> InterceptedWrite | None:
+    ) -> WriteDecision:
         body = bson.decode(message.body, codec_options=FAITHFUL)
         if command == "bulkWrite":
             ns_info, _ = _statements(body, message, "nsInfo")
             namespaces = [str(info.get("ns")) for info in ns_info]
-            intercepted = await self._bulk_write(context, body, message, namespaces)
+            decision = await self._bulk_write(context, body, message, namespaces)
         else:
             namespaces = [f"{body.get('$db')}.{body.get(command)}"]
             servers = self.models.inline_for(namespaces[0])
             deferred = self.models.deferred_for(namespaces[0])
             if command == "update" and (servers or deferred):
-                intercepted = await self._update(context, body, message, servers, deferred)
+                decision = await self._update(context, body, message, servers, deferred)
             elif not servers:
-                intercepted = None
+                decision = ForwardUnchanged()
             elif command == "insert":
-                intercepted = await self._insert(context, body, message, servers)
+                decision = await self._insert(context, body, message, servers)
             else:
-                intercepted = await self._find_and_modify(context, body, servers)
-        return self._notify_deferred(intercepted, namespaces)
+                decision = await self._find_and_modify(context, body, servers)
+        return self._notify_deferred(decision, namespaces)
 
-    def _notify_deferred(
-        self, intercepted: InterceptedWrite | None, namespaces: list[str]
-    ) -> InterceptedWrite | None:
+    def _notify_deferred(self, decision: WriteDecision, namespaces: list[str]) -> WriteDecision:
+        """A forwarded write to a namespace with deferred models nudges their workers once
+        the upstream has acknowledged it."""
         deferred = [ns for ns in namespaces if self.models.has_deferred_on(ns)]
-        if (
-            not deferred
-            or self.on_written is None
-            or (intercepted is not None and intercepted.local_reply is not None)
-        ):
-            return intercepted
+        if not deferred or self.on_written is None or isinstance(decision, AnswerLocally):
+            return decision
         notify = self.on_written
-        inner = intercepted.reply_hook if intercepted is not None else None
+        inner = decision.reply_hook
 
         def hook(reply: dict[str, Any]) -> dict[str, Any]:
             for namespace in deferred:
                 notify(namespace)
             return inner(reply) if inner is not None else reply
 
-        message = intercepted.message if intercepted is not None else None
-        return InterceptedWrite(message, hook)
+        return dataclasses.replace(decision, reply_hook=hook)
 
     # -- the commands --------------------------------------------------------------------
 
@@ -175,7 +199,7 @@ class InlineWrites:
         body: dict[str, Any],
         message: OpMsg,
         servers: list[ModelServer],
-    ) -> InterceptedWrite:
+    ) -> WriteDecision:
         documents, in_sequence = _statements(body, message, "documents")
         targets = [_document_target(i, doc) for i, doc in enumerate(documents)]
         refusals = await self._predict(context, servers, targets)
@@ -188,7 +212,7 @@ class InlineWrites:
         message: OpMsg,
         servers: list[ModelServer],
         deferred: list[ModelServer],
-    ) -> InterceptedWrite | None:
+    ) -> WriteDecision:
         updates, in_sequence = _statements(body, message, "updates")
         targets = []
         stale = False
@@ -205,21 +229,21 @@ class InlineWrites:
             if target is not None and servers:
                 targets.append(target)
         if not targets and not stale:
-            return None
+            return ForwardUnchanged()
         refusals = await self._predict(context, servers, targets)
         return _rebuild(body, message, "updates", updates, in_sequence, refusals)
 
     async def _find_and_modify(
         self, context: CommandContext, body: dict[str, Any], servers: list[ModelServer]
-    ) -> InterceptedWrite | None:
-        mods = body.get("update")
-        if body.get("remove") or mods is None:
-            return None
-        target = _update_target(0, mods, body.get("query"), bool(body.get("upsert")))
-        refusals = await self._predict(context, servers, [target] if target else [])
+    ) -> WriteDecision:
+        upsert = bool(body.get("upsert"))
+        target = _update_target(0, body.get("update"), body.get("query"), upsert)
+        if body.get("remove") or target is None:
+            return ForwardUnchanged()
+        refusals = await self._predict(context, servers, [target])
         if refusals:
-            return InterceptedWrite(local_reply=DocumentValidationFailure(refusals[0]).to_reply())
-        return InterceptedWrite(OpMsg(0, bson.encode(body, codec_options=FAITHFUL)))
+            return AnswerLocally(error_reply(DocumentValidationFailure(refusals[0])))
+        return ForwardRewritten(OpMsg(0, bson.encode(body, codec_options=FAITHFUL)))
 
     async def _bulk_write(
         self,
@@ -227,7 +251,7 @@ class InlineWrites:
         body: dict[str, Any],
         message: OpMsg,
         namespaces: list[str],
-    ) -> InterceptedWrite | None:
+    ) -> WriteDecision:
         ops, in_sequence = _statements(body, message, "ops")
         refusals: dict[int, str] = {}
         touched = False
@@ -248,7 +272,7 @@ class InlineWrites:
                         targets.append(target)
             refusals.update(await self._predict(context, servers, targets))
         if not touched:
-            return None
+            return ForwardUnchanged()
         return _rebuild(body, message, "ops", ops, in_sequence, refusals, bulk=True)
 
     async def _predict(
@@ -305,7 +329,7 @@ def _rebuild(
     refusals: dict[int, str],
     *,
     bulk: bool = False,
-) -> InterceptedWrite:
+) -> WriteDecision:
     """The message to forward without the refused statements, and the reply hook that
     puts the refusals back into the upstream's reply at the client's indices."""
     ordered = body.get("ordered", True) is not False
@@ -317,7 +341,7 @@ def _rebuild(
         kept = [i for i in range(len(statements)) if i not in refusals]
     errors = [_write_error(i, reason, bulk) for i, reason in sorted(refusals.items())]
     if not kept:
-        return InterceptedWrite(local_reply=_empty_reply(body, errors, bulk))
+        return AnswerLocally(_empty_reply(body, errors, bulk))
     encoded = [bson.encode(statements[i], codec_options=FAITHFUL) for i in kept]
     sequences = tuple(s for s in message.sequences if s.identifier != field)
     if in_sequence:
@@ -326,7 +350,7 @@ def _rebuild(
         body[field] = [statements[i] for i in kept]
     forwarded = OpMsg(message.flags, bson.encode(body, codec_options=FAITHFUL), sequences)
     hook = (_bulk_reply_hook if bulk else _reply_hook)(kept, errors, ordered)
-    return InterceptedWrite(forwarded, hook if refusals else None)
+    return ForwardRewritten(forwarded, hook if refusals else None)
 
 
 def _write_error(index: int, reason: str, bulk: bool) -> dict[str, Any]:
@@ -358,9 +382,7 @@ def _empty_reply(body: dict[str, Any], errors: list[dict[str, Any]], bulk: bool)
     return reply
 
 
-def _reply_hook(
-    kept: list[int], errors: list[dict[str, Any]], ordered: bool
-) -> Callable[[dict[str, Any]], dict[str, Any]]:
+def _reply_hook(kept: list[int], errors: list[dict[str, Any]], ordered: bool) -> ReplyHook:
     def hook(reply: dict[str, Any]) -> dict[str, Any]:
         upstream_errors = reply.get("writeErrors") or []
         for error in upstream_errors:
@@ -377,9 +399,7 @@ def _reply_hook(
     return hook
 
 
-def _bulk_reply_hook(
-    kept: list[int], errors: list[dict[str, Any]], ordered: bool
-) -> Callable[[dict[str, Any]], dict[str, Any]]:
+def _bulk_reply_hook(kept: list[int], errors: list[dict[str, Any]], ordered: bool) -> ReplyHook:
     def hook(reply: dict[str, Any]) -> dict[str, Any]:
         cursor = reply.get("cursor")
         if not isinstance(cursor, dict):

@@ -84,8 +84,9 @@ class ProxyServer:
     async def shutdown(self, grace_period: float) -> None:
         self._accept_scope.cancel()
         log.info(
-            "shutting down: %d connections, waiting up to %gs for requests in flight",
+            "shutting down: %d connections, %d requests in flight; waiting up to %gs for them",
             len(self.sessions),
+            sum(session.requests_in_flight for session in self.sessions),
             grace_period,
         )
         with trio.move_on_after(grace_period):

@@ -5,18 +5,20 @@ moreToCome works both ways with no special case: w:0 writes simply get no reply,
 exhaust cursor's stream of replies flows as the upstream sends it. Bytes are forwarded
 untouched unless the proxy must act on a message: a hello (its reply is rewritten), a
 modelgate admin command (answered here), a write to a namespace with inline models (the
-predictions are added before it is forwarded)."""
+predictions are added before it is forwarded).
+
+Each request owed a reply has one record (`_InFlight`) from the moment it is read until
+its last reply has gone through to the client: what to do to its replies, and whether
+shutdown waits for it."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import bson
-import bson.errors
 import trio
 
 from engine.deferred import DeferredWorkers
@@ -24,38 +26,66 @@ from engine.errors import ModelgateError
 from engine.models import ModelSet
 from proxy.framed import FramedStream
 from proxy.hello import HELLO_COMMANDS, rewrite_hello_reply
-from proxy.upstream import UpstreamError, UpstreamTarget, open_upstream
-from proxy.wire.compression import (
-    SUPPORTED_COMPRESSORS,
-    Compressor,
-    compress,
-    decode_compressed,
-    decompress,
+from proxy.replies import (
+    ReplyHook,
+    decode_document,
+    encode_local_reply,
+    error_reply,
+    is_last_reply,
+    next_request_id,
+    rewrite_reply,
+    uncompressed,
 )
-from proxy.wire.errors import ProtocolError, RemoteProtocolError
+from proxy.upstream import UpstreamError, UpstreamTarget, open_upstream
+from proxy.wire.compression import Compressor, decode_compressed, decompress
+from proxy.wire.errors import ProtocolError
 from proxy.wire.framing import Frame
-from proxy.wire.header import HEADER_SIZE, MsgHeader, OpCode
+from proxy.wire.header import OpCode
 from proxy.wire.opmsg import OpMsg, command_name, decode_op_msg, encode_op_msg
-from proxy.wire.opquery import OpReply, decode_op_query, decode_op_reply, encode_op_reply
+from proxy.wire.opquery import decode_op_query
 
-__all__ = ["CommandContext", "ReplyHook", "Session", "SessionServices", "WriteInterceptor"]
+__all__ = [
+    "AnswerLocally",
+    "CommandContext",
+    "CommandHandler",
+    "ForwardRewritten",
+    "ForwardUnchanged",
+    "Session",
+    "SessionServices",
+    "WriteDecision",
+    "WriteInterceptor",
+]
 
 log = logging.getLogger(__name__)
 
-# A reply hook turns the upstream's reply document into the one the client gets.
-ReplyHook = Callable[[dict[str, Any]], dict[str, Any]]
 CommandHandler = Callable[["CommandContext", dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
-class InterceptedWrite:
-    """What the proxy does with a write it acted on: answer it here (`local_reply`, and
-    nothing is forwarded), or forward `message` (None: the original bytes), with an
-    optional hook that turns the upstream's reply into the client's."""
+class ForwardUnchanged:
+    """Forward the client's message as it came. The hook, if any, sees (and may change)
+    the upstream's reply, e.g. to learn that the write was acknowledged."""
 
-    message: OpMsg | None = None
     reply_hook: ReplyHook | None = None
-    local_reply: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ForwardRewritten:
+    """Forward `message` in place of the client's; the hook, if any, turns the
+    upstream's reply into the one the client expects."""
+
+    message: OpMsg
+    reply_hook: ReplyHook | None = None
+
+
+@dataclass(frozen=True)
+class AnswerLocally:
+    """Forward nothing and answer the client with `reply`."""
+
+    reply: dict[str, Any]
+
+
+WriteDecision = ForwardUnchanged | ForwardRewritten | AnswerLocally
 
 
 class WriteInterceptor(Protocol):
@@ -63,7 +93,7 @@ class WriteInterceptor(Protocol):
 
     async def intercept(
         self, context: CommandContext, command: str, message: OpMsg
-    ) -> InterceptedWrite | None: ...
+    ) -> WriteDecision: ...
 
 
 @dataclass
@@ -93,19 +123,23 @@ class CommandContext:
         return await self._session.upstream_command(document)
 
 
-def decode_document(data: bytes) -> dict[str, Any]:
-    try:
-        return bson.decode(data)
-    except bson.errors.BSONError as exc:
-        raise RemoteProtocolError(f"invalid BSON document: {exc}") from exc
+@dataclass(eq=False)
+class _InFlight:
+    """One request owed a reply, kept until its last reply has gone through."""
 
-
-def _namespace(name: str, body: bytes) -> str:
-    """`db.collection` (or just `db`) a command is about, for logs; never the contents."""
-    command = decode_document(body)
-    target = command.get(name)
-    database = str(command.get("$db", "?"))
-    return f"{database}.{target}" if isinstance(target, str) and target else database
+    reply_hook: ReplyHook | None = None
+    # The client's compressor, for replies the proxy compresses itself because the
+    # upstream does not take it.
+    compressor_id: int | None = None
+    # Where the reply to one of the proxy's own upstream commands goes.
+    internal: trio.MemorySendChannel[Frame] | None = None
+    # exhaustAllowed: the upstream may answer with a stream of replies (moreToCome).
+    may_stream: bool = False
+    # Shutdown waits for work in flight, but not for a hello: drivers' monitors keep an
+    # awaitable hello waiting upstream (maxAwaitTimeMS, 10 s).
+    is_work: bool = True
+    # The responseTo values under which its next reply may come (see _pass_reply).
+    reply_keys: tuple[int, ...] = ()
 
 
 def decode_command(message: OpMsg) -> dict[str, Any]:
@@ -116,20 +150,20 @@ def decode_command(message: OpMsg) -> dict[str, Any]:
     return command
 
 
+def _namespace(name: str, body: bytes) -> str:
+    """`db.collection` (or just `db`) a command is about, for logs; never the contents."""
+    command = decode_document(body)
+    target = command.get(name)
+    database = str(command.get("$db", "?"))
+    return f"{database}.{target}" if isinstance(target, str) and target else database
+
+
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     """The first exception in a (possibly nested) exception group, for the log line."""
     first: BaseException = group
     while isinstance(first, BaseExceptionGroup):
         first = first.exceptions[0]
     return first
-
-
-_REQUEST_IDS = itertools.count(1)
-
-
-def _next_request_id() -> int:
-    # Replies the proxy makes up need an id of their own; drivers only look at responseTo.
-    return next(_REQUEST_IDS) & 0x7FFFFFFF
 
 
 class _ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -144,28 +178,36 @@ class Session:
         self.services = services
         self.log = _ConnectionLog(log, {"connection_id": connection_id})
         self.upstream: FramedStream | None = None
-        self._reply_hooks: dict[int, tuple[ReplyHook, bool]] = {}
-        self._internal: dict[int, trio.MemorySendChannel[Frame]] = {}
-        # request id -> compressor the client used, for replies the proxy compresses itself
-        self._compress_replies: dict[int, int] = {}
+        # responseTo -> the request a reply answers; a stream's request is under two keys.
+        self._in_flight: dict[int, _InFlight] = {}
+        self._request_finished = trio.lowlevel.ParkingLot()
         self._upstream_compressors: frozenset[str] = frozenset()
-        self._awaiting_reply: set[int] = set()
         self._draining = False
-        self._idle = trio.Event()
-        self._idle.set()
         self._cancel_scope = trio.CancelScope()
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests still owed a reply (an exhaust stream counts once)."""
+        return len({id(request) for request in self._in_flight.values()})
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Connect to the upstream and serve the client until either side closes."""
+        try:
+            upstream = await open_upstream(self.services.upstream)
+        except UpstreamError as exc:
+            # Closing the client's connection is the network error drivers retry.
+            self.log.warning("closing client connection: %s", exc)
+            await self.client.aclose()
+            return
+        await self.serve(upstream)
+
+    async def serve(self, upstream: FramedStream) -> None:
+        """Serve the client over `upstream`, its own connection, until either side closes
+        (or `drain`/`cancel`); both connections are closed on the way out."""
+        self.upstream = upstream
         with self._cancel_scope:
-            try:
-                self.upstream = await open_upstream(self.services.upstream)
-            except UpstreamError as exc:
-                # Closing the client's connection is the network error drivers retry.
-                self.log.warning("closing client connection: %s", exc)
-                await self.client.aclose()
-                return
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_replies, nursery.cancel_scope)
@@ -179,17 +221,30 @@ class Session:
                 self.log.info("connection lost: %s", _first_leaf(group))
             finally:
                 await self.client.aclose()
-                await self.upstream.aclose()
+                await upstream.aclose()
         self.log.debug("closed")
 
     async def drain(self) -> None:
         """Stop taking requests; return once every request in flight has its reply."""
         self._draining = True
-        await self._idle.wait()
+        while any(request.is_work for request in self._in_flight.values()):
+            await self._request_finished.park()
         self._cancel_scope.cancel()
 
     def cancel(self) -> None:
         self._cancel_scope.cancel()
+
+    def _await_replies(self, request: _InFlight, *response_tos: int) -> None:
+        """Route the replies that answer any of `response_tos` to `request`; with none,
+        the request is finished and nothing of it remains."""
+        for key in request.reply_keys:
+            if self._in_flight.get(key) is request:
+                del self._in_flight[key]
+        request.reply_keys = response_tos
+        for key in response_tos:
+            self._in_flight[key] = request
+        if not response_tos:
+            self._request_finished.unpark_all()
 
     # -- client -> upstream ----------------------------------------------------------
 
@@ -207,6 +262,7 @@ class Session:
         assert self.upstream is not None
         header, payload = frame.header, frame.payload
         request_id = header.request_id
+        request = _InFlight()
         forward = frame.to_bytes()
         if header.op_code == OpCode.OP_COMPRESSED:
             compressor_id = decode_compressed(payload).compressor_id
@@ -215,108 +271,92 @@ class Session:
                 # The client compressed for us, the upstream does not take that compressor:
                 # forward the plain message and compress the reply as mongod would.
                 forward = header.encode() + payload
-                self._compress_replies[request_id] = compressor_id
+                request.compressor_id = compressor_id
         if header.op_code == OpCode.OP_MSG:
             message = decode_op_msg(header, payload)
             name = command_name(message.body)
             if self.log.isEnabledFor(logging.DEBUG):
                 self.log.debug("command %s on %s", name, _namespace(name, message.body))
-            # A hello is not work in flight: drivers' monitors keep an awaitable hello
-            # waiting upstream (maxAwaitTimeMS, 10 s), and shutdown must not wait for it.
-            if not message.more_to_come and name not in HELLO_COMMANDS:
-                self._expect_reply(request_id)
+            request.may_stream = message.exhaust_allowed
             if name in HELLO_COMMANDS:
-                self._reply_hooks[request_id] = (self._hello_hook(message.body), True)
-            elif name in self.services.commands:
-                await self._run_local_command(request_id, name, message)
+                request.reply_hook = self._hello_hook(message.body)
+                request.is_work = False
+            if not message.more_to_come:
+                self._await_replies(request, request_id)
+            if name in self.services.commands:
+                reply = await self._run_local_command(name, message)
+                await self._answer(request, request_id, message, reply)
                 return
-            elif self.services.writes is not None and self.services.writes.wants(name):
-                rewritten = await self._intercept_write(request_id, name, message)
-                if rewritten is None:
-                    return
-                forward = rewritten or forward
+            if self.services.writes is not None and self.services.writes.wants(name):
+                match await self._intercept_write(name, message):
+                    case AnswerLocally(reply):
+                        await self._answer(request, request_id, message, reply)
+                        return
+                    case ForwardRewritten(rewritten, hook):
+                        forward = encode_op_msg(rewritten, request_id, 0)
+                        request.reply_hook = hook
+                    case ForwardUnchanged(hook):
+                        request.reply_hook = hook
         elif header.op_code == OpCode.OP_QUERY:
             query = decode_op_query(payload)
-            self._expect_reply(request_id)
             if query.full_collection_name.endswith(".$cmd") and (
                 command_name(query.query) in HELLO_COMMANDS
             ):
-                self._reply_hooks[request_id] = (self._hello_hook(query.query), False)
+                request.reply_hook = self._hello_hook(query.query)
+                request.is_work = False
+            self._await_replies(request, request_id)
         await self.upstream.send(forward)
 
     def _hello_hook(self, request_body: bytes) -> ReplyHook:
-        """Rewrites the hello reply, and negotiates compression with the client on the
-        proxy's own account: whatever the client offers that the proxy can decompress."""
-        offered = decode_document(request_body).get("compression") or []
+        """Rewrites the hello reply (see proxy.hello), and notes which compressors the
+        upstream takes, so that the proxy compresses replies only where it does not."""
+        offered = decode_document(request_body).get("compression")
+        offered_names = [name for name in offered if isinstance(name, str)] if offered else []
 
         def hook(reply: dict[str, Any]) -> dict[str, Any]:
             self._upstream_compressors = frozenset(reply.get("compression") or ())
-            rewritten = rewrite_hello_reply(reply)
-            agreed = [name for name in offered if name in SUPPORTED_COMPRESSORS]
-            if agreed:
-                rewritten["compression"] = agreed
-            else:
-                rewritten.pop("compression", None)
-            return rewritten
+            return rewrite_hello_reply(reply, offered_names)
 
         return hook
 
-    def _expect_reply(self, request_id: int) -> None:
-        self._awaiting_reply.add(request_id)
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
-
-    def _replied(self, response_to: int) -> None:
-        self._awaiting_reply.discard(response_to)
-        if not self._awaiting_reply:
-            self._idle.set()
-
-    async def _run_local_command(self, request_id: int, name: str, message: OpMsg) -> None:
+    async def _run_local_command(self, name: str, message: OpMsg) -> dict[str, Any]:
         command = decode_command(message)
         self.log.info("command %s on %s", name, command.get("$db"))
         try:
-            reply = await self.services.commands[name](CommandContext(self), command)
+            return await self.services.commands[name](CommandContext(self), command)
         except ModelgateError as exc:
             self.log.info("command %s failed: %s", name, exc.message)
-            reply = exc.to_reply()
-        if not message.more_to_come:
-            await self._send_to_client(request_id, reply)
+            return error_reply(exc)
 
-    async def _intercept_write(self, request_id: int, name: str, message: OpMsg) -> bytes | None:
-        """What to forward for a write: None when nothing is, b"" for the original bytes."""
+    async def _intercept_write(self, name: str, message: OpMsg) -> WriteDecision:
         assert self.services.writes is not None
         try:
-            intercepted = await self.services.writes.intercept(CommandContext(self), name, message)
+            return await self.services.writes.intercept(CommandContext(self), name, message)
         except ModelgateError as exc:
-            intercepted = InterceptedWrite(local_reply=exc.to_reply())
-        if intercepted is None:
-            return b""
-        if intercepted.local_reply is not None:
-            if not message.more_to_come:
-                await self._send_to_client(request_id, intercepted.local_reply)
-            return None
-        if intercepted.reply_hook is not None and not message.more_to_come:
-            self._reply_hooks[request_id] = (intercepted.reply_hook, True)
-        if intercepted.message is None:
-            return b""
-        return encode_op_msg(intercepted.message, request_id, 0)
+            return AnswerLocally(error_reply(exc))
 
-    async def _send_to_client(self, response_to: int, document: dict[str, Any]) -> None:
-        reply = OpMsg(flags=0, body=bson.encode(document))
-        await self.client.send(encode_op_msg(reply, _next_request_id(), response_to))
-        self._replied(response_to)
+    async def _answer(
+        self, request: _InFlight, request_id: int, message: OpMsg, reply: dict[str, Any]
+    ) -> None:
+        """Answer a request here; a moreToCome request (w:0) gets no reply."""
+        if not message.more_to_come:
+            await self.client.send(encode_local_reply(reply, request_id))
+            self._await_replies(request)
 
     async def upstream_command(self, document: dict[str, Any]) -> dict[str, Any]:
         assert self.upstream is not None
-        request_id = _next_request_id()
-        while request_id in self._awaiting_reply:
-            request_id = _next_request_id()
+        request_id = next_request_id()
+        while request_id in self._in_flight:
+            request_id = next_request_id()
         send_channel, receive_channel = trio.open_memory_channel[Frame](1)
-        self._internal[request_id] = send_channel
+        request = _InFlight(internal=send_channel)
+        self._await_replies(request, request_id)
         try:
             await self.upstream.send(encode_op_msg(OpMsg(0, bson.encode(document)), request_id, 0))
             frame = await receive_channel.receive()
         finally:
-            del self._internal[request_id]
+            # Also when cancelled before the reply came: nothing of it stays behind.
+            self._await_replies(request)
         return decode_document(decode_op_msg(frame.header, frame.payload).body)
 
     # -- upstream -> client ----------------------------------------------------------
@@ -329,63 +369,31 @@ class Session:
                 self.log.warning("upstream closed the connection; closing the client's")
                 cancel_scope.cancel()
                 return
-            response_to = frame.header.response_to
-            internal = self._internal.get(response_to)
-            if internal is not None:
-                internal.send_nowait(frame)
-                continue
-            hook = self._reply_hooks.pop(response_to, None)
-            compressor_id = self._compress_replies.pop(response_to, None)
-            if hook is None and compressor_id is None:
-                data = frame.to_bytes()
+            request = self._in_flight.get(frame.header.response_to)
+            if request is None:
+                await self.client.send(frame.to_bytes())
+            elif request.internal is not None:
+                request.internal.send_nowait(frame)
+                self._await_replies(request)
             else:
-                data = self._transform_reply(frame, hook, compressor_id)
-            await self.client.send(data)
-            self._replied(response_to)
+                await self._pass_reply(request, frame)
 
-    def _transform_reply(
-        self, frame: Frame, hook: tuple[ReplyHook, bool] | None, compressor_id: int | None
-    ) -> bytes:
-        header, payload = frame.header, frame.payload
-        if header.op_code == OpCode.OP_COMPRESSED:
-            header, payload = decompress(header, payload)
-        if header.op_code == OpCode.OP_MSG and decode_op_msg(header, payload).more_to_come:
-            # An exhaust stream (a cursor, or streaming hello): more replies follow and
-            # are transformed the same way. mongod answers each with responseTo set to
-            # the previous reply's id; some servers keep the request's id: accept both.
-            for key in (header.request_id, header.response_to):
-                if hook is not None:
-                    self._reply_hooks[key] = hook
-                if compressor_id is not None:
-                    self._compress_replies[key] = compressor_id
-        if hook is not None:
-            payload = self._apply_hook(header, payload, *hook)
-        if compressor_id is not None:
-            return compress(
-                header.op_code, payload, compressor_id, header.request_id, header.response_to
-            )
-        return (
-            MsgHeader(
-                HEADER_SIZE + len(payload), header.request_id, header.response_to, header.op_code
-            ).encode()
-            + payload
-        )
-
-    def _apply_hook(
-        self, header: MsgHeader, payload: bytes, hook: ReplyHook, is_op_msg: bool
-    ) -> bytes:
-        """The reply's payload (bytes after the header) with the hook applied."""
-        if is_op_msg:
-            message = decode_op_msg(header, payload)
-            body = bson.encode(hook(decode_document(message.body)))
-            rewritten = OpMsg(flags=message.flags, body=body, sequences=message.sequences)
-            return encode_op_msg(rewritten, header.request_id, header.response_to)[HEADER_SIZE:]
-        reply = decode_op_reply(payload)
-        documents = tuple(bson.encode(hook(decode_document(doc))) for doc in reply.documents)
-        rewritten_reply = OpReply(
-            response_flags=reply.response_flags,
-            cursor_id=reply.cursor_id,
-            starting_from=reply.starting_from,
-            documents=documents,
-        )
-        return encode_op_reply(rewritten_reply, header.request_id, header.response_to)[HEADER_SIZE:]
+    async def _pass_reply(self, request: _InFlight, frame: Frame) -> None:
+        """Send one reply of `request` to the client, rewritten as the request needs;
+        the request is finished after its last reply."""
+        data = frame.to_bytes()
+        last = True
+        if request.reply_hook is not None or request.compressor_id is not None:
+            header, payload = uncompressed(frame)
+            last = is_last_reply(header, payload)
+            data = rewrite_reply(header, payload, request.reply_hook, request.compressor_id)
+        elif request.may_stream:
+            last = is_last_reply(*uncompressed(frame))
+        await self.client.send(data)
+        if last:
+            self._await_replies(request)
+        else:
+            # More replies follow. mongod answers each with responseTo set to the previous
+            # reply's id; some servers keep the request's id. Accept both, and only those,
+            # so that the stream's last reply leaves nothing behind.
+            self._await_replies(request, frame.header.response_to, frame.header.request_id)

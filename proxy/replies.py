@@ -1,0 +1,107 @@
+"""What the proxy sends back to a client that it did not forward byte for byte: MongoDB's
+error replies, replies it makes up, and upstream replies it rewrites (a reply hook, the
+client's compressor)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import bson
+import bson.errors
+
+from engine.errors import ModelgateError
+from proxy.wire.compression import compress, decompress
+from proxy.wire.errors import RemoteProtocolError
+from proxy.wire.framing import Frame
+from proxy.wire.header import HEADER_SIZE, MsgHeader, OpCode
+from proxy.wire.opmsg import OpMsg, decode_op_msg, encode_op_msg
+from proxy.wire.opquery import OpReply, decode_op_reply, encode_op_reply
+
+__all__ = [
+    "ReplyHook",
+    "decode_document",
+    "encode_local_reply",
+    "error_reply",
+    "is_last_reply",
+    "next_request_id",
+    "rewrite_reply",
+    "uncompressed",
+]
+
+# A reply hook turns the upstream's reply document into the one the client gets.
+ReplyHook = Callable[[dict[str, Any]], dict[str, Any]]
+
+_REQUEST_IDS = itertools.count(1)
+
+
+def next_request_id() -> int:
+    # Messages the proxy makes up need an id of their own; drivers only look at responseTo.
+    return next(_REQUEST_IDS) & 0x7FFFFFFF
+
+
+def decode_document(data: bytes) -> dict[str, Any]:
+    try:
+        return bson.decode(data)
+    except bson.errors.BSONError as exc:
+        raise RemoteProtocolError(f"invalid BSON document: {exc}") from exc
+
+
+def error_reply(error: ModelgateError) -> dict[str, Any]:
+    """MongoDB's shape for a failed command, so that drivers raise their usual exception."""
+    return {"ok": 0.0, "errmsg": error.message, "code": error.code, "codeName": error.code_name}
+
+
+def encode_local_reply(document: dict[str, Any], response_to: int) -> bytes:
+    """An OP_MSG reply the proxy answers with itself."""
+    return encode_op_msg(OpMsg(flags=0, body=bson.encode(document)), next_request_id(), response_to)
+
+
+def uncompressed(frame: Frame) -> tuple[MsgHeader, bytes]:
+    """The frame's header and payload, decompressed if it came as OP_COMPRESSED."""
+    if frame.header.op_code == OpCode.OP_COMPRESSED:
+        return decompress(frame.header, frame.payload)
+    return frame.header, frame.payload
+
+
+def is_last_reply(header: MsgHeader, payload: bytes) -> bool:
+    """False for a reply of an exhaust stream (a cursor, a streaming hello) that more
+    replies to the same request follow: an OP_MSG with moreToCome."""
+    return header.op_code != OpCode.OP_MSG or not decode_op_msg(header, payload).more_to_come
+
+
+def rewrite_reply(
+    header: MsgHeader, payload: bytes, hook: ReplyHook | None, compressor_id: int | None
+) -> bytes:
+    """The whole reply message with `hook` applied to its documents, and compressed with
+    `compressor_id` (the client's, where the upstream does not take it) if one is given."""
+    if hook is not None:
+        payload = _apply_hook(header, payload, hook)
+    if compressor_id is not None:
+        return compress(
+            header.op_code, payload, compressor_id, header.request_id, header.response_to
+        )
+    length = HEADER_SIZE + len(payload)
+    return (
+        MsgHeader(length, header.request_id, header.response_to, header.op_code).encode() + payload
+    )
+
+
+def _apply_hook(header: MsgHeader, payload: bytes, hook: ReplyHook) -> bytes:
+    """The reply's payload (bytes after the header) with the hook applied: to an OP_MSG's
+    body, or to each document of an OP_REPLY (the answer to a legacy OP_QUERY hello)."""
+    if header.op_code == OpCode.OP_REPLY:
+        reply = decode_op_reply(payload)
+        documents = tuple(bson.encode(hook(decode_document(doc))) for doc in reply.documents)
+        rewritten_reply = OpReply(
+            response_flags=reply.response_flags,
+            cursor_id=reply.cursor_id,
+            starting_from=reply.starting_from,
+            documents=documents,
+        )
+        return encode_op_reply(rewritten_reply, header.request_id, header.response_to)[HEADER_SIZE:]
+    message = decode_op_msg(header, payload)
+    body = bson.encode(hook(decode_document(message.body)))
+    rewritten = OpMsg(flags=message.flags, body=body, sequences=message.sequences)
+    return encode_op_msg(rewritten, header.request_id, header.response_to)[HEADER_SIZE:]
