@@ -277,62 +277,52 @@ class DeferredWorkers:
         self._watched: dict[str, trio.CancelScope] = {}
 
     def queue_for(self, server: ModelServer) -> WorkQueue:
-        return WorkQueue(self.client, server.model.spec, server.version, self.owner)
-
-    def namespaces(self) -> set[str]:
-        return {
-            server.model.spec.namespace
-            for server in self.models.servers.values()
-            if server.model.spec.mode == "deferred"
-        }
+        return WorkQueue.on(self.client, server.model.spec, server.version, self.owner)
 
     def kick_namespace(self, namespace: str, except_model: str | None = None) -> None:
         """Writes happened in `namespace`: wake its deferred workers."""
-        for name, worker in self.workers.items():
-            server = self.models.get(name)
-            if (
-                name != except_model
-                and server is not None
-                and (server.model.spec.namespace == namespace)
-            ):
+        for server in self.models.deferred_for(namespace):
+            name = server.model.spec.name
+            worker = self.workers.get(name)
+            if worker is not None and name != except_model:
                 worker.kick()
 
-    async def run(self, *, poll_interval: float = 0.5) -> None:
+    async def run(self) -> None:
+        """Follow the model set: a worker (and a change stream) for each deferred model,
+        started as soon as it is served and stopped as soon as it is dropped."""
         async with trio.open_nursery() as nursery:
             while True:
                 self._sync_workers(nursery)
-                await trio.sleep(poll_interval)
+                await self.models.next_change()
 
     def _sync_workers(self, nursery: trio.Nursery) -> None:
-        deferred = {
-            name
-            for name, server in self.models.servers.items()
-            if server.model.spec.mode == "deferred"
-        }
-        for name in deferred - set(self.workers):
-            worker = ModelWorker(self, name)
-            self.workers[name] = worker
-            nursery.start_soon(self._run_worker, worker)
-            worker.kick()  # a new model (or version) backfills at once
-        for name in set(self.workers) - deferred:
+        deferred = self.models.deferred_models()
+        for name in set(self.workers) - set(deferred):
             self._scopes.pop(name).cancel()
             del self.workers[name]
+        for name in set(deferred) - set(self.workers):
+            worker = self.workers[name] = ModelWorker(self, name)
+            self._scopes[name] = trio.CancelScope()
+            nursery.start_soon(self._run_worker, worker, self._scopes[name])
+        for worker in self.workers.values():
+            # A new model, or a new version of one, backfills at once; for the others
+            # an extra wake-up costs one claim that finds nothing.
+            worker.kick()
         if self.settings.change_streams:
-            namespaces = self.namespaces()
+            namespaces = self.models.deferred_namespaces()
             for namespace in namespaces - set(self._watched):
                 self._watched[namespace] = trio.CancelScope()
                 nursery.start_soon(self._watch, namespace, self._watched[namespace])
             for namespace in set(self._watched) - namespaces:
                 self._watched.pop(namespace).cancel()
 
-    async def _run_worker(self, worker: ModelWorker) -> None:
-        scope = trio.CancelScope()
-        self._scopes[worker.name] = scope
+    async def _run_worker(self, worker: ModelWorker, scope: trio.CancelScope) -> None:
         with scope:
             await worker.run()
+        # The worker returns by itself when it finds its model gone before this sync.
         if self.workers.get(worker.name) is worker:
             del self.workers[worker.name]
-            self._scopes.pop(worker.name, None)
+            del self._scopes[worker.name]
 
     async def _watch(self, namespace: str, scope: trio.CancelScope) -> None:
         """Wake the namespace's workers on every write, whoever made it. If the change
@@ -377,15 +367,17 @@ class DeferredWorkers:
             *(description.get("updatedFields") or {}),
             *(description.get("removedFields") or []),
         ]
-        queues = []
-        for server in self.models.servers.values():
-            spec = server.model.spec
-            if spec.mode != "deferred" or spec.namespace != namespace:
-                continue
-            if operation == "replace" or any(path_touches(p, spec.input_field) for p in paths):
-                queues.append(self.queue_for(server))
-        return queues
+        return [
+            self.queue_for(server)
+            for server in self.models.deferred_for(namespace)
+            if operation == "replace"
+            or any(path_touches(path, server.model.spec.input_field) for path in paths)
+        ]
 
-    def status(self, name: str) -> dict[str, Any] | None:
-        worker = self.workers.get(name)
-        return None if worker is None else worker.status()
+    async def status(self, server: ModelServer) -> dict[str, Any]:
+        """The deferred part of modelStatus: the model's queue, as every process sees it,
+        and this process's worker (a worker not started yet reads as a new one: idle)."""
+        name = server.model.spec.name
+        worker = self.workers.get(name) or ModelWorker(self, name)
+        queue = self.queue_for(server)
+        return {**await trio.to_thread.run_sync(queue.status), **worker.status()}

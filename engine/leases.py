@@ -56,25 +56,47 @@ class Claimed:
 
 
 class WorkQueue:
-    """The pending work of one deferred model (one spec and version)."""
+    """The pending work of one deferred model (one spec and version): over the model's
+    collection and the bookkeeping collections above, which `on` opens on a client."""
 
     def __init__(
         self,
-        client: pymongo.MongoClient[dict[str, Any]],
         spec: ModelSpec,
         version: int,
         owner: str,
+        *,
+        collection: Collection[dict[str, Any]],
+        leases: Collection[dict[str, Any]],
+        failures: Collection[dict[str, Any]],
+        stats: Collection[dict[str, Any]],
     ) -> None:
         self.spec = spec
         self.version = version
         self.owner = owner
-        self.collection: Collection[dict[str, Any]] = client[spec.db].get_collection(
-            spec.collection, codec_options=FAITHFUL
-        )
+        self.collection = collection
+        self.leases = leases
+        self.failures = failures
+        self.stats = stats
+
+    @classmethod
+    def on(
+        cls,
+        client: pymongo.MongoClient[dict[str, Any]],
+        spec: ModelSpec,
+        version: int,
+        owner: str,
+    ) -> WorkQueue:
+        """The queue of `spec` (at `version`) on the upstream `client` talks to."""
         meta = client[DATABASE]
-        self.leases = meta.deferred_leases
-        self.failures = meta.deferred_failures
-        self.stats = meta.deferred_stats
+        return cls(
+            spec,
+            version,
+            owner,
+            collection=client[spec.db].get_collection(spec.collection, codec_options=FAITHFUL),
+            leases=meta.deferred_leases,
+            failures=meta.deferred_failures,
+            stats=meta.deferred_stats,
+        )
 
     # -- what is pending ---------------------------------------------------------------
 
@@ -276,9 +298,7 @@ class WorkQueue:
                 ]
             }
         )
-        live = list(
-            self.leases.find({"model": self.spec.name, "expires": {"$gt": now}}, {"owner": 1})
-        )
+        live = self._in_progress(now)
         oldest = self.collection.find_one(self.pending_filter(), {"_id": 1}, sort=[("_id", 1)])
         lag = None
         if oldest is not None and hasattr(oldest["_id"], "generation_time"):
@@ -295,6 +315,30 @@ class WorkQueue:
             "leaseHolders": sorted({lease["owner"] for lease in live}),
             "duplicates": int(counters.get("duplicates", 0)),
         }
+
+    def _in_progress(self, now: datetime.datetime) -> list[dict[str, Any]]:
+        """The live leases whose document still waits for this version's output. A lease
+        on a finished document is not work in progress: its batch was written and is
+        about to be released, or its holder died after writing (it lingers until it
+        expires)."""
+        live = list(
+            self.leases.find(
+                {"model": self.spec.name, "expires": {"$gt": now}}, {"owner": 1, "doc": 1}
+            )
+        )
+        if not live:
+            return []
+        finished = {
+            doc["_id"]
+            for doc in self.collection.find(
+                {
+                    "_id": {"$in": [lease["doc"] for lease in live]},
+                    f"{self.spec.output_field}.version": self.version,
+                },
+                {"_id": 1},
+            )
+        }
+        return [lease for lease in live if lease["doc"] not in finished]
 
     def mark_changed(self, doc_id: Any) -> None:
         """A document's input changed: its output (if any) is pending again."""

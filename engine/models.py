@@ -3,45 +3,59 @@
 Every modelgate process on an upstream keeps its ModelSet in step with the registry by
 polling it, so a model registered through one proxy is served by all of them, and a
 restarted proxy serves what was registered before. Switching to a new version replaces
-one dictionary entry: requests in flight keep the ModelServer they started with."""
+one dictionary entry: requests in flight keep the ModelServer they started with.
+
+Whoever must follow the set (the deferred workers) waits on `next_change` rather than
+polling it: every install and removal wakes them."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Protocol
 
-import pymongo
 import trio
 
 from engine.batching import ModelServer
 from engine.errors import ModelgateError
 from engine.inputs import ImageSource
-from engine.registry import ModelRecord, ModelRegistry
+from engine.registry import ModelRecord
 from engine.runtime import CompiledModel, RuntimeSettings, load_model
 from engine.spec import ModelSpec
 
-__all__ = ["ModelSet"]
+__all__ = ["ModelSet", "Registry"]
 
 log = logging.getLogger(__name__)
+
+
+class Registry(Protocol):
+    """What the model set needs of the registry: engine.registry.ModelRegistry in the
+    proxy (synchronous, called from worker threads); an in-memory one in unit tests."""
+
+    def register(self, spec: ModelSpec, onnx_bytes: bytes) -> ModelRecord: ...
+    def drop(self, name: str) -> ModelRecord: ...
+    def get(self, name: str) -> ModelRecord: ...
+    def current(self) -> list[ModelRecord]: ...
+    def onnx_bytes(self, record: ModelRecord) -> bytes: ...
 
 
 class ModelSet:
     def __init__(
         self,
-        client: pymongo.MongoClient[dict[str, Any]],
+        registry: Registry,
         runtime: RuntimeSettings,
         *,
         image_source: ImageSource | None = None,
     ) -> None:
-        self.registry = ModelRegistry(client)
+        self.registry = registry
         self.runtime = runtime
         self.image_source = image_source
         self.limiter = trio.CapacityLimiter(runtime.max_concurrent_runs)
         self.servers: dict[str, ModelServer] = {}
         self.records: dict[str, ModelRecord] = {}
         self._inline: dict[str, list[ModelServer]] = {}
-        self._deferred: frozenset[str] = frozenset()
+        self._deferred: dict[str, list[ModelServer]] = {}
         self._refresh_lock = trio.Lock()
+        self._changed = trio.Event()
 
     # -- lookups used on every write ---------------------------------------------------
 
@@ -60,16 +74,26 @@ class ModelSet:
         return namespace in self._deferred
 
     def deferred_for(self, namespace: str) -> list[ModelServer]:
-        if namespace not in self._deferred:
-            return []
-        return [
-            server
-            for server in self.servers.values()
-            if server.model.spec.mode == "deferred" and server.model.spec.namespace == namespace
-        ]
+        return self._deferred.get(namespace, [])
+
+    def deferred_namespaces(self) -> set[str]:
+        return set(self._deferred)
+
+    def deferred_models(self) -> dict[str, ModelServer]:
+        """Every deferred model served, by name."""
+        return {
+            server.model.spec.name: server
+            for servers in self._deferred.values()
+            for server in servers
+        }
 
     def get(self, name: str) -> ModelServer | None:
         return self.servers.get(name)
+
+    async def next_change(self) -> None:
+        """Return once a model is installed, replaced or removed. A caller that looks at
+        the set and then waits here misses nothing: there is no checkpoint between."""
+        await self._changed.wait()
 
     # -- changes -------------------------------------------------------------------------
 
@@ -146,12 +170,13 @@ class ModelSet:
         self._reindex()
 
     def _reindex(self) -> None:
+        """Rebuild the per-namespace lookups after a change, and announce the change."""
         inline: dict[str, list[ModelServer]] = {}
-        deferred = set()
+        deferred: dict[str, list[ModelServer]] = {}
         for server in self.servers.values():
-            if server.model.spec.mode == "inline":
-                inline.setdefault(server.model.spec.namespace, []).append(server)
-            else:
-                deferred.add(server.model.spec.namespace)
+            by_mode = inline if server.model.spec.mode == "inline" else deferred
+            by_mode.setdefault(server.model.spec.namespace, []).append(server)
         self._inline = inline
-        self._deferred = frozenset(deferred)
+        self._deferred = deferred
+        self._changed.set()
+        self._changed = trio.Event()

@@ -14,6 +14,7 @@ from engine.cache import ImageCache
 from engine.deferred import DeferredWorkers
 from engine.fetch import Fetcher
 from engine.models import ModelSet
+from engine.registry import ModelRegistry
 from proxy.commands import COMMANDS
 from proxy.inline import InlineWrites
 from proxy.server import ProxyServer, listener_tls_context
@@ -41,7 +42,7 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
     )
     cache = ImageCache(settings.image_cache_dir, settings.cache_size)
     fetcher = Fetcher(settings.fetch, cache)
-    models = ModelSet(own_client, settings.runtime, image_source=fetcher)
+    models = ModelSet(ModelRegistry(own_client), settings.runtime, image_source=fetcher)
     deferred = DeferredWorkers(models, own_client, settings.deferred)
     services = SessionServices(
         upstream=target,

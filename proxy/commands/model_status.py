@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import trio
-
 from engine.errors import ModelNotFound
 from engine.spec import ImagePreprocess
 from proxy.commands.cache_status import image_stats
@@ -13,14 +11,6 @@ from proxy.commands.common import models_of, require_admin_db, string_arg
 from proxy.session import CommandContext
 
 __all__ = ["handle"]
-
-IDLE_WORKER: dict[str, Any] = {
-    "paused": False,
-    "pausedReason": None,
-    "throughputPerSecond": 0.0,
-    "processedHere": 0,
-    "duplicatesHere": 0,
-}
 
 
 async def handle(context: CommandContext, command: dict[str, Any]) -> dict[str, Any]:
@@ -43,10 +33,5 @@ async def handle(context: CommandContext, command: dict[str, Any]) -> dict[str, 
     if isinstance(record.spec.preprocess, ImagePreprocess):
         status["images"] = await image_stats(context)
     if record.spec.mode == "deferred" and context.deferred is not None:
-        queue = context.deferred.queue_for(server)
-        status["deferred"] = {
-            **await trio.to_thread.run_sync(queue.status),
-            # This process's worker may not be started yet (it syncs every 0.5 s).
-            **(context.deferred.status(name) or IDLE_WORKER),
-        }
+        status["deferred"] = await context.deferred.status(server)
     return status

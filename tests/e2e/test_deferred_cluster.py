@@ -13,6 +13,7 @@ import pymongo
 import pytest
 
 from bench.support import onnx_models
+from bench.support.image_server import ImageServer
 from proxy.embedded import EmbeddedUpstream
 from tests.e2e.test_deferred import Stack, expected_label, one_hot, output_of, wait_for
 
@@ -111,28 +112,44 @@ def test_three_proxies_share_the_work(stack: Stack) -> None:
 
 def test_a_batch_that_outlasts_its_lease_is_not_done_twice(stack: Stack) -> None:
     """Leases are renewed while their batch runs: with 2 s leases and one claim's worth of
-    documents that keeps the model busy for several leases, the second process waits
-    instead of taking the batch over and predicting it again."""
+    documents whose images take longer than three leases to come, the second process
+    waits instead of taking the batch over and predicting it again.
+
+    The slowness is the image server's, not the model's: every image answers after a
+    fixed delay, however fast the machine."""
     lease = 2.0
-    model = onnx_models.slow_model(1024, 800)
-    # At most one claim (256): the first process to look takes them all in one batch.
-    count = onnx_models.slow_model_documents(
-        model, 8 * lease, ["CPUExecutionProvider"], least=16, most=256
-    )
-    raw = stack.up.db.items
-    raw.insert_many([{"i": i, "x": [1.0]} for i in range(count)])
-    for _ in range(2):
-        # One onnxruntime thread: a core stays free for the upstream, which must answer
-        # the renewals in time (with both cores on the model, one took 0.8 s here).
-        stack.add_proxy("--lease-seconds", str(lease), "--intra-op-threads", "1")
-    started = time.monotonic()
-    stack.register(MODEL, "db.items", model, postprocess={"kind": "raw"})
-    wait_for(
-        lambda: raw.count_documents({f"{OUT}.version": 1}) == count,
-        timeout=120,
-        what=f"{count} slow predictions",
-    )
-    assert time.monotonic() - started > 3 * lease, "the batch did not outlast its lease"
+    count = 16  # one claim (256) takes them all: the first process to look has the batch
+    with ImageServer(slow_seconds=3.5 * lease) as images:
+        raw = stack.up.db.items
+        raw.insert_many([{"i": i, "img": images.url(f"/slow?i={i}")} for i in range(count)])
+        for _ in range(2):
+            stack.add_proxy(
+                "--lease-seconds",
+                str(lease),
+                "--fetch-allow-private",
+                # The wait is the point; the fetch must not give up on it.
+                "--fetch-read-timeout",
+                "60",
+                "--fetch-timeout",
+                "60",
+            )
+        started = time.monotonic()
+        stack.register(
+            MODEL,
+            "db.items",
+            onnx_models.image_classifier(channels=1, size=(28, 28)),
+            input="img",
+            preprocess={"kind": "image", "size": [28, 28], "mode": "L"},
+            postprocess={"kind": "classify", "labels": ["black", "white"]},
+        )
+        wait_for(
+            lambda: raw.count_documents({f"{OUT}.version": 1}) == count,
+            timeout=120,
+            what=f"{count} slow predictions",
+        )
+        assert time.monotonic() - started > 3 * lease, "the batch did not outlast its lease"
+        # Each image was fetched once: no second process fetched it again to redo it.
+        assert images.count("/slow") == count
     for proxy in stack.proxies:
         assert "expired leases taken over" not in proxy.log_text()
     assert stack.status(MODEL)["duplicates"] == 0

@@ -1,0 +1,230 @@
+"""The deferred queue's lease and claim logic (engine/leases.py) against in-memory
+collections (tests/engine/fake_collection.py): two WorkQueues with different owners
+stand for two modelgate processes on one upstream.
+
+Leases that expire are made with a negative lease time (already expired when written),
+so no test waits for a clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from engine.leases import WorkQueue
+from engine.spec import ModelSpec, RawPostprocess, TensorPreprocess
+from tests.engine.fake_collection import FakeCollection
+
+SPEC = ModelSpec(
+    name="m",
+    namespace="db.items",
+    input_field="x",
+    output_field="_outputs.m",
+    mode="deferred",
+    preprocess=TensorPreprocess(),
+    postprocess=RawPostprocess(),
+)
+OUT = "_outputs.m"
+LONG = 600.0  # a lease that outlives any test
+EXPIRED = -1.0  # a lease already expired when it is written
+
+
+@dataclass
+class Upstream:
+    """The model's collection and the bookkeeping collections, shared by all queues."""
+
+    collection: FakeCollection = field(default_factory=FakeCollection)
+    leases: FakeCollection = field(default_factory=FakeCollection)
+    failures: FakeCollection = field(default_factory=FakeCollection)
+    stats: FakeCollection = field(default_factory=FakeCollection)
+
+    def queue(self, owner: str, version: int = 1) -> WorkQueue:
+        return WorkQueue(
+            SPEC,
+            version,
+            owner,
+            collection=self.collection,  # type: ignore[arg-type]
+            leases=self.leases,  # type: ignore[arg-type]
+            failures=self.failures,  # type: ignore[arg-type]
+            stats=self.stats,  # type: ignore[arg-type]
+        )
+
+    def output(self, doc_id: int) -> Any:
+        (document,) = [doc for doc in self.collection.documents if doc["_id"] == doc_id]
+        return document.get("_outputs", {}).get("m")
+
+    def counters(self) -> dict[str, Any]:
+        return self.stats.find_one({"_id": SPEC.name}) or {}
+
+
+@pytest.fixture
+def upstream() -> Upstream:
+    created = Upstream()
+    created.collection.documents = [{"_id": i, "group": i % 2, "x": [float(i)]} for i in range(10)]
+    return created
+
+
+def ids(documents: list[dict[str, Any]]) -> list[Any]:
+    return [doc["_id"] for doc in documents]
+
+
+def predict(queue: WorkQueue, documents: list[dict[str, Any]], tag: str = "") -> list[Any]:
+    """(document, output) pairs as a worker would write them."""
+    return [(doc, {"value": doc["x"], "by": tag, "version": queue.version}) for doc in documents]
+
+
+def finish(queue: WorkQueue, limit: int = 100) -> list[Any]:
+    """Claim and write everything pending; the ids done."""
+    claimed = queue.claim(limit, LONG)
+    queue.write_outputs(claimed, predict(queue, claimed.documents))
+    return ids(claimed.documents)
+
+
+# -- claims ------------------------------------------------------------------------------
+
+
+def test_claims_split_pending_documents_between_owners(upstream: Upstream) -> None:
+    a, b = upstream.queue("a"), upstream.queue("b")
+    first = a.claim(4, LONG)
+    assert first.documents == [{"_id": i, "x": [float(i)]} for i in range(4)]
+    assert first.scanned_to == 3
+    second = b.claim(4, LONG)
+    assert ids(second.documents) == [4, 5, 6, 7]
+    rest = b.claim(4, LONG, after=second.scanned_to)
+    assert ids(rest.documents) == [8, 9]
+    # Everything is held: nothing for anyone, and nothing was taken over.
+    held = a.claim(4, LONG)
+    assert held.documents == []
+    assert held.scanned_to is not None
+    assert held.taken_over == 0
+    assert upstream.queue("c").status()["leaseHolders"] == ["a", "b"]
+
+
+def test_a_claim_with_nothing_pending_says_so(upstream: Upstream) -> None:
+    queue = upstream.queue("a")
+    assert finish(queue) == list(range(10))
+    nothing = queue.claim(4, LONG)
+    assert nothing.documents == []
+    assert nothing.scanned_to is None
+
+
+def test_a_renewed_lease_is_not_taken_over(upstream: Upstream) -> None:
+    a, b = upstream.queue("a"), upstream.queue("b")
+    claimed = a.claim(4, EXPIRED)
+    a.renew(claimed, LONG)
+    other = b.claim(10, LONG)
+    assert other.taken_over == 0
+    assert ids(other.documents) == [4, 5, 6, 7, 8, 9]
+
+
+def test_expired_leases_are_taken_over(upstream: Upstream) -> None:
+    a, b = upstream.queue("a"), upstream.queue("b")
+    a.claim(4, EXPIRED)  # a dies with these
+    other = b.claim(10, LONG)
+    assert other.taken_over == 4
+    assert ids(other.documents) == list(range(10))
+    assert {lease["owner"] for lease in upstream.leases.documents} == {"b"}
+
+
+def test_a_document_waits_for_its_retry_time_then_gets_an_error_record(
+    upstream: Upstream,
+) -> None:
+    queue = upstream.queue("a")
+    claimed = queue.claim(1, LONG)
+    (document,) = claimed.documents
+    assert queue.record_failures([(document, "bad input")], LONG, max_attempts=2) == []
+    queue.release(claimed)
+    assert 0 not in ids(queue.claim(10, LONG).documents)  # waiting for its retry
+    assert queue.status()["retrying"] == 1
+    exhausted = queue.record_failures([(document, "bad input")], LONG, max_attempts=2)
+    assert exhausted == [(document, "bad input", 2)]
+
+
+# -- results -----------------------------------------------------------------------------
+
+
+def test_results_are_written_only_where_the_input_is_unchanged(upstream: Upstream) -> None:
+    queue = upstream.queue("a")
+    claimed = queue.claim(4, LONG)
+    # Document 1 is updated while the batch runs: its prediction is of the old input.
+    upstream.collection.update_one({"_id": 1}, {"$set": {"x": [100.0]}})
+    duplicates = queue.write_outputs(claimed, predict(queue, claimed.documents))
+    assert duplicates == 0
+    assert upstream.output(1) is None
+    for doc_id in (0, 2, 3):
+        assert upstream.output(doc_id) == {"value": [float(doc_id)], "by": "", "version": 1}
+    assert upstream.leases.documents == []  # the batch is released
+    assert upstream.counters()["done"] == 3
+    # Still pending, with its new input.
+    assert upstream.queue("b").claim(1, LONG).documents == [{"_id": 1, "x": [100.0]}]
+
+
+def test_work_done_twice_is_counted_and_not_overwritten(upstream: Upstream) -> None:
+    a, b = upstream.queue("a"), upstream.queue("b")
+    slow = a.claim(4, EXPIRED)
+    fast = b.claim(4, LONG)
+    assert fast.taken_over == 4
+    assert b.write_outputs(fast, predict(b, fast.documents, "b")) == 0
+    assert a.write_outputs(slow, predict(a, slow.documents, "a")) == 4
+    assert [upstream.output(i)["by"] for i in range(4)] == ["b"] * 4
+    counters = upstream.counters()
+    assert counters["duplicates"] == 4
+    assert counters["done"] == 4
+
+
+def test_a_new_version_makes_every_output_pending(upstream: Upstream) -> None:
+    assert finish(upstream.queue("a", version=1)) == list(range(10))
+    newer = upstream.queue("a", version=2)
+    assert newer.status()["pending"] == 10
+    assert finish(newer) == list(range(10))
+    assert {upstream.output(i)["version"] for i in range(10)} == {2}
+
+
+# -- making outputs pending again ----------------------------------------------------------
+
+
+def test_mark_changed_makes_one_output_pending_again(upstream: Upstream) -> None:
+    queue = upstream.queue("a")
+    finish(queue, limit=5)  # documents 0..4 have outputs
+    queue.mark_changed(0)
+    queue.mark_changed(7)  # no output yet: nothing to make stale
+    assert upstream.output(0) == {"value": [0.0], "by": "", "backfillOf": 1}
+    assert upstream.output(7) is None
+    assert ids(queue.claim(100, LONG).documents) == [0, 5, 6, 7, 8, 9]
+
+
+def test_mark_stale_recomputes_the_outputs_that_match(upstream: Upstream) -> None:
+    queue = upstream.queue("a")
+    finish(queue, limit=6)  # documents 0..5 have outputs
+    assert queue.mark_stale({"group": 0}) == 3  # 0, 2 and 4 (6, 8 had none)
+    assert ids(queue.claim(100, LONG).documents) == [0, 2, 4, 6, 7, 8, 9]
+    assert upstream.output(1)["version"] == 1
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+def test_status_counts_a_lease_in_progress_only_while_its_document_is_pending(
+    upstream: Upstream,
+) -> None:
+    a = upstream.queue("a")
+    claimed = a.claim(4, LONG)
+    status = a.status()
+    assert status["inProgress"] == 4
+    assert status["leaseHolders"] == ["a"]
+    assert status["pending"] == 10
+    # The outputs are stored, the leases not released yet (between the bulk write and
+    # the release, or a holder killed in that moment): finished, not in progress.
+    done = [doc["_id"] for doc in claimed.documents[:3]]
+    for doc_id in done:
+        upstream.collection.update_one({"_id": doc_id}, {"$set": {OUT: {"version": 1}}})
+    status = a.status()
+    assert status["inProgress"] == 1
+    assert status["leaseHolders"] == ["a"]
+    assert status["done"] == 3
+    assert status["pending"] == 7
+    upstream.collection.update_one({"_id": 3}, {"$set": {OUT: {"version": 1}}})
+    status = a.status()
+    assert status["inProgress"] == 0
+    assert status["leaseHolders"] == []
