@@ -32,6 +32,7 @@ import bson
 
 from bench.harness import add_common_arguments, finish, format_table
 from bench.support.processes import BENCH_PROXY_ARGS, BenchError, ProxyProcess, connect, upstream
+from bench.support.registration import register_bench_model
 from engine.stats import percentile
 
 __all__ = ["main", "run"]
@@ -62,22 +63,18 @@ def _cluster(
         yield uri, proxies
 
 
-def _register(admin: Any, model: Any, scratch: Path) -> None:
-    command: dict[str, Any] = {
-        "registerModel": MODEL_NAME,
-        "collection": f"{DB_NAME}.items",
-        "input": INPUT_FIELD,
-        "mode": "deferred",
-        "preprocess": model.preprocess,
-        "postprocess": model.postprocess,
-    }
-    if len(model.onnx) < 15 * 1024 * 1024:
-        command["onnx"] = bson.Binary(model.onnx)
-    else:
-        path = scratch / f"{model.name}.onnx"
-        path.write_bytes(model.onnx)
-        command["path"] = str(path)
-    admin.command(command)
+def _register(client: Any, model: Any, scratch: Path) -> None:
+    register_bench_model(
+        client,
+        MODEL_NAME,
+        model.onnx,
+        scratch,
+        collection=f"{DB_NAME}.items",
+        input=INPUT_FIELD,
+        mode="deferred",
+        preprocess=model.preprocess,
+        postprocess=model.postprocess,
+    )
 
 
 def _documents(images: Sequence[bytes], start: int, count: int) -> list[dict[str, Any]]:
@@ -215,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with _cluster(args.upstream, processes, proxy_args, scratch) as (uri, proxies):
                     with connect(proxies[0].uri) as admin_client:
                         admin_client[DB_NAME].drop_collection("items")
-                        _register(admin_client.admin, model, scratch)
+                        _register(admin_client, model, scratch)
                         time.sleep(1.5)  # every process's worker is up
                         fast = catch_up(proxies[0].uri, uri, images, docs, args.poll, args.timeout)
                         admin_client[DB_NAME].drop_collection("items")

@@ -28,13 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import bson
 import numpy as np
 
 from bench.bench_cache import _lookup_rate
 from bench.harness import add_common_arguments, finish, format_table, machine_info
 from bench.support.image_server import serve_files_in_process
 from bench.support.processes import BenchError, bench_stack, connect, redact_uri
+from bench.support.registration import register_bench_model
 from engine.stats import percentile
 from proxy.settings import positive
 
@@ -43,7 +43,6 @@ __all__ = ["SUMMARY", "main"]
 SUMMARY = "images/s of an inline model on image URLs: cold cache, warm cache, local disk"
 
 DB_NAME = "bench_images"
-MAX_INLINE_ONNX_BYTES = 16 * 1024 * 1024 - 64 * 1024
 
 
 # --------------------------------------------------------------------------- models
@@ -77,23 +76,19 @@ def _models(names: Sequence[str]) -> list[Any]:
     return built
 
 
-def _register(admin: Any, model: Any, name: str, scratch: Path) -> None:
-    command: dict[str, Any] = {
-        "registerModel": name,
-        "collection": f"{DB_NAME}.{name}",
-        "input": "img",
-        "mode": "inline",
-        "onError": "record",
-        "preprocess": model.preprocess,
-        "postprocess": model.postprocess,
-    }
-    if len(model.onnx) <= MAX_INLINE_ONNX_BYTES:
-        command["onnx"] = bson.Binary(model.onnx)
-    else:
-        path = scratch / f"{name}.onnx"
-        path.write_bytes(model.onnx)
-        command["path"] = str(path)
-    admin.command(command)
+def _register(client: Any, model: Any, name: str, scratch: Path) -> None:
+    register_bench_model(
+        client,
+        name,
+        model.onnx,
+        scratch,
+        collection=f"{DB_NAME}.{name}",
+        input="img",
+        mode="inline",
+        on_error="record",
+        preprocess=model.preprocess,
+        postprocess=model.postprocess,
+    )
 
 
 # --------------------------------------------------------------------------- runs
@@ -187,8 +182,8 @@ def _run_model(
     name = model.name.replace("-", "_")
     urls = [f"{server_base}/img/{path.stem}.png" for path in files]
     with connect(proxy_uri, maxPoolSize=max(8, args.concurrency * 2)) as client:
+        _register(client, model, name, scratch)
         admin = client.admin
-        _register(admin, model, name, scratch)
         _, before = _status(admin, name)
         cold = _insert_all(client, name, urls, args.concurrency)
         status, after_cold = _status(admin, name)

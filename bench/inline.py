@@ -43,15 +43,13 @@ import pymongo
 from bench.harness import add_common_arguments, finish, format_table, machine_info, summarize
 from bench.models import MODELS, BenchModel, build_model, noise_pngs
 from bench.support.processes import DIRECT, PROXY, BenchError, bench_stack, connect, redact_uri
+from bench.support.registration import register_bench_model
 
 __all__ = ["Mode", "main", "measure_baseline", "run"]
 
 DB_NAME = "modelgate_bench_inline"
 INPUT_FIELD = "img"
 BASELINE_BATCHES = (1, 8, 32, 64)
-# pymongo refuses a command larger than maxBsonObjectSize + 16 KiB; a model above this
-# is registered by `path` (the proxy runs on this machine) instead of as bytes.
-MAX_INLINE_ONNX_BYTES = 16 * 1024 * 1024 - 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -345,31 +343,25 @@ def drive_inserts(
 
 
 def _register(
-    admin: Any,
+    client: pymongo.MongoClient[Any],
     model: BenchModel,
     name: str,
     collection: str,
     args: argparse.Namespace,
     scratch: Path,
 ) -> dict[str, Any]:
-    command: dict[str, Any] = {
-        "registerModel": name,
-        "collection": f"{DB_NAME}.{collection}",
-        "input": INPUT_FIELD,
-        "mode": "inline",
-        "preprocess": model.preprocess,
-        "postprocess": model.postprocess,
-        "batch": {"maxSize": args.max_batch, "maxDelayMs": args.max_delay_ms},
-    }
-    if len(model.onnx) <= MAX_INLINE_ONNX_BYTES:
-        command["onnx"] = bson.Binary(model.onnx)
-    else:
-        path = scratch / f"{model.name}.onnx"
-        if not path.exists():
-            path.write_bytes(model.onnx)
-        command["path"] = str(path)
-    reply: dict[str, Any] = admin.command(command)
-    return reply
+    return register_bench_model(
+        client,
+        name,
+        model.onnx,
+        scratch,
+        collection=f"{DB_NAME}.{collection}",
+        input=INPUT_FIELD,
+        mode="inline",
+        preprocess=model.preprocess,
+        postprocess=model.postprocess,
+        batch={"maxSize": args.max_batch, "maxDelayMs": args.max_delay_ms},
+    )
 
 
 def _model_counters(admin: Any, name: str) -> dict[str, Any]:
@@ -399,7 +391,7 @@ def _inline_run(
     proxy_clients = pools[PROXY].clients[:concurrency]
     admin = proxy_clients[0].admin
     direct = pools[DIRECT].clients[0]
-    reply = _register(admin, model, name, collection, args, scratch)
+    reply = _register(proxy_clients[0], model, name, collection, args, scratch)
     providers = list(reply.get("providers", []))
     try:
         if requested and (not providers or providers[0] != requested[0]):

@@ -1,39 +1,47 @@
-"""Publishing a model from Python: export a torch module to ONNX and register it.
+"""Publishing a model from Python: export a torch module to ONNX, register it, and
+list, inspect, backfill and drop models.
 
-The registration helpers send modelgate's admin commands through any pymongo client
-pointed at modelgate, so errors arrive as pymongo's usual `OperationFailure`. torch is
-an optional extra (`pip install 'modelgate[train]'`), imported only by `export_onnx`."""
+The helpers send modelgate's admin commands through any pymongo client pointed at
+modelgate, so errors arrive as pymongo's usual `OperationFailure`. torch is an optional
+extra (`pip install 'modelgate[train]'`), imported only by `export_onnx`."""
 
 from __future__ import annotations
 
 import io
+import time
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import bson
 
+from modelgate._torch import import_torch
+
 if TYPE_CHECKING:
     import pymongo
     import torch
 
-__all__ = ["drop_model", "export_onnx", "list_models", "model_status", "register_model"]
+__all__ = [
+    "MAX_COMMAND_ONNX_BYTES",
+    "backfill_model",
+    "drop_model",
+    "export_onnx",
+    "list_models",
+    "model_status",
+    "register_model",
+    "wait_for_backfill",
+]
 
-_TORCH_MISSING = "exporting a torch model needs torch: pip install 'modelgate[train]'"
-
-
-def _import_torch() -> Any:
-    try:
-        import torch
-    except ImportError as exc:
-        raise ImportError(_TORCH_MISSING) from exc
-    return torch
+#: The largest ONNX model sent inside a registerModel command: a command is one BSON
+#: document of at most 16 MiB, and the rest of the command needs some room. A larger
+#: model is registered by `path`, a file on the proxy's host.
+MAX_COMMAND_ONNX_BYTES = 16 * 1024 * 1024 - 64 * 1024
 
 
 def export_onnx(module: torch.nn.Module, example_input: torch.Tensor, *, opset: int = 17) -> bytes:
     """The module as ONNX bytes, with input `x` and output `y` whose first (batch)
     dimension is dynamic. `example_input` is one batch (any batch size)."""
-    torch = _import_torch()
+    torch = import_torch()
     was_training = module.training
     module.eval()
     buffer = io.BytesIO()
@@ -120,3 +128,33 @@ def model_status(client: pymongo.MongoClient[Any], name: str) -> dict[str, Any]:
 
 def drop_model(client: pymongo.MongoClient[Any], name: str) -> dict[str, Any]:
     return dict(client.admin.command("dropModel", name))
+
+
+def backfill_model(
+    client: pymongo.MongoClient[Any], name: str, filter: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Send `backfillModel`: a deferred model recomputes its outputs (only those of the
+    documents matching `filter`, when given). The reply counts them in `marked`."""
+    command: dict[str, Any] = {"backfillModel": name}
+    if filter is not None:
+        command["filter"] = dict(filter)
+    return dict(client.admin.command(command))
+
+
+def wait_for_backfill(
+    client: pymongo.MongoClient[Any], name: str, *, timeout: float = 600.0, poll: float = 0.25
+) -> dict[str, Any]:
+    """Poll `modelStatus` until a deferred model has nothing pending or in progress;
+    returns the last status. TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = model_status(client, name)
+        deferred = status.get("deferred", {})
+        if deferred.get("pending", 1) == 0 and deferred.get("inProgress", 0) == 0:
+            return status
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"model '{name}' still has {deferred.get('pending')} documents pending "
+                f"after {timeout:.0f}s"
+            )
+        time.sleep(poll)

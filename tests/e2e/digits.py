@@ -15,7 +15,7 @@ from PIL import Image
 
 from engine.inputs.image import preprocess_image_bytes
 from engine.spec import ModelSpec
-from proxy.demo import PREPROCESS, SIZE  # the demo's model: the same preprocess
+from modelgate.demo import PREPROCESS, SIZE  # the demo's model: the same preprocess
 
 __all__ = ["PREPROCESS", "SIZE", "Digits", "digit_png", "load_digits", "train_cnn"]
 

@@ -1,4 +1,4 @@
-"""engine.train: train a classifier from a query through modelgate, export it, attach it.
+"""modelgate.train: train a classifier from a query through modelgate, export it, attach it.
 
 The digits live in documents as BinData PNGs and as URLs served by a real local HTTP
 server; the model is trained through the same fetcher and preprocessing as serving."""
@@ -6,6 +6,8 @@ server; the model is trained through the same fetcher and preprocessing as servi
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ import trio
 from PIL import Image
 
 from bench.support.image_server import ImageServer
-from bench.support.processes import ProxyProcess
+from bench.support.processes import ROOT, ProxyProcess
 from engine.fetch import FetchSettings
 from modelgate import admin
 from tests.e2e.digits import PREPROCESS, SIZE, load_digits
@@ -94,7 +96,8 @@ def trained(gate, images, digits, direct) -> Iterator[tuple[train.ImageClassifie
         labels=LABELS,
         preprocess=PREPROCESS,
         client=gate,
-        query=gate[db_name].users.find({"label": {"$exists": True}}),
+        collection=gate[db_name].users,
+        filter={"label": {"$exists": True}},
         input_field="img",
         label_field="label",
         fetch=LOOPBACK,
@@ -141,7 +144,7 @@ def test_early_stopping_keeps_the_best_epoch(gate, direct, images, digits) -> No
             labels=LABELS,
             preprocess=PREPROCESS,
             client=gate,
-            query=(gate[db_name].d, {}),
+            collection=gate[db_name].d,
             input_field="img",
             label_field="label",
         )
@@ -312,7 +315,7 @@ def test_split_is_deterministic_and_stable_as_data_grows(gate, direct, digits) -
             labels=LABELS,
             preprocess=PREPROCESS,
             client=gate,
-            query=coll.find(),
+            collection=coll,
             input_field="img",
             label_field="label",
         )
@@ -340,7 +343,7 @@ def make_trainer(gate, coll, **overrides: Any) -> Any:  # type: ignore[no-untype
         "labels": LABELS,
         "preprocess": PREPROCESS,
         "client": gate,
-        "query": coll.find(),
+        "collection": coll,
         "input_field": "img",
         "label_field": "label",
         "fetch": LOOPBACK,
@@ -359,7 +362,7 @@ def errors_coll(gate, direct):  # type: ignore[no-untyped-def]
 
 
 def test_empty_query_is_refused(gate, errors_coll) -> None:  # type: ignore[no-untyped-def]
-    trainer = make_trainer(gate, errors_coll, query=errors_coll.find({"label": 99}))
+    trainer = make_trainer(gate, errors_coll, filter={"label": 99})
     with pytest.raises(train.TrainingError, match="matched no documents"):
         trainer.fit(epochs=1, progress=False)
 
@@ -395,9 +398,7 @@ def test_documents_missing_fields_are_skipped_and_counted_or_refused(
     with pytest.raises(train.TrainingError, match=r"has no 'label'|has no 'img'|not one of"):
         strict.load()
 
-    none_usable = make_trainer(
-        gate, errors_coll, query=errors_coll.find({"img": {"$exists": False}})
-    )
+    none_usable = make_trainer(gate, errors_coll, filter={"img": {"$exists": False}})
     with pytest.raises(train.TrainingError, match="none of the 1 documents"):
         none_usable.load()
 
@@ -424,13 +425,13 @@ def test_unfetchable_images_are_counted_and_named(gate, errors_coll, digits, ima
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", train.TrainingWarning)
-        only_bad_query = errors_coll.find({"img": {"$regex": "gone"}})
-        only_bad = make_trainer(gate, errors_coll, query=only_bad_query)
+        only_bad = make_trainer(gate, errors_coll, filter={"img": {"$regex": "gone"}})
         with pytest.raises(train.ImageFetchError, match="could not be fetched"):
             only_bad.load()
 
     # Loopback is refused by default, as when serving.
-    guarded = make_trainer(gate, errors_coll, fetch=None, query=errors_coll.find().limit(5))
+    five = {"img": {"$regex": r"/img/e[0-4]\.png$"}}
+    guarded = make_trainer(gate, errors_coll, fetch=None, filter=five)
     with pytest.raises(train.ImageFetchError, match=r"private|loopback|not allowed|refused"):
         guarded.load()
 
@@ -445,8 +446,10 @@ def test_output_size_must_match_the_labels(gate, errors_coll) -> None:  # type: 
 
 
 def test_bad_arguments(gate, errors_coll) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(train.TrainingError, match="query must be"):
-        make_trainer(gate, errors_coll, query=[{"a": 1}])
+    with pytest.raises(train.TrainingError, match="collection must be a pymongo Collection"):
+        make_trainer(gate, errors_coll, collection=errors_coll.find())
+    with pytest.raises(train.TrainingError, match="filter must be a document"):
+        make_trainer(gate, errors_coll, filter=[{"a": 1}])
     with pytest.raises(train.TrainingError, match="missing must be"):
         make_trainer(gate, errors_coll, missing="ignore")
     with pytest.raises(train.TrainingError, match="invalid preprocess"):
@@ -519,6 +522,13 @@ def test_predict_watch_backfills_and_classifies_new_documents(trained, gate, dig
         wait_until(lambda: (users.find_one({"_id": new_id.inserted_id}) or {}).get("_outputs"))
         predicted = users.find_one({"_id": new_id.inserted_id})["_outputs"][name]
         assert predicted["label"] in LABELS and 0 < predicted["score"] <= 1
+
+        # backfillModel through the client: only the documents of its filter are redone.
+        assert admin.backfill_model(gate, name, filter={"new": True})["marked"] == 41
+        status = admin.wait_for_backfill(gate, name, timeout=60)
+        assert status["deferred"]["pending"] == 0
+        # Recomputed: each output has a version again (a stale one has only backfillOf).
+        assert users.count_documents({"new": True, f"{out}.version": {"$exists": True}}) == 41
     finally:
         admin.drop_model(gate, name)
 
@@ -534,8 +544,23 @@ def test_predict_without_watch_backfills_then_detaches(trained, gate, digits) ->
     assert name not in {m["name"] for m in admin.list_models(gate)}
 
 
-def test_torch_missing_message_names_the_extra() -> None:
-    assert "pip install 'modelgate[train]'" in train._TORCH_MISSING
+def test_without_torch_the_client_imports_and_training_names_the_extra() -> None:
+    # torch hidden as if not installed: registering needs no torch, training says what to
+    # install. A fresh interpreter, since this one has torch loaded.
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import modelgate, modelgate.train, modelgate.demo\n"
+        "try:\n"
+        "    modelgate.train.ImageClassifierTrainer(None, labels=['a'], preprocess={},\n"
+        "        client=None, collection=None, input_field='x', label_field='y')\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'modelgate[train]'" in result.stdout
 
 
 def test_cache_dir_is_filled_for_serving(gate, errors_coll, digits, images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
