@@ -21,7 +21,7 @@ from proxy.wire.errors import ProtocolError
 
 __all__ = ["replying_on_failure"]
 
-# What the session itself catches to end a connection (see Session.run).
+# What the session itself catches to end a connection (see Session.serve).
 _CONNECTION_ERRORS = (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
