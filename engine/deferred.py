@@ -279,6 +279,13 @@ class DeferredWorkers:
     def queue_for(self, server: ModelServer) -> WorkQueue:
         return WorkQueue.on(self.client, server.model.spec, server.version, self.owner)
 
+    async def prepare(self, server: ModelServer) -> None:
+        """Create the indexes the model's queue needs (and so its collection) before
+        registerModel replies: the client's first writes then find the collection in
+        place instead of creating it while a worker creates its index. (SecantusDB can
+        deadlock on that race; on any upstream it keeps the first sweep indexed.)"""
+        await trio.to_thread.run_sync(self.queue_for(server).ensure_index)
+
     def kick_namespace(self, namespace: str, except_model: str | None = None) -> None:
         """Writes happened in `namespace`: wake its deferred workers."""
         for server in self.models.deferred_for(namespace):

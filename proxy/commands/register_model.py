@@ -30,6 +30,8 @@ async def handle(context: CommandContext, command: dict[str, Any]) -> dict[str, 
     await require_db_admin(context, "registerModel", spec.db)
     record = await models.register(spec, onnx_bytes)
     server = models.get(spec.name)
+    if server is not None and spec.mode == "deferred" and context.deferred is not None:
+        await context.deferred.prepare(server)
     providers = list(server.model.providers) if server is not None else []
     context.log.info("registered model '%s' v%d on %s", spec.name, record.version, spec.namespace)
     return {"ok": 1.0, "name": spec.name, "version": record.version, "providers": providers}
