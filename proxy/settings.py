@@ -49,6 +49,9 @@ class Settings:
     fetch: FetchSettings = field(default_factory=FetchSettings)
     cache_dir: Path | None = None  # None: <data_dir>/image-cache
     cache_size: int = 1 << 30
+    metrics_listen: tuple[str, int] | None = None  # None: no metrics/health listener
+    log_format: str = "text"
+    slow_ms: float = 100.0
 
     @property
     def image_cache_dir(self) -> Path:
@@ -107,6 +110,12 @@ def _log_level(text: str) -> str:
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise argparse.ArgumentTypeError(f"expected DEBUG, INFO, WARNING or ERROR, got {text!r}")
     return level
+
+
+def _log_format(text: str) -> str:
+    if text.lower() not in {"text", "json"}:
+        raise argparse.ArgumentTypeError(f"expected text or json, got {text!r}")
+    return text.lower()
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -234,6 +243,31 @@ _GROUPS: dict[str | None, tuple[Option, ...]] = {
             "SECONDS",
         ),
         Option("log-level", "log_level", "DEBUG, INFO, WARNING or ERROR", _log_level, "LEVEL"),
+    ),
+    "operations": (
+        Option(
+            "metrics-listen",
+            "metrics_listen",
+            "serve Prometheus /metrics and the /healthz and /readyz probes over HTTP here",
+            parse_host_port,
+            "HOST:PORT",
+            show=_host_port_text,
+            shown_default="off",
+        ),
+        Option(
+            "log-format",
+            "log_format",
+            "text, or json: one JSON object per line",
+            _log_format,
+            "FORMAT",
+        ),
+        Option(
+            "slow-ms",
+            "slow_ms",
+            "log requests whose round trip through modelgate takes longer than this",
+            positive(float),
+            "MS",
+        ),
     ),
     "models": (
         Option(
