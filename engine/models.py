@@ -56,6 +56,7 @@ class ModelSet:
         self._deferred: dict[str, list[ModelServer]] = {}
         self._refresh_lock = trio.Lock()
         self._changed = trio.Event()
+        self._registry_loaded = False
 
     # -- lookups used on every write ---------------------------------------------------
 
@@ -89,6 +90,12 @@ class ModelSet:
 
     def get(self, name: str) -> ModelServer | None:
         return self.servers.get(name)
+
+    @property
+    def registry_loaded(self) -> bool:
+        """Whether the registry has been read once: until then a restarted process would
+        forward writes without the models registered before (readiness waits for it)."""
+        return self._registry_loaded
 
     async def next_change(self) -> None:
         """Return once a model is installed, replaced or removed. A caller that looks at
@@ -135,6 +142,7 @@ class ModelSet:
                     log.error("cannot load model '%s' v%d: %s", name, record.version, exc)
                     continue
                 self._install(record, model)
+            self._registry_loaded = True
 
     def _load(self, record: ModelRecord) -> CompiledModel:
         onnx_bytes = self.registry.onnx_bytes(record)
