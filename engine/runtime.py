@@ -7,6 +7,7 @@ thread (`trio.to_thread.run_sync`); onnxruntime releases the GIL while it comput
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
 from dataclasses import dataclass
@@ -18,7 +19,13 @@ import onnxruntime as ort
 from engine.errors import InvalidModel, PredictionError
 from engine.spec import ClassifyPostprocess, ImagePreprocess, ModelSpec
 
-__all__ = ["CompiledModel", "RuntimeSettings", "load_model", "resolve_providers"]
+__all__ = [
+    "CompiledModel",
+    "RuntimeSettings",
+    "load_model",
+    "report_onnxruntime",
+    "resolve_providers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,51 @@ def resolve_providers(settings: RuntimeSettings) -> list[str]:
         providers.append(_CUDA)
     providers.append(_CPU)
     return providers
+
+
+def report_onnxruntime(settings: RuntimeSettings) -> None:
+    """At start: log the onnxruntime build this process got and its providers, and warn
+    when GPU providers were asked for that it lacks (onnxruntime itself would fall back to
+    the CPU with a line at the first model). When CUDA will be used, load the CUDA and cuDNN
+    libraries that pip installed beside onnxruntime-gpu (the `gpu` extra): onnxruntime does
+    not look for them there unless asked to."""
+    available = ort.get_available_providers()
+    builds = _installed_builds()
+    cuda = getattr(ort, "cuda_version", "")
+    log.info(
+        "onnxruntime build: %s%s; providers available: %s",
+        " and ".join(builds) or f"module {ort.__version__} of no installed package",
+        f" (CUDA {cuda})" if cuda else "",
+        ", ".join(available),
+    )
+    if len(builds) > 1:
+        log.warning(
+            "%s all install the one onnxruntime module: this process got whichever pip "
+            "wrote last. Uninstall them all, then install one build: pip install "
+            "'modelgate[cpu]' or 'modelgate[gpu]'",
+            " and ".join(builds),
+        )
+    asked = [name for name in settings.providers or () if name in (_CUDA, _TENSORRT)]
+    if settings.tensorrt:
+        asked.append(_TENSORRT)
+    missing = [name for name in dict.fromkeys(asked) if name not in available]
+    if missing:
+        usable = [name for name in resolve_providers(settings) if name in available]
+        log.warning(
+            "%s asked for but not in this onnxruntime build (%s): models run on %s. For "
+            "NVIDIA GPUs install the GPU build: pip install 'modelgate[gpu]'",
+            " and ".join(missing),
+            " and ".join(builds) or f"onnxruntime {ort.__version__}",
+            ", ".join(usable) or _CPU,
+        )
+    if _CUDA in available and _CUDA in resolve_providers(settings) and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+
+
+def _installed_builds() -> list[str]:
+    """The packages that installed the `onnxruntime` module, as "onnxruntime-gpu 1.22.0"."""
+    names = dict.fromkeys(importlib.metadata.packages_distributions().get("onnxruntime", ()))
+    return [f"{name} {importlib.metadata.version(name)}" for name in names]
 
 
 def _dim_text(shape: list[Any] | tuple[Any, ...]) -> str:

@@ -23,20 +23,26 @@ def _configure_logging(level: str) -> None:
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from proxy.settings import InvalidSetting, load_settings
+    from proxy.settings import InvalidSetting
+    from proxy.settings_sources import load_settings, settings_toml
 
     try:
         settings = load_settings(args, os.environ)
     except InvalidSetting as exc:
         parser.error(str(exc))  # exits 2, like a flag argparse refuses itself
+    if getattr(args, "print_config", False):
+        print(settings_toml(settings), end="")
+        return 0
 
     import trio
 
+    from engine.runtime import report_onnxruntime
     from proxy.app import run_proxy
     from proxy.embedded import EmbeddedUpstream, EmbeddedUpstreamError
     from proxy.upstream import UpstreamError
 
     _configure_logging(settings.log_level)
+    report_onnxruntime(settings.runtime)
     embedded = None
     upstream = settings.upstream
     if upstream is None:
@@ -103,7 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _onnxruntime_missing() -> str | None:
+    """What to install when no onnxruntime build is (fully) installed: the base install
+    leaves the choice between the CPU and the GPU build to the user."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        return (
+            f"modelgate needs onnxruntime, which cannot be imported ({exc}). Install one "
+            "build: pip install 'modelgate[cpu]' for the CPU, or pip install "
+            "'modelgate[gpu]' for NVIDIA GPUs (onnxruntime-gpu with CUDA and cuDNN)."
+        )
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    missing = _onnxruntime_missing()
+    if missing is not None:
+        print(f"modelgate: error: {missing}", file=sys.stderr)
+        return 2
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["bench"]:
         from bench.__main__ import main as bench_main

@@ -1,18 +1,17 @@
 """The one settings object, and the one table that declares how each setting is given.
 
 Each `Option` names a field of `Settings` (or of its runtime/deferred/fetch parts), how its
-text is read and checked, its flag, its MODELGATE_* variable and its help. Defaults are never
-written here: they are the dataclass defaults, read through the field path. A value is taken
-from the flag, else the variable, else the default; a further source (a config file) is one
-more step in `load_settings`, and printing the effective values is `Option.show` over
-`OPTIONS`.
+text is read and checked, its flag, its MODELGATE_* variable, its key in a settings file and
+its help. Defaults are never written here: they are the dataclass defaults, read through the
+field path. Where values come from (flag, variable, file) is `proxy.settings_sources`.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,14 @@ from engine.fetch import FetchSettings
 from engine.runtime import RuntimeSettings
 
 __all__ = [
+    "CONFIG_VARIABLE",
+    "GROUPS",
     "OPTIONS",
     "InvalidSetting",
     "Option",
     "Settings",
     "add_serve_arguments",
-    "load_settings",
+    "masked_uri",
     "non_negative",
     "parse_host_port",
     "positive",
@@ -69,28 +70,30 @@ class InvalidSetting(ValueError):
 # Readers of a setting's text: each returns the value or raises ArgumentTypeError.
 
 
-def _number(convert: Callable[[str], Any], *, allow_zero: bool) -> Callable[[str], Any]:
+@dataclass(frozen=True)
+class _Number:
     """A count or a duration, refusing what cannot mean anything."""
-    bound = "zero or more" if allow_zero else "more than zero"
 
-    def parse(text: str) -> Any:
+    convert: Callable[[str], Any]
+    allow_zero: bool
+
+    def __call__(self, text: str) -> Any:
         try:
-            value = convert(text)
+            value = self.convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value < 0 or (value == 0 and not allow_zero):
+        if value < 0 or (value == 0 and not self.allow_zero):
+            bound = "zero or more" if self.allow_zero else "more than zero"
             raise argparse.ArgumentTypeError(f"expected {bound}, got {text!r}")
         return value
 
-    return parse
-
 
 def positive(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    return _number(convert, allow_zero=False)
+    return _Number(convert, allow_zero=False)
 
 
 def non_negative(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    return _number(convert, allow_zero=True)
+    return _Number(convert, allow_zero=True)
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -103,6 +106,25 @@ def parse_host_port(text: str) -> tuple[str, int]:
 def _host_port_text(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# Secrets a MongoDB URI may carry in its query: key-file passwords, AWS session tokens.
+_URI_QUERY_SECRETS = re.compile(r"(?i)([?&][^=&]*password=|AWS_SESSION_TOKEN:)[^&,]*")
+
+
+def masked_uri(uri: str) -> str:
+    """`uri` with its secrets as ****: the password of its user info
+    (mongodb://user:****@host/) and the secrets its options may hold."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    # As drivers read it: the user info ends at the last "@" before the first "/".
+    hosts, slash, tail = rest.partition("/")
+    userinfo, at, host_list = hosts.rpartition("@")
+    if at and ":" in userinfo:
+        hosts = f"{userinfo.partition(':')[0]}:****@{host_list}"
+    tail = _URI_QUERY_SECRETS.sub(r"\1****", tail)
+    return f"{scheme}://{hosts}{slash}{tail}"
 
 
 def _log_level(text: str) -> str:
@@ -146,6 +168,15 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+# What a config file's value must be, as refusals say it.
+_FILE_TYPES: dict[type, str] = {
+    bool: "true or false",
+    float: "a number",
+    list: "a list of strings",
+    str: "a string",
+}
+
+
 @dataclass(frozen=True)
 class Option:
     """One setting as users give it. A bool field is a switch: its flag turns the default
@@ -161,7 +192,10 @@ class Option:
 
     @property
     def default(self) -> Any:
-        value: Any = _DEFAULTS
+        return self.value_in(_DEFAULTS)
+
+    def value_in(self, settings: Settings) -> Any:
+        value: Any = settings
         for part in self.field.split("."):
             value = getattr(value, part)
         return value
@@ -185,6 +219,29 @@ class Option:
         except argparse.ArgumentTypeError as exc:
             raise InvalidSetting(f"argument {self.flag}: {exc}{origin}") from None
 
+    @property
+    def file_type(self) -> type:
+        """The TOML type of its value in a config file: bool for a switch, float for a
+        number (an integer will do), list (of strings) for a LIST, else str."""
+        if self.is_switch:
+            return bool
+        if isinstance(self.parse, _Number):
+            return float
+        return list if self.parse is _names else str
+
+    def text_in_file(self, value: Any, origin: str) -> str:
+        """The text that a config file's `value` stands for, refused unless of `file_type`."""
+        given = type(value)
+        expected = self.file_type
+        fits = given is expected or (expected is float and given is int)
+        if expected is list and fits:
+            fits = all(type(item) is str for item in value)
+        if not fits:
+            raise InvalidSetting(
+                f"argument {self.flag}: expected {_FILE_TYPES[expected]}, got {value!r}{origin}"
+            )
+        return _text(tuple(value) if expected is list else value)
+
     def help_text(self) -> str:
         if self.is_switch:
             note = f"{self.variable}={_text(not self.default)}"
@@ -195,7 +252,7 @@ class Option:
 
 
 # Argument groups of `modelgate serve --help` (None: the general one), in the order shown.
-_GROUPS: dict[str | None, tuple[Option, ...]] = {
+GROUPS: dict[str | None, tuple[Option, ...]] = {
     None: (
         Option(
             "listen",
@@ -212,6 +269,8 @@ _GROUPS: dict[str | None, tuple[Option, ...]] = {
             "an embedded SecantusDB is started (needs the 'embedded' extra) with its data "
             "under --data-dir",
             metavar="URI",
+            show=masked_uri,
+            shown_default="embedded SecantusDB",
         ),
         Option(
             "data-dir",
@@ -421,13 +480,32 @@ _GROUPS: dict[str | None, tuple[Option, ...]] = {
     ),
 }
 
-OPTIONS: tuple[Option, ...] = tuple(option for group in _GROUPS.values() for option in group)
+OPTIONS: tuple[Option, ...] = tuple(option for group in GROUPS.values() for option in group)
+
+
+CONFIG_VARIABLE = "MODELGATE_CONFIG"
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `modelgate serve`, one per option. They keep the text as given and set
-    nothing when absent: `load_settings` reads the text and falls back to the variable."""
-    for title, options in _GROUPS.items():
+    """Flags of `modelgate serve`: --config and --print-config, then one per option. They
+    keep the text as given and set nothing when absent: `load_settings` reads the text and
+    falls back to the variable, then to the file."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="read settings from this TOML file: a top-level key per option below, named "
+        "without its leading dashes and 'no-' (sweep-interval = 0.5, change-streams = false, "
+        'providers = ["CPUExecutionProvider"]); flags and variables win over it '
+        f"({CONFIG_VARIABLE})",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print the settings in effect as a file for --config (passwords masked) and exit",
+    )
+    for title, options in GROUPS.items():
         group = parser if title is None else parser.add_argument_group(title)
         for option in options:
             # A switch's flag stands for the text its variable would take to turn it around.
@@ -443,32 +521,3 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                 help=option.help_text(),
                 **takes,
             )
-
-
-def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
-    """Each setting from its flag, else its MODELGATE_* variable, else its dataclass default.
-    An empty value stands for the default (`MODELGATE_UPSTREAM=` keeps the embedded one)."""
-    flags = vars(args)
-    values: dict[str, Any] = {}
-    for option in OPTIONS:
-        if option.name in flags:
-            text, origin = flags[option.name], ""
-        elif option.variable in environ:
-            text, origin = environ[option.variable], f" (from {option.variable})"
-        else:
-            continue
-        if text:
-            values[option.field] = option.read(text, origin)
-    return _settings_with(values)
-
-
-def _settings_with(values: Mapping[str, Any]) -> Settings:
-    """The default Settings with the fields named by dotted paths replaced."""
-    parts: dict[str, dict[str, Any]] = {}
-    for path, value in values.items():
-        part, _, name = path.rpartition(".")
-        parts.setdefault(part, {})[name] = value
-    nested = {
-        part: replace(getattr(_DEFAULTS, part), **fields) for part, fields in parts.items() if part
-    }
-    return replace(_DEFAULTS, **parts.get("", {}), **nested)

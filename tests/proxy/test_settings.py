@@ -13,13 +13,14 @@ import pytest
 from bench.support.processes import ROOT
 from proxy import cli
 from proxy.settings import (
+    CONFIG_VARIABLE,
     OPTIONS,
     InvalidSetting,
     Option,
     Settings,
     add_serve_arguments,
-    load_settings,
 )
+from proxy.settings_sources import load_settings
 
 
 def _settings(*flags: str, environ: Mapping[str, str] | None = None) -> Settings:
@@ -194,8 +195,8 @@ def test_every_flag_and_variable_of_the_readme_is_declared() -> None:
     variables = set(re.findall(r"\bMODELGATE_[A-Z_]+", table))
     shortened = set(re.findall(r"\.\.\._([A-Z_]+)", table))  # `..._DENY_HOSTS`
     assert len(flags) >= 25 and len(variables) >= 20 and shortened
-    assert flags <= {option.flag for option in OPTIONS}
-    declared = {option.variable for option in OPTIONS}
+    assert flags <= {option.flag for option in OPTIONS} | {"--config", "--print-config"}
+    declared = {option.variable for option in OPTIONS} | {CONFIG_VARIABLE}
     assert variables <= declared
     for suffix in shortened:
         assert any(variable.endswith("_" + suffix) for variable in declared), suffix
