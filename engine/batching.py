@@ -19,6 +19,7 @@ interrupted anyway (onnxruntime runs to completion in its thread).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,8 +28,9 @@ from typing import Any
 import numpy as np
 import trio
 
-from engine.errors import PredictionError
+from engine.errors import ImageFetchError, PredictionError
 from engine.inputs import ImageSource, prepare_input
+from engine.metrics import EngineMetrics, ModelMetrics, PredictionErrorKind
 from engine.outputs import postprocess
 from engine.runtime import CompiledModel
 from engine.stats import percentile
@@ -79,6 +81,7 @@ class _Batch:
     def __init__(self, opened_at: float) -> None:
         self.opened_at = opened_at
         self.items: list[np.ndarray] = []
+        self.joined_at: list[float] = []  # one per request that put items in, for queue wait
         self.full = trio.Event()
         self.done = trio.Event()
         self.result: np.ndarray | None = None
@@ -101,10 +104,12 @@ class Batcher:
         limiter: trio.CapacityLimiter,
         *,
         stats: BatchStats | None = None,
+        metrics: ModelMetrics | None = None,
     ) -> None:
         self.model = model
         self.limiter = limiter
         self.stats = stats if stats is not None else BatchStats()
+        self.metrics = metrics if metrics is not None else EngineMetrics().model(model.spec.name)
         self.max_size = model.spec.batch.max_size
         self.max_delay_s = model.spec.batch.max_delay_ms / 1000.0
         self._open: _Batch | None = None
@@ -142,13 +147,15 @@ class Batcher:
         slots: list[_Slot] = []
         led: list[_Batch] = []
         position = 0
+        now = trio.current_time()
         while position < len(items):
             batch = self._open
             if batch is None:
-                batch = self._open = _Batch(trio.current_time())
+                batch = self._open = _Batch(now)
                 led.append(batch)
             take = min(self.max_size - len(batch.items), len(items) - position)
             slots.append(_Slot(batch, len(batch.items), take))
+            batch.joined_at.append(now)
             batch.items.extend(items[position : position + take])
             position += take
             if len(batch.items) >= self.max_size:
@@ -170,11 +177,12 @@ class Batcher:
                 async with self.limiter:
                     if self._open is batch:
                         self._open = None  # closed: nobody joins from here on
+                    self._observe_start(batch)
                     stacked = np.stack(batch.items)
                     self._running += 1
                     try:
                         # The slot is held by this task; the thread needs no limiter of its own.
-                        batch.result = await trio.to_thread.run_sync(self.model.run, stacked)
+                        batch.result = await trio.to_thread.run_sync(self._timed_run, stacked)
                     finally:
                         self._running -= 1
                 if batch.result.shape[0] != len(batch.items):  # CompiledModel checks it too
@@ -195,6 +203,20 @@ class Batcher:
                 )
                 batch.done.set()
 
+    def _observe_start(self, batch: _Batch) -> None:
+        started = trio.current_time()
+        for joined_at in batch.joined_at:
+            self.metrics.queue_wait_seconds.observe(started - joined_at)
+        self.metrics.batch_size.observe(len(batch.items))
+
+    def _timed_run(self, stacked: np.ndarray) -> np.ndarray:
+        """In the worker thread: the run alone, without the wait for a thread."""
+        started = time.perf_counter()
+        try:
+            return self.model.run(stacked)
+        finally:
+            self.metrics.inference_seconds.observe(time.perf_counter() - started)
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -212,9 +234,16 @@ Outcome = Prediction | Failure
 class ModelServer:
     """One loaded model version ready for documents: inputs -> batcher -> output values."""
 
-    def __init__(self, model: CompiledModel, limiter: trio.CapacityLimiter) -> None:
+    def __init__(
+        self,
+        model: CompiledModel,
+        limiter: trio.CapacityLimiter,
+        *,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
         self.model = model
-        self.batcher = Batcher(model, limiter)
+        self.metrics = (metrics if metrics is not None else EngineMetrics()).model(model.spec.name)
+        self.batcher = Batcher(model, limiter, metrics=self.metrics)
         self.stats = self.batcher.stats
 
     @property
@@ -228,12 +257,14 @@ class ModelServer:
         batch. Never raises PredictionError."""
         outcomes: list[Outcome | None] = [None] * len(values)
         prepared: dict[int, np.ndarray] = {}
+        failed: list[PredictionErrorKind] = []
 
         async def prepare(index: int, value: Any) -> None:
             try:
                 prepared[index] = await prepare_input(value, self.model, image_source=image_source)
             except PredictionError as e:
                 outcomes[index] = Failure(e.message)
+                failed.append("fetch" if isinstance(e, ImageFetchError) else "input")
 
         if len(values) == 1:
             await prepare(0, values[0])  # the common inline case: no nursery needed
@@ -247,13 +278,19 @@ class ModelServer:
         for index, row in zip(order, rows, strict=True):
             if isinstance(row, PredictionError):
                 outcomes[index] = Failure(row.message)
+                failed.append("model")
                 continue
             try:
                 outcomes[index] = Prediction(postprocess(row, self.model.spec, self.model.version))
             except PredictionError as e:
                 outcomes[index] = Failure(e.message)
+                failed.append("output")
 
         final = [o if o is not None else Failure("no prediction") for o in outcomes]
-        self.stats.predicted += sum(isinstance(o, Prediction) for o in final)
-        self.stats.errors += sum(isinstance(o, Failure) for o in final)
+        predicted = sum(isinstance(o, Prediction) for o in final)
+        self.stats.predicted += predicted
+        self.stats.errors += len(final) - predicted
+        self.metrics.predictions.inc(predicted)
+        for kind in failed:
+            self.metrics.errors[kind].inc()
         return final

@@ -37,6 +37,7 @@ from typing import Any
 import lmdb
 
 from engine.errors import ModelgateError
+from engine.metrics import EngineMetrics
 
 __all__ = ["CacheError", "CachedEntry", "EntryMeta", "ImageCache"]
 
@@ -107,11 +108,18 @@ class ImageCache:
     (threads or processes; give them the same max_bytes: the first opener in a process
     sizes the map); call close() once per instance."""
 
-    def __init__(self, path: str | os.PathLike[str], max_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        max_bytes: int = 1 << 30,
+        *,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
         self.path = os.path.realpath(os.fspath(path))
         self.max_bytes = max_bytes
+        self.metrics = metrics if metrics is not None else EngineMetrics()
         self._lock = threading.Lock()
         self._pending: dict[bytes, int] = {}
         self._last_flush = time.monotonic()
@@ -143,6 +151,8 @@ class ImageCache:
                 shared = _envs[self.path] = _SharedEnv(env)
             shared.users += 1
         self._shared = shared
+        with _lmdb_errors("read"), shared.env.begin() as txn:
+            self.metrics.image_cache_bytes.set(self._totals(txn)[0])
 
     # -- reading --------------------------------------------------------------------
 
@@ -156,8 +166,10 @@ class ImageCache:
         if raw_meta is None or body is None:
             with self._lock:
                 self._misses += 1
+            self.metrics.image_cache_misses.inc()
             return None
         meta = json.loads(raw_meta)
+        self.metrics.image_cache_hits.inc()
         with self._lock:
             self._hits += 1
             self._pending[key] = time.time_ns()
@@ -324,6 +336,9 @@ class ImageCache:
         s = self._shared
         txn.put(b"bytes", _U64.pack(max(total, 0)), db=s.totals)
         txn.put(b"entries", _U64.pack(max(entries, 0)), db=s.totals)
+        # Set before the commit: a transaction that aborts (rare: a full map, which the
+        # put retries at once) leaves the gauge off until the next write.
+        self.metrics.image_cache_bytes.set(max(total, 0))
 
     def _apply_access_times(self, txn: Any, times: dict[bytes, int]) -> None:
         s = self._shared

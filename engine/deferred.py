@@ -10,12 +10,14 @@ so a killed process loses nothing: its leases expire and another process takes o
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import socket
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pymongo
@@ -25,6 +27,7 @@ import trio
 from engine.batching import Failure, ModelServer
 from engine.documents import get_path, path_touches
 from engine.leases import Claimed, WorkQueue
+from engine.metrics import DeferredMetrics
 from engine.models import ModelSet
 from engine.outputs import error_record
 
@@ -47,6 +50,22 @@ class DeferredSettings:
 
 def process_owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def insert_lag(
+    doc_id: Any, served_since: datetime.datetime, now: datetime.datetime
+) -> float | None:
+    """Seconds from a document's insert (its ObjectId's time, to the second) to `now`;
+    None when that time is unknown (not an ObjectId) or not a fresh write: a document
+    inserted before the version was registered is backfill, and its age is no lag."""
+    inserted = getattr(doc_id, "generation_time", None)
+    if not isinstance(inserted, datetime.datetime):
+        return None
+    if served_since.tzinfo is None:  # pymongo decodes dates as naive UTC
+        served_since = served_since.replace(tzinfo=datetime.UTC)
+    if inserted < served_since.replace(microsecond=0):  # both to the second
+        return None
+    return max(0.0, (now - inserted).total_seconds())
 
 
 class ModelWorker:
@@ -89,15 +108,25 @@ class ModelWorker:
             if server is None:
                 return
             queue = self.workers.queue_for(server)
+            # Taken while the model is served (no checkpoint since the lookup): a drop
+            # while this pass runs leaves its updates on removed series (engine.metrics).
+            gauges = self.workers.models.metrics.deferred(self.name)
             try:
                 if ensured != server.version:
                     await trio.to_thread.run_sync(queue.ensure_index)
+                    # Once per version: later the drains and status passes keep them.
+                    pending = await trio.to_thread.run_sync(queue.count_pending)
+                    failed = await trio.to_thread.run_sync(
+                        partial(queue.count_outputs, failed=True)
+                    )
+                    gauges.pending.set(pending)
+                    gauges.failed.set(failed)
                     ensured = server.version
-                await self._drain(server, queue)
+                await self._drain(server, queue, gauges)
             except pymongo.errors.PyMongoError as exc:
                 log.warning("deferred model '%s': upstream error, retrying: %s", self.name, exc)
 
-    async def _drain(self, server: ModelServer, queue: WorkQueue) -> None:
+    async def _drain(self, server: ModelServer, queue: WorkQueue, gauges: DeferredMetrics) -> None:
         """Claim and predict until nothing is pending (or the model was replaced)."""
         settings = self.workers.settings
         started = time.monotonic()
@@ -112,6 +141,7 @@ class ModelWorker:
                 queue.claim, self.claim_limit, settings.lease_seconds, after
             )
             if claimed.taken_over:
+                gauges.lease_takeovers.inc(claimed.taken_over)
                 log.warning(
                     "deferred model '%s': %d expired leases taken over (their holder died "
                     "or did not renew them in time); those documents may be done twice",
@@ -120,6 +150,7 @@ class ModelWorker:
                 )
             if claimed.scanned_to is None:
                 if after is None:
+                    gauges.pending.set(0)  # the scan found nothing pending at all
                     if reported:
                         self._log_rate(server, done, started, prefix="caught up, ")
                     break
@@ -136,10 +167,14 @@ class ModelWorker:
             if not claimed.documents:
                 continue  # others hold these: move on
             claimed_in_pass = True
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keep_leases, queue, claimed)
-                written = await self._predict_batch(server, queue, claimed)
-                nursery.cancel_scope.cancel()
+            gauges.in_progress.set(len(claimed.documents))
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keep_leases, queue, claimed)
+                    written = await self._predict_batch(server, queue, claimed, gauges)
+                    nursery.cancel_scope.cancel()
+            finally:
+                gauges.in_progress.set(0)
             if written is None:
                 return
             took = time.monotonic() - batch_started
@@ -154,6 +189,7 @@ class ModelWorker:
                 pending = await trio.to_thread.run_sync(
                     lambda: queue.collection.count_documents(queue.pending_filter())
                 )
+                gauges.pending.set(pending)
                 self._log_rate(server, done, started, suffix=f", {pending} pending")
                 last_progress = time.monotonic()
                 reported = True
@@ -187,7 +223,7 @@ class ModelWorker:
         )
 
     async def _predict_batch(
-        self, server: ModelServer, queue: WorkQueue, claimed: Claimed
+        self, server: ModelServer, queue: WorkQueue, claimed: Claimed, gauges: DeferredMetrics
     ) -> int | None:
         """Predict and store one claimed batch; None when the model itself is failing."""
         spec = server.model.spec
@@ -225,11 +261,26 @@ class ModelWorker:
                 (doc, error_record(message, server.version, attempts))
                 for doc, message, attempts in exhausted
             ]
+            gauges.failed.inc(len(exhausted))
         duplicates = await trio.to_thread.run_sync(queue.write_outputs, claimed, results)
+        self._observe_lag(results, gauges)
+        gauges.duplicates.inc(duplicates)
         self.duplicates += duplicates
         self.processed += len(results)
         self.recent.append((time.monotonic(), len(results)))
         return len(results)
+
+    def _observe_lag(
+        self, results: list[tuple[dict[str, Any], dict[str, Any]]], gauges: DeferredMetrics
+    ) -> None:
+        record = self.workers.models.records.get(self.name)
+        if record is None:
+            return
+        now = datetime.datetime.now(datetime.UTC)
+        for doc, _ in results:
+            lag = insert_lag(doc["_id"], record.created, now)
+            if lag is not None:
+                gauges.lag_seconds.observe(lag)
 
     async def _pause(
         self, server: ModelServer, queue: WorkQueue, claimed: Claimed, reason: str
@@ -387,4 +438,8 @@ class DeferredWorkers:
         name = server.model.spec.name
         worker = self.workers.get(name) or ModelWorker(self, name)
         queue = self.queue_for(server)
-        return {**await trio.to_thread.run_sync(queue.status), **worker.status()}
+        gauges = self.models.metrics.deferred(name)  # before the await: see ModelWorker.run
+        status = await trio.to_thread.run_sync(queue.status)
+        gauges.pending.set(status["pending"])
+        gauges.failed.set(status["failed"])
+        return {**status, **worker.status()}

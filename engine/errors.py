@@ -12,6 +12,7 @@ __all__ = [
     "DocumentValidationFailure",
     "FailedToParse",
     "HostUnreachable",
+    "ImageFetchError",
     "InvalidModel",
     "ModelNotFound",
     "ModelgateError",
@@ -99,3 +100,8 @@ class PredictionError(ModelgateError):
     Carried per document: inline `reject` turns it into a write error, `record` stores it."""
 
     code_name = "BadValue"
+
+
+class ImageFetchError(PredictionError):
+    """An image URL could not be fetched (engine/fetch.py): told apart from a bad input
+    so that the metrics can say which of the two failed."""

@@ -12,8 +12,9 @@
    to one of those checked addresses only (see `_PinnedBackend`), with the body streamed
    under a byte cap, a per-host concurrency limit, and retries for transient failures.
 
-Every failure becomes a `PredictionError` naming the URL and the reason; no httpx, trio
-or OS exception leaves this module.
+Every failure becomes an `ImageFetchError` (a PredictionError) naming the URL and the
+reason, and is counted by reason (engine.metrics); no httpx, trio or OS exception leaves
+this module.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import httpcore
 import httpx
 import trio
 
-from engine.addresses import AddressPolicy, resolve_checked
+from engine.addresses import AddressPolicy, BlockedAddress, resolve_checked
 from engine.cache import CachedEntry, CacheError, EntryMeta, ImageCache
-from engine.errors import PredictionError
+from engine.errors import ImageFetchError, PredictionError
+from engine.metrics import EngineMetrics, FetchErrorReason
 from engine.stats import percentile
 
 __all__ = ["FetchSettings", "Fetcher"]
@@ -74,10 +76,12 @@ class FetchSettings:
 
 
 class _Failure(Exception):
-    """One attempt failed; `retryable` says whether trying again may help."""
+    """One attempt failed; `retryable` says whether trying again may help, `kind` is the
+    metrics' name for the reason."""
 
-    def __init__(self, reason: str, *, retryable: bool) -> None:
+    def __init__(self, kind: FetchErrorReason, reason: str, *, retryable: bool) -> None:
         super().__init__(reason)
+        self.kind = kind
         self.reason = reason
         self.retryable = retryable
 
@@ -185,9 +189,11 @@ def _read_file(path: str, max_bytes: int) -> bytes:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)
     except OSError as exc:
-        raise _Failure(f"cannot read file ({exc.strerror or exc})", retryable=False) from None
+        raise _Failure(
+            "file", f"cannot read file ({exc.strerror or exc})", retryable=False
+        ) from None
     if len(data) > max_bytes:
-        raise _Failure(f"larger than {max_bytes} bytes", retryable=False)
+        raise _Failure("too_large", f"larger than {max_bytes} bytes", retryable=False)
     return data
 
 
@@ -196,10 +202,15 @@ class Fetcher:
     owns one pooled httpx client for its lifetime. The cache, if any, is the caller's."""
 
     def __init__(
-        self, settings: FetchSettings | None = None, cache: ImageCache | None = None
+        self,
+        settings: FetchSettings | None = None,
+        cache: ImageCache | None = None,
+        *,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.settings = settings or FetchSettings()
         self.cache = cache
+        self.metrics = metrics if metrics is not None else EngineMetrics()
         self._policy = self.settings.address_policy()
         self._backend = _PinnedBackend()
         self._client: httpx.AsyncClient | None = None
@@ -272,14 +283,14 @@ class Fetcher:
     # -- the ImageSource protocol ---------------------------------------------------
 
     async def fetch(self, url: str) -> bytes:
-        """The bytes at `url`, or PredictionError("cannot fetch <url>: <reason>")."""
+        """The bytes at `url`, or ImageFetchError("cannot fetch <url>: <reason>")."""
         while True:
             now = trio.current_time()
             remembered = self._negative.get(url)
             if remembered is not None:
                 if remembered[0] > now:
                     self._counts["negative_hits"] += 1
-                    raise PredictionError(remembered[1])
+                    raise ImageFetchError(remembered[1])
                 del self._negative[url]
             flight = self._flights.get(url)
             if flight is None:
@@ -290,7 +301,7 @@ class Fetcher:
             if flight.body is not None:
                 return flight.body
             if flight.error is not None:
-                raise PredictionError(flight.error)
+                raise ImageFetchError(flight.error)
             # The leader was cancelled before finishing: try again, maybe as leader.
 
         flight = self._flights[url] = _Flight()
@@ -301,8 +312,9 @@ class Fetcher:
             message = f"cannot fetch {_short(url)}: {failure.reason}"
             flight.error = message
             self._counts["errors"] += 1
+            self.metrics.image_fetch_errors.labels(failure.kind).inc()
             self._remember_failure(url, message)
-            raise PredictionError(message) from None
+            raise ImageFetchError(message) from None
         finally:
             del self._flights[url]
             flight.done.set()
@@ -333,11 +345,11 @@ class Fetcher:
         if scheme == "file":
             if not self.settings.allow_file:
                 raise _Failure(
-                    "unsupported scheme 'file' (file URLs are disabled)", retryable=False
+                    "scheme", "unsupported scheme 'file' (file URLs are disabled)", retryable=False
                 )
             return await self._fetch_file(url)
         if scheme not in ("http", "https"):
-            raise _Failure(f"unsupported scheme {scheme!r}", retryable=False)
+            raise _Failure("scheme", f"unsupported scheme {scheme!r}", retryable=False)
 
         entry = await self._cache_get(url)
         if entry is not None:
@@ -353,6 +365,7 @@ class Fetcher:
                 hop = await self._fetch_with_retries(url, entry)
         except trio.TooSlowError:
             failure = _Failure(
+                "timeout",
                 f"timed out (no answer within {self.settings.total_timeout:g} s)",
                 retryable=True,
             )
@@ -386,7 +399,7 @@ class Fetcher:
     async def _fetch_file(self, url: str) -> bytes:
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
-            raise _Failure("file URLs must name a local path", retryable=False)
+            raise _Failure("file", "file URLs must name a local path", retryable=False)
         path = url2pathname(parts.path)
         return await trio.to_thread.run_sync(_read_file, path, self.settings.max_bytes)
 
@@ -415,13 +428,14 @@ class Fetcher:
             hop = await self._request(current, headers)
             if hop.redirect is None:
                 if hop.not_modified and entry is None:
-                    raise _Failure("HTTP 304 to an unconditional request", retryable=False)
+                    raise _Failure("http", "HTTP 304 to an unconditional request", retryable=False)
                 return hop
             current = urljoin(current, hop.redirect)
             if current in seen:
                 break
             seen.add(current)
         raise _Failure(
+            "redirects",
             f"too many redirects (redirect loop or more than {limit} redirects)",
             retryable=False,
         )
@@ -433,17 +447,18 @@ class Fetcher:
             parsed = httpx.URL(url)
             raw_host = parsed.raw_host.decode("ascii").lower()
         except (httpx.InvalidURL, ValueError, UnicodeError) as exc:
-            raise _Failure(f"invalid URL ({exc})", retryable=False) from None
+            raise _Failure("invalid_url", f"invalid URL ({exc})", retryable=False) from None
         if parsed.scheme not in ("http", "https"):
             # Also refuses redirects to file:, whatever allow_file says.
-            raise _Failure(f"unsupported scheme {parsed.scheme!r}", retryable=False)
+            raise _Failure("scheme", f"unsupported scheme {parsed.scheme!r}", retryable=False)
         if not raw_host:
-            raise _Failure("invalid URL (no host)", retryable=False)
+            raise _Failure("invalid_url", "invalid URL (no host)", retryable=False)
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         try:
             addresses = await resolve_checked(raw_host, port, self._policy)
         except PredictionError as exc:
-            raise _Failure(exc.message, retryable=False) from None
+            kind: FetchErrorReason = "blocked" if isinstance(exc, BlockedAddress) else "dns"
+            raise _Failure(kind, exc.message, retryable=False) from None
         self._backend.pin(raw_host, addresses)
 
         limiter = self._host_limiters.get(raw_host)
@@ -454,6 +469,7 @@ class Fetcher:
         try:
             async with limiter:
                 self._counts["fetches"] += 1
+                self.metrics.image_fetches.inc()
                 hop = await self._send(parsed, headers)
         finally:
             if limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
@@ -472,19 +488,20 @@ class Fetcher:
                 if status == 304:
                     return _Hop(not_modified=True)
                 if status >= 500:
-                    raise _Failure(f"HTTP {status}", retryable=True)
+                    raise _Failure("http_5xx", f"HTTP {status}", retryable=True)
                 if not 200 <= status < 300:
-                    raise _Failure(f"HTTP {status}", retryable=False)
+                    kind: FetchErrorReason = "http_4xx" if 400 <= status < 500 else "http"
+                    raise _Failure(kind, f"HTTP {status}", retryable=False)
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > cap:
-                    raise _Failure(f"larger than {cap} bytes", retryable=False)
+                    raise _Failure("too_large", f"larger than {cap} bytes", retryable=False)
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in response.aiter_bytes():
                     size += len(chunk)
                     if size > cap:
                         # Leaving the `stream` block closes the connection mid-body.
-                        raise _Failure(f"larger than {cap} bytes", retryable=False)
+                        raise _Failure("too_large", f"larger than {cap} bytes", retryable=False)
                     chunks.append(chunk)
                 self._counts["bytes_fetched"] += size
                 return _Hop(
@@ -494,13 +511,14 @@ class Fetcher:
                     last_modified=response.headers.get("last-modified"),
                 )
         except httpx.TimeoutException:
-            raise _Failure("timed out", retryable=True) from None
+            raise _Failure("timeout", "timed out", retryable=True) from None
         except httpx.ConnectError as exc:
-            raise _Failure(_describe_connect_error(exc), retryable=True) from None
+            raise _Failure("connect", _describe_connect_error(exc), retryable=True) from None
         except httpx.TransportError as exc:
-            raise _Failure(f"network error ({exc or type(exc).__name__})", retryable=True) from None
+            reason = f"network error ({exc or type(exc).__name__})"
+            raise _Failure("network", reason, retryable=True) from None
         except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-            raise _Failure(f"HTTP error ({exc})", retryable=False) from None
+            raise _Failure("http", f"HTTP error ({exc})", retryable=False) from None
 
     # -- cache calls (worker threads; a broken cache degrades to no cache) ----------
 

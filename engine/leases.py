@@ -275,29 +275,28 @@ class WorkQueue:
 
     # -- status ------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def count_pending(self) -> int:
+        return self.collection.count_documents(self.pending_filter())
+
+    def count_outputs(self, *, failed: bool) -> int:
+        """Documents with this version's output: its error records, or its predictions."""
         out = self.spec.output_field
-        now = _now()
-        pending = self.collection.count_documents(self.pending_filter())
         scope = [self.spec.filter] if self.spec.filter else []
-        done = self.collection.count_documents(
+        return self.collection.count_documents(
             {
                 "$and": [
                     *scope,
                     {f"{out}.version": self.version},
-                    {f"{out}.error": {"$exists": False}},
+                    {f"{out}.error": {"$exists": failed}},
                 ]
             }
         )
-        failed = self.collection.count_documents(
-            {
-                "$and": [
-                    *scope,
-                    {f"{out}.version": self.version},
-                    {f"{out}.error": {"$exists": True}},
-                ]
-            }
-        )
+
+    def status(self) -> dict[str, Any]:
+        now = _now()
+        pending = self.count_pending()
+        done = self.count_outputs(failed=False)
+        failed = self.count_outputs(failed=True)
         live = self._in_progress(now)
         oldest = self.collection.find_one(self.pending_filter(), {"_id": 1}, sort=[("_id", 1)])
         lag = None

@@ -18,6 +18,7 @@ import trio
 from engine.batching import ModelServer
 from engine.errors import ModelgateError
 from engine.inputs import ImageSource
+from engine.metrics import EngineMetrics
 from engine.registry import ModelRecord
 from engine.runtime import CompiledModel, RuntimeSettings, load_model
 from engine.spec import ModelSpec
@@ -45,10 +46,12 @@ class ModelSet:
         runtime: RuntimeSettings,
         *,
         image_source: ImageSource | None = None,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.runtime = runtime
         self.image_source = image_source
+        self.metrics = metrics if metrics is not None else EngineMetrics()
         self.limiter = trio.CapacityLimiter(runtime.max_concurrent_runs)
         self.servers: dict[str, ModelServer] = {}
         self.records: dict[str, ModelRecord] = {}
@@ -161,7 +164,9 @@ class ModelSet:
         if previous is not None and previous.version > record.version:
             return
         self.records[record.spec.name] = record
-        self.servers[record.spec.name] = ModelServer(model, self.limiter)
+        self.servers[record.spec.name] = ModelServer(model, self.limiter, metrics=self.metrics)
+        # The session's first provider is the one it runs on; the rest are fallbacks.
+        self.metrics.serve_model(record.spec.name, record.version, model.providers[0])
         log.info(
             "serving model '%s' v%d on %s (%s, %s)",
             record.spec.name,
@@ -175,6 +180,7 @@ class ModelSet:
     def _remove(self, name: str) -> None:
         self.records.pop(name, None)
         self.servers.pop(name, None)
+        self.metrics.forget_model(name)
         self._reindex()
 
     def _reindex(self) -> None:

@@ -1,0 +1,253 @@
+"""The engine's Prometheus metrics: predictions, batching, deferred work, image fetch and cache.
+
+One EngineMetrics is made per process (proxy/app.py, on the process's one
+CollectorRegistry) and passed to the components that count; a component made without
+one gets a fresh EngineMetrics on a registry of its own, so nothing is ever counted on
+prometheus_client's global registry.
+
+Labels stay bounded: `model` is the name of a registered model, every other label takes
+its values from a fixed set here. Per-model series are keyed by the model's name, not by
+a loaded version, so counters keep counting when a model is registered again; dropping
+a model removes its series (`forget_model`). Components take their children
+(`model`, `deferred`) while the model is served: a series a late task updates after the
+drop belongs to a removed child and is never exported again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = [
+    "FETCH_ERROR_REASONS",
+    "PREDICTION_ERROR_KINDS",
+    "DeferredMetrics",
+    "EngineMetrics",
+    "FetchErrorReason",
+    "ModelMetrics",
+    "PredictionErrorKind",
+]
+
+#: Why a document got no prediction: its input was unusable, its image could not be
+#: fetched, the model run failed, or the model's output could not be turned into a value.
+PredictionErrorKind = Literal["input", "fetch", "model", "output"]
+PREDICTION_ERROR_KINDS: tuple[PredictionErrorKind, ...] = get_args(PredictionErrorKind)
+
+#: Why an image fetch failed (engine/fetch.py maps each failure to one of these).
+FetchErrorReason = Literal[
+    "invalid_url",  # unparsable URL, or no host
+    "scheme",  # not http(s), or file: while file URLs are off
+    "blocked",  # the address guard refused the address
+    "dns",  # the host name did not resolve
+    "connect",  # connection refused or failed
+    "timeout",
+    "network",  # the connection broke mid-request
+    "http_4xx",
+    "http_5xx",
+    "http",  # any other protocol-level failure
+    "too_large",
+    "redirects",  # too many, or a loop
+    "file",  # a file: URL could not be read
+]
+FETCH_ERROR_REASONS: tuple[FetchErrorReason, ...] = get_args(FetchErrorReason)
+
+# Items per run: powers of two up to the largest batch a spec sensibly declares.
+_BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(11))
+# From a sub-millisecond tiny model on CPU to a slow model on a loaded machine.
+_RUN_SECONDS_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+# Deferred lag: from a prompt change-stream wake-up to a backlog worked off for an hour.
+_LAG_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """One model's prediction series (children of the EngineMetrics families)."""
+
+    predictions: Counter
+    errors: Mapping[PredictionErrorKind, Counter]
+    batch_size: Histogram
+    inference_seconds: Histogram
+    queue_wait_seconds: Histogram
+
+
+@dataclass(frozen=True)
+class DeferredMetrics:
+    """One deferred model's background-work series."""
+
+    pending: Gauge
+    in_progress: Gauge
+    failed: Gauge
+    lag_seconds: Histogram
+    lease_takeovers: Counter
+    duplicates: Counter
+
+
+class EngineMetrics:
+    """Every engine metric family, registered on `registry` (a fresh one if None)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        model = ["model"]
+        self.model_info = Gauge(
+            "modelgate_model_info",
+            "1 for the model version this process serves, with the execution provider in use",
+            ["model", "version", "provider"],
+            registry=r,
+        )
+        self.predictions = Counter(
+            "modelgate_predictions", "Documents that got a prediction", model, registry=r
+        )
+        self.prediction_errors = Counter(
+            "modelgate_prediction_errors",
+            "Documents that got no prediction, by kind (input, fetch, model, output)",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "modelgate_batch_size",
+            "Items per model run",
+            model,
+            buckets=_BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "modelgate_inference_seconds",
+            "Duration of one run of the model's session",
+            model,
+            buckets=_RUN_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            "modelgate_queue_wait_seconds",
+            "Time from a prediction request to the start of the run that serves it",
+            model,
+            buckets=_RUN_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.deferred_pending = Gauge(
+            "modelgate_deferred_pending",
+            "Documents waiting for the deferred model's prediction, as last counted here",
+            model,
+            registry=r,
+        )
+        self.deferred_in_progress = Gauge(
+            "modelgate_deferred_in_progress",
+            "Documents this process holds leases on and is predicting now",
+            model,
+            registry=r,
+        )
+        self.deferred_failed = Gauge(
+            "modelgate_deferred_failed",
+            "Documents with an error record from the served version, as last counted here",
+            model,
+            registry=r,
+        )
+        self.deferred_lag_seconds = Histogram(
+            "modelgate_deferred_lag_seconds",
+            "Time from a document's insert to its deferred prediction being stored",
+            model,
+            buckets=_LAG_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.deferred_lease_takeovers = Counter(
+            "modelgate_deferred_lease_takeovers",
+            "Expired leases of other holders taken over (their documents may be done twice)",
+            model,
+            registry=r,
+        )
+        self.deferred_duplicates = Counter(
+            "modelgate_deferred_duplicates",
+            "Predictions computed here that another process had stored first",
+            model,
+            registry=r,
+        )
+        self.image_fetches = Counter(
+            "modelgate_image_fetches",
+            "Image HTTP requests sent to the network (each retry and redirect counts)",
+            registry=r,
+        )
+        self.image_fetch_errors = Counter(
+            "modelgate_image_fetch_errors",
+            "Image fetches that failed, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.image_cache_hits = Counter(
+            "modelgate_image_cache_hits", "Image cache lookups that found the URL", registry=r
+        )
+        self.image_cache_misses = Counter(
+            "modelgate_image_cache_misses", "Image cache lookups that did not", registry=r
+        )
+        self.image_cache_bytes = Gauge(
+            "modelgate_image_cache_bytes",
+            "Bytes of image bodies in the cache (all processes sharing it), as last seen here",
+            registry=r,
+        )
+        self._per_model = (
+            self.model_info,
+            self.predictions,
+            self.prediction_errors,
+            self.batch_size,
+            self.inference_seconds,
+            self.queue_wait_seconds,
+            self.deferred_pending,
+            self.deferred_in_progress,
+            self.deferred_failed,
+            self.deferred_lag_seconds,
+            self.deferred_lease_takeovers,
+            self.deferred_duplicates,
+        )
+        for reason in FETCH_ERROR_REASONS:
+            self.image_fetch_errors.labels(reason)  # every reason exported from the start
+
+    def model(self, name: str) -> ModelMetrics:
+        errors = {
+            kind: self.prediction_errors.labels(name, kind) for kind in PREDICTION_ERROR_KINDS
+        }
+        return ModelMetrics(
+            predictions=self.predictions.labels(name),
+            errors=errors,
+            batch_size=self.batch_size.labels(name),
+            inference_seconds=self.inference_seconds.labels(name),
+            queue_wait_seconds=self.queue_wait_seconds.labels(name),
+        )
+
+    def deferred(self, name: str) -> DeferredMetrics:
+        return DeferredMetrics(
+            pending=self.deferred_pending.labels(name),
+            in_progress=self.deferred_in_progress.labels(name),
+            failed=self.deferred_failed.labels(name),
+            lag_seconds=self.deferred_lag_seconds.labels(name),
+            lease_takeovers=self.deferred_lease_takeovers.labels(name),
+            duplicates=self.deferred_duplicates.labels(name),
+        )
+
+    def serve_model(self, name: str, version: int, provider: str) -> None:
+        """`name` is served at `version` on `provider`: its info series replaces the
+        previous version's."""
+        self.model_info.remove_by_labels({"model": name})
+        self.model_info.labels(name, str(version), provider).set(1)
+
+    def forget_model(self, name: str) -> None:
+        """`name` was dropped: remove every series labelled with it."""
+        for family in self._per_model:
+            family.remove_by_labels({"model": name})
