@@ -35,7 +35,8 @@ def _usage() -> str:
         "SecantusDB unless --upstream URI is given) and modelgate in front of it, runs",
         "the same work against both, and reports the proxy's cost. Common options:",
         "--quick (a short run), --json PATH (write all numbers and the machine's",
-        "description), --upstream URI (use a real MongoDB).",
+        "description), --plot PATH (draw the table as a PNG), --upstream URI (use a",
+        "real MongoDB).",
         "",
         "commands:",
     ]

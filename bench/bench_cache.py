@@ -24,8 +24,9 @@ from typing import Any
 
 import trio
 
-from bench.harness import add_common_arguments, format_table, write_json
+from bench.harness import add_common_arguments, finish, format_table, machine_info
 from bench.support.image_server import make_png, serve_files_in_process
+from bench.support.processes import BenchError
 from engine.cache import EntryMeta, ImageCache
 from engine.fetch import Fetcher, FetchSettings
 
@@ -109,22 +110,11 @@ async def _fetch_benchmarks(
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_cache", description=__doc__)
-    parser.add_argument("--images", type=int, default=500, help="distinct images (500)")
-    parser.add_argument("--side", type=int, default=96, help="image side in pixels (96)")
-    parser.add_argument("--concurrency", type=int, default=16, help="concurrent fetches")
-    parser.add_argument("--seconds", type=float, default=2.0, help="per lookup measurement")
-    add_common_arguments(parser, quick="100 images, 0.5 s per measurement", database=None)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.images, args.seconds = min(args.images, 100), min(args.seconds, 0.5)
-
+def run(args: argparse.Namespace) -> dict[str, Any]:
     bodies = [make_png(size=(args.side, args.side), noise=True, seed=i) for i in range(args.images)]
-    mean_size = sum(map(len, bodies)) / len(bodies)
     results: dict[str, Any] = {
         "images": args.images,
-        "mean_image_bytes": round(mean_size),
+        "mean_image_bytes": round(sum(map(len, bodies)) / len(bodies)),
         "concurrency": args.concurrency,
     }
     with tempfile.TemporaryDirectory(prefix="modelgate-bench-cache-") as tmp:
@@ -134,11 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ImageCache(root / "lookups", max_bytes=1 << 30) as cache:
             for url, body in zip(urls, bodies, strict=True):
                 cache.put(url, body, EntryMeta(content_type="image/png"))
-            lookups = {
+            results["lookups_per_s"] = {
                 f"{n} thread{'s' if n > 1 else ''}": _lookup_rate(cache, urls, n, args.seconds)
                 for n in (1, 2)
             }
-        results["lookups_per_s"] = lookups
 
         files = []
         for i, body in enumerate(bodies):
@@ -151,38 +140,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             base = server.stdout.readline().strip() if server.stdout else ""
             if not base.startswith("http://127.0.0.1:"):
-                raise RuntimeError(f"image server did not start: {base!r}")
+                raise BenchError(f"image server did not start: {base!r}")
             fetch_urls = [f"{base}/img/{i}.png" for i in range(args.images)]
-            fetches = trio.run(
+            results["fetch"] = trio.run(
                 _fetch_benchmarks, fetch_urls, files, root / "fetch", args.concurrency
             )
         finally:
             server.terminate()
             server.wait()
-        results["fetch"] = fetches
+    return {"benchmark": "cache", "results": results, "machine": machine_info()}
 
-    print(f"{args.images} images of {mean_size / 1000:.1f} kB, concurrency {args.concurrency}")
-    print()
-    print(
-        format_table(
-            ["LMDB cache hits", "lookups/s"],
-            [[name, round(rate)] for name, rate in lookups.items()],
-        )
+
+def report(payload: dict[str, Any]) -> str:
+    results = payload["results"]
+    mean_size = results["mean_image_bytes"]
+    lookups = format_table(
+        ["LMDB cache hits", "lookups/s"],
+        [[name, round(rate)] for name, rate in results["lookups_per_s"].items()],
     )
-    print()
-    print(
-        format_table(
-            ["fetch path", "images/s", "MB/s"],
-            [
-                [name, round(r["images_per_s"]), r["images_per_s"] * mean_size / 1e6]
-                for name, r in fetches.items()
-            ],
-        )
+    fetches = format_table(
+        ["fetch path", "images/s", "MB/s"],
+        [
+            [name, round(r["images_per_s"]), r["images_per_s"] * mean_size / 1e6]
+            for name, r in results["fetch"].items()
+        ],
     )
-    if args.json:
-        write_json(args.json, {"benchmark": "cache", "results": results})
-        print(f"\nwrote {args.json}")
-    return 0
+    return (
+        f"{results['images']} images of {mean_size / 1000:.1f} kB, "
+        f"concurrency {results['concurrency']}\n\n{lookups}\n\n{fetches}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_cache", description=__doc__)
+    parser.add_argument("--images", type=int, default=500, help="distinct images (500)")
+    parser.add_argument("--side", type=int, default=96, help="image side in pixels (96)")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent fetches")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per lookup measurement")
+    add_common_arguments(parser, quick="100 images, 0.5 s per measurement", database=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.seconds = min(args.images, 100), min(args.seconds, 0.5)
+    return finish("cache", args, run, report)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any
 
 import bson
 
-from bench.harness import add_common_arguments, finish, format_table
+from bench.harness import add_common_arguments, finish, format_table, machine_info
 from bench.support.processes import BENCH_PROXY_ARGS, BenchError, ProxyProcess, connect, upstream
 from bench.support.registration import register_bench_model
 from engine.stats import percentile
@@ -85,11 +85,19 @@ def _documents(images: Sequence[bytes], start: int, count: int) -> list[dict[str
     ]
 
 
-def _wait_all(raw: Any, total: int, timeout: float, poll: float) -> float:
-    """Wait until `total` documents have a prediction; the time the last was seen."""
+def _predicted(raw: Any) -> int:
+    return int(raw.count_documents({f"{OUTPUT}.version": {"$exists": True}}))
+
+
+def _wait_all(
+    raw: Any, total: int, timeout: float, poll: float, first: float, progress: list[list[float]]
+) -> float:
+    """Wait until `total` documents have a prediction; the time the last was seen.
+    Each count is added to `progress` as [seconds since `first`, documents]."""
     deadline = time.monotonic() + timeout
     while True:
-        done = raw.count_documents({f"{OUTPUT}.version": {"$exists": True}})
+        done = _predicted(raw)
+        progress.append([time.time() - first, done])
         if done >= total:
             return time.time()
         if time.monotonic() > deadline:
@@ -108,11 +116,16 @@ def catch_up(
     with connect(proxy_uri) as proxied, connect(direct_uri) as direct:
         raw = direct[DB_NAME].items
         coll = proxied[DB_NAME].items
+        # Documents predicted over time, counted at most every `poll` seconds while
+        # inserting too, so the curve shows the work starting before the inserts end.
+        progress: list[list[float]] = [[0.0, 0]]
         first = time.time()
         for start in range(0, total, INSERT_CHUNK):
             coll.insert_many(_documents(images, start, min(INSERT_CHUNK, total - start)))
+            if time.time() - first - progress[-1][0] >= poll:
+                progress.append([time.time() - first, _predicted(raw)])
         inserted = time.time()
-        last = _wait_all(raw, total, timeout, poll)
+        last = _wait_all(raw, total, timeout, poll, first, progress)
         errors = raw.count_documents({f"{OUTPUT}.error": {"$exists": True}})
     seconds = last - first
     return {
@@ -121,6 +134,7 @@ def catch_up(
         "catch_up_s": seconds,
         "documents_per_s": total / seconds,
         "errors": errors,
+        "progress": progress,
     }
 
 
@@ -252,6 +266,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "deferred",
         "quick": bool(args.quick),
         "upstream": "given" if args.upstream else "embedded SecantusDB (in memory)",
+        "machine": machine_info(),
         "settings": {"sweep_interval": args.sweep_interval, "poll_s": args.poll},
         "models": results,
     }

@@ -3,8 +3,8 @@
 Every benchmark (`wire`, `inline`, `deferred`, `images`, `cache`) compares the same
 work done straight against the upstream (or plain onnxruntime) and through modelgate.
 `bench.support.processes` starts both ends; this module times callables with the two
-targets alternating or taking turns in blocks, and prints a table and writes JSON with
-the machine's description.
+targets alternating or taking turns in blocks, and prints a table, writes JSON with
+the machine's description and draws the table as a PNG (`bench.plots`).
 
 Typical use::
 
@@ -70,13 +70,18 @@ def _exit_on_sigterm() -> None:
 def add_common_arguments(
     parser: argparse.ArgumentParser, *, quick: str, database: str | None
 ) -> None:
-    """--quick, --json and, for a benchmark that writes to MongoDB (in `database`),
-    --upstream: the same in every benchmark."""
+    """--quick, --json, --plot and, for a benchmark that writes to MongoDB (in
+    `database`), --upstream: the same in every benchmark."""
     parser.add_argument("--quick", action="store_true", help=f"a short run: {quick}")
     parser.add_argument(
         "--json",
         metavar="PATH",
         help="write every number and the machine's description as JSON to PATH",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="draw what the table shows as a PNG at PATH (needs matplotlib: the plot extra)",
     )
     if database is not None:
         parser.add_argument(
@@ -93,9 +98,16 @@ def finish(
     run: Callable[[Any], dict[str, Any]],
     report: Callable[[dict[str, Any]], str],
 ) -> int:
-    """The end of every benchmark's main: run it, print its report, write --json.
-    Exit status 1 when it could not be set up, 130 when interrupted."""
+    """The end of every benchmark's main: run it, print its report, write --json and
+    --plot. Exit status 1 when it could not be set up, 2 when --plot cannot be drawn
+    here (checked before a possibly long run), 130 when interrupted."""
     _exit_on_sigterm()
+    if args.plot:
+        try:
+            from bench.plots import write_plot
+        except ImportError as exc:
+            print(f"bench {name}: --plot needs matplotlib (the plot extra): {exc}", file=sys.stderr)
+            return 2
     try:
         payload = run(args)
     except BenchError as exc:
@@ -107,6 +119,8 @@ def finish(
     print(report(payload))
     if args.json:
         print(f"\nwrote {write_json(args.json, payload)}")
+    if args.plot:
+        print(f"wrote {write_plot(payload, args.plot)}")
     return 0
 
 

@@ -47,6 +47,7 @@ from bench.harness import (
     summarize,
 )
 from bench.support.processes import DIRECT, PROXY, BenchError, bench_stack, connect, redact_uri
+from engine.stats import percentile
 from proxy.settings import positive
 
 __all__ = ["TASKS", "Dataset", "main", "make_dataset"]
@@ -58,6 +59,9 @@ COLLECTION = "corpus"
 SMALL_DOC_BYTES = 275
 TWEET_BYTES = 1_622
 LARGE_DOC_BYTES = 2_731_089
+
+# The latency distribution kept in the report (for --plot): these percentiles of each.
+DISTRIBUTION_PERCENTILES = (*range(100), 99.5, 99.9, 100)
 
 # The spec's count of round trips in the one-operation-at-a-time tasks (hello, find one,
 # insertOne of small docs).
@@ -410,8 +414,14 @@ def _ping_latency(
     result: dict[str, Any] = {
         "count": count,
         "unit": "us",
+        "percentiles": list(DISTRIBUTION_PERCENTILES),
         **{name: summarize(values, 1e6) for name, values in samples.items()},
     }
+    for name, values in samples.items():
+        ordered = sorted(values)
+        result[name]["distribution"] = [
+            percentile(ordered, q) * 1e6 for q in DISTRIBUTION_PERCENTILES
+        ]
     result["added_p50_us"] = result[PROXY]["p50"] - result[DIRECT]["p50"]
     result["added_p99_us"] = result[PROXY]["p99"] - result[DIRECT]["p99"]
     result["added_mean_us"] = result[PROXY]["mean"] - result[DIRECT]["mean"]

@@ -12,7 +12,23 @@ from typing import Any
 
 from bench.support.processes import ROOT
 
-__all__ = ["run_benchmark"]
+__all__ = ["assert_png", "run_benchmark"]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path) -> None:
+    """`path` is a PNG with a figure in it: the signature, a size no blank or empty image
+    has, and dimensions Pillow reads back."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE), data[:16]
+    assert len(data) > 10_000, len(data)
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) >= 300, image.size
+        colors = image.getcolors(maxcolors=256)  # None: more than 256
+        assert colors is None or len(colors) > 16, "a blank image"
 
 
 def run_benchmark(arguments: list[str], report: Path, timeout: float) -> tuple[dict[str, Any], str]:

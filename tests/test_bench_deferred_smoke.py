@@ -1,5 +1,5 @@
 """Smoke test of `python -m bench deferred`: a tiny run on the digits model (one and two
-modelgate processes) ends with a complete JSON report. No timing assertions."""
+modelgate processes) ends with a complete JSON report and its plot. No timing assertions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import run_benchmark
+from tests.support import assert_png, run_benchmark
 
 
 @pytest.mark.timeout(150)
@@ -28,6 +28,8 @@ def test_bench_deferred_tiny_digits(tmp_path: Path) -> None:
             "2",
             "--baseline-budget",
             "0.1",
+            "--plot",
+            str(tmp_path / "deferred.png"),
         ],
         report,
         timeout=140,
@@ -41,6 +43,10 @@ def test_bench_deferred_tiny_digits(tmp_path: Path) -> None:
         fast = cell["catch_up"]
         assert fast["documents"] == 150 and fast["errors"] == 0, cell
         assert fast["documents_per_s"] > 0 and cell["ratio_to_baseline"] > 0, cell
+        seconds, done = zip(*fast["progress"], strict=True)
+        assert seconds == tuple(sorted(seconds)) and done == tuple(sorted(done)), cell
+        assert done[0] == 0 and done[-1] == 150, cell
         slow = cell["steady"]
         assert slow["seen"] == slow["documents"] >= 1, cell
         assert slow["lag_s"]["p99"] >= slow["lag_s"]["p50"] >= 0, cell
+    assert_png(tmp_path / "deferred.png")

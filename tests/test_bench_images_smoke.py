@@ -1,6 +1,6 @@
 """Smoke test of `python -m bench images`: it runs end to end (image server process,
 proxy, cold and warm cache, local-disk baseline, LMDB lookups) and writes a complete
-JSON report. A tiny run on the digits model only; no timing assertions."""
+JSON report and its plot. A tiny run on the digits model only; no timing assertions."""
 
 from __future__ import annotations
 
@@ -8,14 +8,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import run_benchmark
+from tests.support import assert_png, run_benchmark
 
 
 @pytest.mark.timeout(120)
 def test_bench_images_quick_digits(tmp_path: Path) -> None:
-    report = tmp_path / "images.json"
+    report, plot = tmp_path / "images.json", tmp_path / "images.png"
     payload, text = run_benchmark(
-        ["images", "--quick", "--models", "digits", "--images", "24", "--seconds", "0.2"],
+        [
+            "images",
+            "--quick",
+            "--models",
+            "digits",
+            "--images",
+            "24",
+            "--seconds",
+            "0.2",
+            "--plot",
+            str(plot),
+        ],
         report,
         timeout=110,
     )
@@ -32,3 +43,4 @@ def test_bench_images_quick_digits(tmp_path: Path) -> None:
     assert result["local_disk"]["images_per_s"] > 0 and result["local_disk"]["batch"] >= 1
     assert result["cache_after"]["entries"] == 24
     assert "warm cache (LMDB)" in text and "lookups/s" in text
+    assert_png(tmp_path / "images.png")

@@ -1,5 +1,5 @@
 """Smoke test of `python -m bench inline`: it runs end to end on the digits model,
-through the proxy and plain onnxruntime, and writes a complete JSON report. Short runs,
+through the proxy and plain onnxruntime, and writes a complete JSON report and its plot. Short runs,
 no timing assertions."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import run_benchmark
+from tests.support import assert_png, run_benchmark
 
 CONCURRENCY = (1, 8, 32)
 
@@ -26,6 +26,8 @@ def test_bench_inline_quick_digits(tmp_path: Path) -> None:
             ",".join(map(str, CONCURRENCY)),
             "--duration",
             "1",
+            "--plot",
+            str(tmp_path / "inline.png"),
         ],
         report,
         timeout=80,
@@ -50,3 +52,4 @@ def test_bench_inline_quick_digits(tmp_path: Path) -> None:
         for target in ("proxy", "direct"):
             assert plain[target]["images_per_s"] > 0, (plain["concurrency"], target)
     assert "proxy/base" in text
+    assert_png(tmp_path / "inline.png")
