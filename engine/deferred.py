@@ -186,9 +186,7 @@ class ModelWorker:
             self.workers.kick_namespace(server.model.spec.namespace, except_model=self.name)
             if time.monotonic() - last_progress >= settings.progress_interval:
                 # Only the pending count: the full status costs several more queries.
-                pending = await trio.to_thread.run_sync(
-                    lambda: queue.collection.count_documents(queue.pending_filter())
-                )
+                pending = await trio.to_thread.run_sync(queue.count_pending)
                 gauges.pending.set(pending)
                 self._log_rate(server, done, started, suffix=f", {pending} pending")
                 last_progress = time.monotonic()

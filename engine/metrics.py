@@ -163,7 +163,8 @@ class EngineMetrics:
         )
         self.deferred_lag_seconds = Histogram(
             "modelgate_deferred_lag_seconds",
-            "Time from a document's insert to its deferred prediction being stored",
+            "Time from a document's insert (its ObjectId's time; documents inserted since "
+            "the served version was registered) to its deferred output being stored",
             model,
             buckets=_LAG_SECONDS_BUCKETS,
             registry=r,
