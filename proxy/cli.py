@@ -14,12 +14,10 @@ __all__ = ["main"]
 log = logging.getLogger("modelgate")
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(level: str, log_format: str = "text") -> None:
+    from proxy.logs import configure
+
+    configure(level, log_format)
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -41,7 +39,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from proxy.embedded import EmbeddedUpstream, EmbeddedUpstreamError
     from proxy.upstream import UpstreamError
 
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     report_onnxruntime(settings.runtime)
     embedded = None
     upstream = settings.upstream

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import perf_counter_ns
 from typing import Any, Protocol
 
 import bson
@@ -291,9 +292,11 @@ class InlineWrites:
             located = [item for item in located if item[1] is not MISSING]
             if not located:
                 continue
+            started_ns = perf_counter_ns()
             outcomes = await server.predict_values(
                 [value for _, value, _ in located], image_source=self.models.image_source
             )
+            context.inference_ns += perf_counter_ns() - started_ns
             for (target, _, sink), outcome in zip(located, outcomes, strict=True):
                 if not isinstance(outcome, Failure):
                     sink(spec.output_field, outcome.value)

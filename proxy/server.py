@@ -10,6 +10,7 @@ from pathlib import Path
 import trio
 
 from proxy.framed import FramedStream
+from proxy.logs import ConnectionLog
 from proxy.session import Session, SessionServices
 
 __all__ = ["ProxyServer", "listener_tls_context"]
@@ -60,24 +61,32 @@ class ProxyServer:
                 await trio.serve_listeners(self._serve_client, listeners, handler_nursery=nursery)
 
     async def _serve_client(self, stream: trio.abc.Stream) -> None:
-        connection_id = next(self._connection_ids)
+        metrics = self.services.metrics
+        metrics.connections_accepted += 1
+        metrics.connections_open += 1
+        try:
+            await self._serve_connection(next(self._connection_ids), stream)
+        finally:
+            metrics.connections_open -= 1
+
+    async def _serve_connection(self, connection_id: int, stream: trio.abc.Stream) -> None:
+        connection_log = ConnectionLog(log, connection_id)
         if isinstance(stream, trio.SSLStream):
             try:
                 await stream.do_handshake()
             except trio.BrokenResourceError as exc:
-                log.warning(
-                    "[conn%d] TLS handshake failed: %s", connection_id, exc.__cause__ or exc
-                )
+                connection_log.warning("TLS handshake failed: %s", exc.__cause__ or exc)
+                self.services.metrics.refused_tls_handshake += 1
                 await trio.aclose_forcefully(stream)
                 return
         session = Session(connection_id, FramedStream(stream), self.services)
         self.sessions.add(session)
-        log.debug("[conn%d] accepted", connection_id)
+        connection_log.debug("accepted")
         try:
             await session.run()
         except Exception:
             # Whatever one connection runs into must never take the listener down.
-            log.exception("[conn%d] closing connection after an unexpected error", connection_id)
+            connection_log.exception("closing connection after an unexpected error")
         finally:
             self.sessions.discard(session)
 

@@ -8,14 +8,16 @@ modelgate admin command (answered here), a write to a namespace with inline mode
 predictions are added before it is forwarded).
 
 Each request owed a reply has one record (`_InFlight`) from the moment it is read until
-its last reply has gone through to the client: what to do to its replies, and whether
-shutdown waits for it."""
+its last reply has gone through to the client: what to do to its replies, whether
+shutdown waits for it, and when it came, for the latency modelgate adds and the
+slow-operation log (logger proxy.slow)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from time import perf_counter_ns
 from typing import Any, Protocol
 
 import bson
@@ -26,6 +28,8 @@ from engine.errors import ModelgateError
 from engine.models import ModelSet
 from proxy.framed import FramedStream
 from proxy.hello import HELLO_COMMANDS, rewrite_hello_reply
+from proxy.logs import ConnectionLog
+from proxy.metrics import CommandCounts, ProxyMetrics
 from proxy.replies import (
     ReplyHook,
     decode_document,
@@ -36,6 +40,7 @@ from proxy.replies import (
     rewrite_reply,
     uncompressed,
 )
+from proxy.settings import Settings
 from proxy.upstream import UpstreamError, UpstreamTarget, open_upstream
 from proxy.wire.compression import Compressor, decode_compressed, decompress
 from proxy.wire.errors import ProtocolError
@@ -57,6 +62,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+slow_log = logging.getLogger("proxy.slow")
 
 CommandHandler = Callable[["CommandContext", dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -105,6 +111,9 @@ class SessionServices:
     writes: WriteInterceptor | None = None
     models: ModelSet | None = None
     deferred: DeferredWorkers | None = None
+    metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
+    # A request whose round trip through modelgate takes longer is logged (proxy.slow).
+    slow_ms: float = Settings.slow_ms
 
 
 class CommandContext:
@@ -116,6 +125,9 @@ class CommandContext:
         self.log = session.log
         self.models = session.services.models
         self.deferred = session.services.deferred
+        # Time spent waiting for model predictions for this request (a write interceptor
+        # adds to it), reported by the slow-operation log.
+        self.inference_ns = 0
 
     async def upstream_command(self, document: dict[str, Any]) -> dict[str, Any]:
         """Run a command on this client's own upstream connection (so it sees the
@@ -123,10 +135,20 @@ class CommandContext:
         return await self._session.upstream_command(document)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _InFlight:
     """One request owed a reply, kept until its last reply has gone through."""
 
+    # What it counts on, and its command document (for the slow log's namespace).
+    command: CommandCounts | None = None
+    name: str = ""
+    body: bytes = b""
+    # perf_counter_ns when it was read from the client (0: no round trip to time: one of
+    # the proxy's own commands, or a stream past its first reply), when it was sent
+    # upstream, and how long it waited for models.
+    started_ns: int = 0
+    forwarded_ns: int = 0
+    inference_ns: int = 0
     reply_hook: ReplyHook | None = None
     # The client's compressor, for replies the proxy compresses itself because the
     # upstream does not take it.
@@ -153,7 +175,7 @@ def decode_command(message: OpMsg) -> dict[str, Any]:
 def _namespace(name: str, body: bytes) -> str:
     """`db.collection` (or just `db`) a command is about, for logs; never the contents."""
     command = decode_document(body)
-    target = command.get(name)
+    target = command.get("collection" if name == "getMore" else name)
     database = str(command.get("$db", "?"))
     return f"{database}.{target}" if isinstance(target, str) and target else database
 
@@ -166,17 +188,15 @@ def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     return first
 
 
-class _ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[conn{self.extra['connection_id']}] {msg}", kwargs  # type: ignore[index]
-
-
 class Session:
     def __init__(self, connection_id: int, client: FramedStream, services: SessionServices) -> None:
         self.connection_id = connection_id
         self.client = client
         self.services = services
-        self.log = _ConnectionLog(log, {"connection_id": connection_id})
+        self._metrics = services.metrics
+        self.log = ConnectionLog(log, connection_id)
+        self._slow_log = ConnectionLog(slow_log, connection_id)
+        self._slow_ns = int(services.slow_ms * 1_000_000)
         self.upstream: FramedStream | None = None
         # responseTo -> the request a reply answers; a stream's request is under two keys.
         self._in_flight: dict[int, _InFlight] = {}
@@ -194,13 +214,17 @@ class Session:
 
     async def run(self) -> None:
         """Connect to the upstream and serve the client until either side closes."""
+        metrics = self._metrics
         try:
             upstream = await open_upstream(self.services.upstream)
         except UpstreamError as exc:
             # Closing the client's connection is the network error drivers retry.
             self.log.warning("closing client connection: %s", exc)
+            metrics.upstream_connect_errors += 1
+            metrics.refused_upstream_unreachable += 1
             await self.client.aclose()
             return
+        metrics.upstream_connects += 1
         await self.serve(upstream)
 
     async def serve(self, upstream: FramedStream) -> None:
@@ -251,19 +275,23 @@ class Session:
     async def _pump_requests(self) -> None:
         while True:
             frame = await self.client.receive_frame()
+            received_ns = perf_counter_ns()
             if frame is None:
                 return
             if self._draining:
                 self.log.info("shutting down: closing the connection instead of a new request")
                 return
-            await self._handle_request(frame)
+            await self._handle_request(frame, received_ns)
 
-    async def _handle_request(self, frame: Frame) -> None:
+    async def _handle_request(self, frame: Frame, received_ns: int) -> None:
         assert self.upstream is not None
+        metrics = self._metrics
         header, payload = frame.header, frame.payload
         request_id = header.request_id
-        request = _InFlight()
+        request = _InFlight(started_ns=received_ns)
         forward = frame.to_bytes()
+        metrics.received_bytes += len(forward)
+        awaits_reply = True
         if header.op_code == OpCode.OP_COMPRESSED:
             compressor_id = decode_compressed(payload).compressor_id
             header, payload = decompress(header, payload)
@@ -277,18 +305,20 @@ class Session:
             name = command_name(message.body)
             if self.log.isEnabledFor(logging.DEBUG):
                 self.log.debug("command %s on %s", name, _namespace(name, message.body))
+            self._count_request(request, name, message.body)
             request.may_stream = message.exhaust_allowed
             if name in HELLO_COMMANDS:
                 request.reply_hook = self._hello_hook(message.body)
                 request.is_work = False
-            if not message.more_to_come:
+            awaits_reply = not message.more_to_come
+            if awaits_reply:
                 self._await_replies(request, request_id)
             if name in self.services.commands:
                 reply = await self._run_local_command(name, message)
                 await self._answer(request, request_id, message, reply)
                 return
             if self.services.writes is not None and self.services.writes.wants(name):
-                match await self._intercept_write(name, message):
+                match await self._intercept_write(request, name, message):
                     case AnswerLocally(reply):
                         await self._answer(request, request_id, message, reply)
                         return
@@ -299,13 +329,59 @@ class Session:
                         request.reply_hook = hook
         elif header.op_code == OpCode.OP_QUERY:
             query = decode_op_query(payload)
-            if query.full_collection_name.endswith(".$cmd") and (
-                command_name(query.query) in HELLO_COMMANDS
-            ):
+            is_command = query.full_collection_name.endswith(".$cmd")
+            name = command_name(query.query) if is_command else ""
+            self._count_request(request, name, query.query)
+            if name in HELLO_COMMANDS:
                 request.reply_hook = self._hello_hook(query.query)
                 request.is_work = False
             self._await_replies(request, request_id)
-        await self.upstream.send(forward)
+        else:
+            self._count_request(request, "", b"")
+        request.forwarded_ns = perf_counter_ns()
+        try:
+            await self.upstream.send(forward)
+        except (trio.BrokenResourceError, OSError):
+            metrics.upstream_lost += 1
+            raise
+        if not awaits_reply:
+            self._finish_round_trip(request, 0)
+
+    def _count_request(self, request: _InFlight, name: str, body: bytes) -> None:
+        request.command = self._metrics.for_command(name)
+        request.command.requests += 1
+        request.name = name
+        request.body = body
+
+    def _finish_round_trip(self, request: _InFlight, upstream_ns: int) -> None:
+        """The request's round trip is over (its first reply has gone to the client, or
+        it owed none): the time modelgate added, and the slow-operation log."""
+        total_ns = perf_counter_ns() - request.started_ns
+        request.started_ns = 0  # later replies of a stream are not round trips
+        self._metrics.added_latency.observe_ns(total_ns - upstream_ns)
+        # Awaitable hellos wait upstream by design (maxAwaitTimeMS): never slow.
+        if total_ns > self._slow_ns and request.is_work:
+            self._log_slow(request, total_ns)
+
+    def _log_slow(self, request: _InFlight, total_ns: int) -> None:
+        assert request.command is not None
+        request.command.slow += 1
+        namespace = _namespace(request.name, request.body) if request.body else "?"
+        duration_ms = round(total_ns / 1e6, 3)
+        inference_ms = round(request.inference_ns / 1e6, 3)
+        self._slow_log.warning(
+            "slow %s on %s: %.1f ms, %.1f ms of it inference",
+            request.name or "request",
+            namespace,
+            duration_ms,
+            inference_ms,
+            extra={
+                "command": request.name,
+                "namespace": namespace,
+                "duration_ms": duration_ms,
+                "inference_ms": inference_ms,
+            },
+        )
 
     def _hello_hook(self, request_body: bytes) -> ReplyHook:
         """Rewrites the hello reply (see proxy.hello), and notes which compressors the
@@ -328,20 +404,28 @@ class Session:
             self.log.info("command %s failed: %s", name, exc.message)
             return error_reply(exc)
 
-    async def _intercept_write(self, name: str, message: OpMsg) -> WriteDecision:
+    async def _intercept_write(
+        self, request: _InFlight, name: str, message: OpMsg
+    ) -> WriteDecision:
         assert self.services.writes is not None
+        context = CommandContext(self)
         try:
-            return await self.services.writes.intercept(CommandContext(self), name, message)
+            return await self.services.writes.intercept(context, name, message)
         except ModelgateError as exc:
             return AnswerLocally(error_reply(exc))
+        finally:
+            request.inference_ns = context.inference_ns
 
     async def _answer(
         self, request: _InFlight, request_id: int, message: OpMsg, reply: dict[str, Any]
     ) -> None:
         """Answer a request here; a moreToCome request (w:0) gets no reply."""
         if not message.more_to_come:
-            await self.client.send(encode_local_reply(reply, request_id))
+            data = encode_local_reply(reply, request_id)
+            await self.client.send(data)
+            self._metrics.sent_bytes += len(data)
             self._await_replies(request)
+        self._finish_round_trip(request, 0)
 
     async def upstream_command(self, document: dict[str, Any]) -> dict[str, Any]:
         assert self.upstream is not None
@@ -363,22 +447,30 @@ class Session:
 
     async def _pump_replies(self, cancel_scope: trio.CancelScope) -> None:
         assert self.upstream is not None
+        metrics = self._metrics
         while True:
-            frame = await self.upstream.receive_frame()
+            try:
+                frame = await self.upstream.receive_frame()
+            except (trio.BrokenResourceError, OSError, ProtocolError):
+                metrics.upstream_lost += 1
+                raise
+            arrived_ns = perf_counter_ns()
             if frame is None:
                 self.log.warning("upstream closed the connection; closing the client's")
+                metrics.upstream_lost += 1
                 cancel_scope.cancel()
                 return
             request = self._in_flight.get(frame.header.response_to)
             if request is None:
-                await self.client.send(frame.to_bytes())
+                await self.client.send(frame.raw)
+                metrics.sent_bytes += len(frame.raw)
             elif request.internal is not None:
                 request.internal.send_nowait(frame)
                 self._await_replies(request)
             else:
-                await self._pass_reply(request, frame)
+                await self._pass_reply(request, frame, arrived_ns)
 
-    async def _pass_reply(self, request: _InFlight, frame: Frame) -> None:
+    async def _pass_reply(self, request: _InFlight, frame: Frame, arrived_ns: int) -> None:
         """Send one reply of `request` to the client, rewritten as the request needs;
         the request is finished after its last reply."""
         data = frame.to_bytes()
@@ -390,6 +482,9 @@ class Session:
         elif request.may_stream:
             last = is_last_reply(*uncompressed(frame))
         await self.client.send(data)
+        self._metrics.sent_bytes += len(data)
+        if request.started_ns:
+            self._finish_round_trip(request, arrived_ns - request.forwarded_ns)
         if last:
             self._await_replies(request)
         else:

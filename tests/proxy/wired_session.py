@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from proxy.framed import FramedStream
+from proxy.metrics import ProxyMetrics
 from proxy.session import CommandHandler, Session, SessionServices, WriteInterceptor
 from proxy.upstream import UpstreamTarget
 from proxy.wire.compression import decompress
@@ -103,11 +104,20 @@ class Wired:
 
 
 def services(
-    commands: dict[str, CommandHandler] | None = None, writes: WriteInterceptor | None = None
+    commands: dict[str, CommandHandler] | None = None,
+    writes: WriteInterceptor | None = None,
+    metrics: ProxyMetrics | None = None,
+    slow_ms: float = 100.0,
 ) -> SessionServices:
     # The target is never dialled: the session is served over the fake upstream's stream.
     target = UpstreamTarget.from_uri("mongodb://upstream.invalid:27017")
-    return SessionServices(upstream=target, commands=commands or {}, writes=writes)
+    return SessionServices(
+        upstream=target,
+        commands=commands or {},
+        writes=writes,
+        metrics=metrics or ProxyMetrics(),
+        slow_ms=slow_ms,
+    )
 
 
 @asynccontextmanager
@@ -116,11 +126,14 @@ async def wired_session(
     *,
     commands: dict[str, CommandHandler] | None = None,
     writes: WriteInterceptor | None = None,
+    metrics: ProxyMetrics | None = None,
+    slow_ms: float = 100.0,
 ) -> AsyncIterator[Wired]:
     """A served session; on the way out the driver hangs up and the session must end."""
     driver_end, proxy_client_end = trio.testing.memory_stream_pair()
     proxy_upstream_end, upstream_end = trio.testing.memory_stream_pair()
-    session = Session(1, FramedStream(proxy_client_end), services(commands, writes))
+    served = services(commands, writes, metrics, slow_ms)
+    session = Session(1, FramedStream(proxy_client_end), served)
     upstream = FakeUpstream(FramedStream(upstream_end), respond)
     wired = Wired(session, FramedStream(driver_end), upstream)
     async with trio.open_nursery() as nursery:
