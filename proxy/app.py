@@ -1,5 +1,5 @@
 """Assembling and running the proxy: the services every session shares, the listener,
-and shutdown on SIGINT/SIGTERM."""
+the operations listener (metrics and probes), and shutdown on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,14 +9,18 @@ from typing import Any
 
 import pymongo
 import trio
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from engine.cache import ImageCache
 from engine.deferred import DeferredWorkers
 from engine.fetch import Fetcher
+from engine.metrics import EngineMetrics
 from engine.models import ModelSet
 from engine.registry import ModelRegistry
 from proxy.commands import COMMANDS
 from proxy.inline import InlineWrites
+from proxy.metrics import ProxyMetrics
+from proxy.monitoring import MonitoringServer, Readiness
 from proxy.server import ProxyServer, listener_tls_context
 from proxy.session import SessionServices
 from proxy.settings import Settings
@@ -40,9 +44,16 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
         # selection (30 s by default) holds up shutdown while the upstream is away.
         serverSelectionTimeoutMS=max(1, int(settings.connect_timeout * 1000)),
     )
-    cache = ImageCache(settings.image_cache_dir, settings.cache_size)
-    fetcher = Fetcher(settings.fetch, cache)
-    models = ModelSet(ModelRegistry(own_client), settings.runtime, image_source=fetcher)
+    # The process's one metrics registry, passed to whatever counts: prometheus_client's
+    # global one stays unused, so that proxies run in one process never share series.
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_*: CPU, memory, open files
+    engine_metrics = EngineMetrics(registry)
+    cache = ImageCache(settings.image_cache_dir, settings.cache_size, metrics=engine_metrics)
+    fetcher = Fetcher(settings.fetch, cache, metrics=engine_metrics)
+    models = ModelSet(
+        ModelRegistry(own_client), settings.runtime, image_source=fetcher, metrics=engine_metrics
+    )
     deferred = DeferredWorkers(models, own_client, settings.deferred)
     services = SessionServices(
         upstream=target,
@@ -50,7 +61,10 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
         writes=InlineWrites(models, on_written=deferred.kick_namespace),
         models=models,
         deferred=deferred,
+        metrics=ProxyMetrics(registry, admin_commands=COMMANDS),
+        slow_ms=settings.slow_ms,
     )
+    readiness = Readiness(own_client, models)
     tls_context = None
     if settings.tls_cert is not None:
         tls_context = listener_tls_context(settings.tls_cert, settings.tls_key or settings.tls_cert)
@@ -63,9 +77,14 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
             addresses = await nursery.start(server.run)
             for address in addresses:
                 log.info("modelgate listening on %s:%d", *address)
+            if settings.metrics_listen is not None:
+                monitoring = MonitoringServer(registry, readiness, *settings.metrics_listen)
+                for address in await nursery.start(monitoring.run):
+                    log.info("monitoring on http://%s:%d (/metrics, /healthz, /readyz)", *address)
             async for signum in signals:
                 log.info("received %s", signal.Signals(signum).name)
                 break
+            readiness.stopping = True
             await server.shutdown(settings.grace_period)
             nursery.cancel_scope.cancel()
     own_client.close()
