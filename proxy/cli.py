@@ -37,6 +37,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from engine.runtime import report_onnxruntime
     from proxy.app import run_proxy
     from proxy.embedded import EmbeddedUpstream, EmbeddedUpstreamError
+    from proxy.server import ListenError
     from proxy.upstream import UpstreamError
 
     _configure_logging(settings.log_level, settings.log_format)
@@ -52,17 +53,20 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return 2
         upstream = embedded.uri
         log.info("embedded upstream ready (data in %s)", settings.data_dir / "db")
+    failure: BaseException | None = None
     try:
         trio.run(run_proxy, settings, upstream)
-    except UpstreamError as exc:
-        log.error("%s", exc)
-        return 2
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", *settings.listen, exc.strerror or exc)
-        return 2
+    # The nurseries wrap what their tasks raise in exception groups.
+    except* (UpstreamError, ListenError) as group:
+        failure = group
+        while isinstance(failure, BaseExceptionGroup):
+            failure = failure.exceptions[0]
     finally:
         if embedded is not None:
             embedded.stop()
+    if failure is not None:
+        log.error("%s", failure)
+        return 2
     return 0
 
 

@@ -19,6 +19,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from engine.models import ModelSet
+from proxy.server import open_listeners
 
 __all__ = ["MonitoringServer", "Readiness"]
 
@@ -94,7 +95,7 @@ class MonitoringServer:
     async def run(
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        listeners = await open_listeners(self.host, self.port, "monitoring")
         task_status.started([listener.socket.getsockname()[:2] for listener in listeners])
         await trio.serve_listeners(self._serve, listeners)
 

@@ -13,9 +13,23 @@ from proxy.framed import FramedStream
 from proxy.logs import ConnectionLog
 from proxy.session import Session, SessionServices
 
-__all__ = ["ProxyServer", "listener_tls_context"]
+__all__ = ["ListenError", "ProxyServer", "listener_tls_context", "open_listeners"]
 
 log = logging.getLogger(__name__)
+
+
+class ListenError(Exception):
+    """An address modelgate was told to listen on cannot be taken."""
+
+
+async def open_listeners(host: str, port: int, serving: str) -> list[trio.SocketListener]:
+    """TCP listeners on host:port, or a ListenError that says which address and what for."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ListenError(
+            f"cannot listen on {host}:{port} for {serving}: {exc.strerror or exc}"
+        ) from None
 
 
 def listener_tls_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
@@ -47,7 +61,7 @@ class ProxyServer:
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(
-            await trio.open_tcp_listeners(self.port, host=self.host)
+            await open_listeners(self.host, self.port, "MongoDB clients")
         )
         addresses = [listener.socket.getsockname()[:2] for listener in listeners]  # type: ignore[attr-defined]
         if self.tls_context is not None:

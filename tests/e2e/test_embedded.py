@@ -68,6 +68,35 @@ def test_meaningless_numbers_are_refused_before_starting(
     assert message in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "serving"), [("--listen", "MongoDB clients"), ("--metrics-listen", "monitoring")]
+)
+def test_an_address_in_use_is_reported_without_a_traceback(
+    flag: str, serving: str, upstream_uri: str, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        free = "--metrics-listen" if flag == "--listen" else "--listen"
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            free_port = other.getsockname()[1]
+        result = _serve(
+            flag,
+            f"127.0.0.1:{port}",
+            free,
+            f"127.0.0.1:{free_port}",
+            "--upstream",
+            upstream_uri,
+            "--data-dir",
+            str(tmp_path),
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port} for {serving}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
