@@ -389,7 +389,9 @@ class DeferredWorkers:
 
         def watch() -> None:
             with self.client[db][collection].watch(max_await_time_ms=500) as stream:
-                while not stop:
+                # A stream ends when its collection is dropped or renamed (an invalidate
+                # event); try_next would then return None at once, for ever.
+                while not stop and stream.alive:
                     change = stream.try_next()
                     if change is not None:
                         # An input changed (through the proxy or around it): its output is
@@ -406,6 +408,9 @@ class DeferredWorkers:
             while True:
                 try:
                     await trio.to_thread.run_sync(watch, abandon_on_cancel=True)
+                    # Ended by a drop: watch again (the namespace may be filled anew),
+                    # after a pause, as a dropped collection's new stream may end at once.
+                    await trio.sleep(self.settings.sweep_interval)
                 except pymongo.errors.PyMongoError as exc:
                     log.info("change stream on %s unavailable (%s); sweeping only", namespace, exc)
                     await trio.sleep(self.settings.sweep_interval * 4)
