@@ -1,28 +1,33 @@
 """`python -m bench wire`: the MongoDB driver benchmark tasks that matter for a proxy,
-run straight against the upstream and through modelgate, alternating, same data.
+run straight against the upstream, through a bare frame forwarder and through modelgate,
+taking turns, same data.
 
 Tasks and scores follow the driver benchmarking specification
 (mongodb/specifications, source/benchmarking/benchmarking.md): the score is
-MB/s = dataset size (10^6 bytes) / median time of one iteration. The spec's data sets
-cannot be downloaded here, so documents of the same shapes and sizes are generated
-(SMALL_DOC about 275 bytes, TWEET about 1.6 KB, LARGE_DOC about 2.7 MB), from a fixed
-seed. Dataset sizes are measured from the generated BSON, not copied from the spec.
+MB/s = dataset size (10^6 bytes) / median time of one iteration, on documents of the
+spec's shapes and sizes (`bench.wire_data`).
 
-The one-operation-at-a-time tasks (hello, find one, insertOne) take turns between direct
-and proxy in blocks of 100 operations; the bulk tasks alternate whole iterations.
+The forwarder (`bench.support.forwarder`) is the floor of any proxy on trio: it reads a
+frame and sends it on, nothing else, with one upstream connection per client as
+modelgate. What modelgate adds over it is the cost of its own work; what the forwarder
+adds over direct is the cost of a second hop through a Python process.
+
+The one-operation-at-a-time tasks (hello, find one, insertOne) take turns between the
+targets in blocks of 100 operations; the bulk tasks alternate whole iterations.
 SecantusDB slows down as writes accumulate (a small insertOne went from 1.1 to 5.7 ms
 over 6,000 inserts), and whole runs one after the other charged that drift to whichever
 target ran later.
 
-Besides throughput, the latency the proxy adds to one round trip is measured from
-sequential `ping`s: p50 and p99 of each distribution and their differences."""
+Besides throughput, the latency each hop adds to one round trip is measured from
+sequential `ping`s: p50 and p99 of each distribution and their differences. Last, the
+throughput of many concurrent clients through one modelgate process and through two in
+one connection string (`bench.wire_scaling`)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
-import random
-import string
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,19 +51,31 @@ from bench.harness import (
     run_interleaved,
     summarize,
 )
-from bench.support.processes import DIRECT, PROXY, BenchError, bench_stack, connect, redact_uri
+from bench.support.forwarder import ForwarderProcess
+from bench.support.processes import (
+    BENCH_PROXY_ARGS,
+    DIRECT,
+    PROXY,
+    BenchError,
+    ProxyProcess,
+    bench_stack,
+    connect,
+    redact_uri,
+)
+from bench.wire_data import Dataset, make_dataset
+from bench.wire_scaling import measure_scaling, scaling_rows
 from engine.stats import percentile
 from proxy.settings import positive
 
-__all__ = ["TASKS", "Dataset", "main", "make_dataset"]
+__all__ = ["FORWARDER", "TARGETS", "TASKS", "main"]
 
 DB_NAME = "modelgate_bench_wire"
 COLLECTION = "corpus"
 
-# Spec sizes, in bytes of BSON.
-SMALL_DOC_BYTES = 275
-TWEET_BYTES = 1_622
-LARGE_DOC_BYTES = 2_731_089
+#: The third target, beside bench.support.processes' DIRECT and PROXY.
+FORWARDER = "forwarder"
+#: The order of the targets in results and tables.
+TARGETS = (DIRECT, FORWARDER, PROXY)
 
 # The latency distribution kept in the report (for --plot): these percentiles of each.
 DISTRIBUTION_PERCENTILES = (*range(100), 99.5, 99.9, 100)
@@ -75,161 +92,30 @@ class Mode:
     iterations: int
     pings: int
     budget_s: float  # per task: stop iterating once the timed calls passed this
+    scaling_s: float  # one run of the concurrent clients, per configuration and round
+    scaling_rounds: int
 
 
-QUICK = Mode(scale=0.05, ops=500, iterations=3, pings=2_000, budget_s=8.0)
+QUICK = Mode(
+    scale=0.05, ops=500, iterations=3, pings=2_000, budget_s=8.0, scaling_s=2.0, scaling_rounds=2
+)
 # The spec's datasets at full size; the one-at-a-time tasks make 2,000 round trips per
 # iteration instead of 10,000 so that the run stays under 10 minutes against the
 # embedded upstream on two cores (MB/s is per byte, so the scores stay comparable).
-FULL = Mode(scale=1.0, ops=2_000, iterations=5, pings=10_000, budget_s=60.0)
+FULL = Mode(
+    scale=1.0,
+    ops=2_000,
+    iterations=5,
+    pings=10_000,
+    budget_s=60.0,
+    scaling_s=10.0,
+    scaling_rounds=3,
+)
+
+#: Concurrent clients of the one-process against two-processes run.
+CLIENTS = 32
 
 Db = Database[dict[str, Any]]
-
-
-# --------------------------------------------------------------------------- data
-
-
-def _element_size(key: str, value: object) -> int:
-    # An element's bytes inside a document: the one-element document less its
-    # 4-byte length and trailing NUL.
-    return len(bson.encode({key: value})) - 5
-
-
-def _word(rng: random.Random, low: int, high: int) -> str:
-    return "".join(rng.choices(string.ascii_letters, k=rng.randint(low, high)))
-
-
-def _fill(
-    rng: random.Random,
-    target: int,
-    value: Callable[[], object],
-    key_len: tuple[int, int],
-    doc: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Add random keys with `value()` values to `doc` until its BSON is about `target`."""
-    doc = {} if doc is None else doc
-    size = len(bson.encode(doc))
-    while True:
-        key = _word(rng, *key_len)
-        if key in doc:
-            continue
-        item = value()
-        grow = _element_size(key, item)
-        if size + grow > target:
-            break
-        doc[key] = item
-        size += grow
-    # Top up with one string so the size lands on the target exactly (where it can).
-    room = target - size - (1 + 3 + 1 + 4 + 1)  # type, 3-byte key, NUL, length, NUL
-    if room >= 0:
-        key = _word(rng, 3, 3)
-        while key in doc:
-            key = _word(rng, 3, 3)
-        doc[key] = "x" * room
-    return doc
-
-
-def small_doc(rng: random.Random) -> dict[str, Any]:
-    """SMALL_DOC's shape: 20-30 fields of short random ASCII keys, ints and strings."""
-
-    def value() -> object:
-        return rng.randint(0, 2**31 - 1) if rng.random() < 0.5 else _word(rng, 2, 6)
-
-    return _fill(rng, SMALL_DOC_BYTES, value, (2, 4))
-
-
-def tweet_doc(rng: random.Random) -> dict[str, Any]:
-    """TWEET's shape: a status with a nested user, entities and counters."""
-    user = {
-        "id": rng.randint(10**8, 10**9),
-        "name": _word(rng, 6, 14),
-        "screen_name": _word(rng, 6, 12),
-        "location": _word(rng, 5, 15),
-        "url": "http://" + _word(rng, 5, 12).lower() + ".example.com/",
-        "description": "",
-        "protected": False,
-        "followers_count": rng.randint(0, 10**5),
-        "friends_count": rng.randint(0, 10**4),
-        "listed_count": rng.randint(0, 500),
-        "created_at": "Mon Dec 16 02:53:17 +0000 2013",
-        "favourites_count": rng.randint(0, 10**4),
-        "utc_offset": -18000,
-        "time_zone": "Eastern Time (US & Canada)",
-        "geo_enabled": True,
-        "verified": False,
-        "statuses_count": rng.randint(0, 10**5),
-        "lang": "en",
-        "profile_background_color": "C0DEED",
-        "profile_image_url": "http://pbs.example.com/profile_images/" + _word(rng, 10, 10),
-        "default_profile": True,
-    }
-    doc: dict[str, Any] = {
-        "text": " ".join(_word(rng, 2, 9) for _ in range(18)),
-        "in_reply_to_status_id": None,
-        "retweet_count": rng.randint(0, 1000),
-        "contributors": None,
-        "created_at": "Fri Jan 03 22:26:51 +0000 2014",
-        "geo": None,
-        "source": '<a href="http://example.com" rel="nofollow">Example client</a>',
-        "coordinates": None,
-        "in_reply_to_screen_name": None,
-        "truncated": False,
-        "entities": {
-            "user_mentions": [
-                {
-                    "indices": [0, 12],
-                    "screen_name": _word(rng, 6, 10),
-                    "id": rng.randint(10**8, 10**9),
-                    "name": _word(rng, 6, 12),
-                }
-            ],
-            "hashtags": [{"indices": [20, 28], "text": _word(rng, 4, 8)}],
-            "urls": [],
-        },
-        "retweeted": False,
-        "place": None,
-        "user": user,
-        "favorited": False,
-        "in_reply_to_user_id": None,
-        "id": rng.randint(10**17, 10**18),
-    }
-    room = TWEET_BYTES - len(bson.encode(doc))
-    user["description"] = " ".join(_word(rng, 3, 8) for _ in range(room // 5 + 1))[: max(room, 0)]
-    return doc
-
-
-def large_doc(rng: random.Random) -> dict[str, Any]:
-    """LARGE_DOC's shape: thousands of fields, mostly strings, some ints and arrays."""
-
-    def value() -> object:
-        roll = rng.random()
-        if roll < 0.1:
-            return rng.randint(0, 2**31 - 1)
-        if roll < 0.15:
-            return [_word(rng, 4, 12) for _ in range(rng.randint(2, 8))]
-        return _word(rng, 20, 220)
-
-    return _fill(rng, LARGE_DOC_BYTES, value, (4, 12))
-
-
-@dataclass(frozen=True)
-class Dataset:
-    small: dict[str, Any]
-    tweet: dict[str, Any]
-    large: dict[str, Any]
-
-    @property
-    def sizes(self) -> dict[str, int]:
-        return {
-            "small_doc": len(bson.encode(self.small)),
-            "tweet": len(bson.encode(self.tweet)),
-            "large_doc": len(bson.encode(self.large)),
-        }
-
-
-def make_dataset(seed: int = 20160813) -> Dataset:
-    rng = random.Random(seed)
-    return Dataset(small=small_doc(rng), tweet=tweet_doc(rng), large=large_doc(rng))
 
 
 # --------------------------------------------------------------------------- tasks
@@ -401,6 +287,7 @@ def _run_task(
             "ops_per_s": task.ops / seconds,
         }
     result["ratio"] = result[PROXY]["mb_per_s"] / result[DIRECT]["mb_per_s"]
+    result["forwarder_ratio"] = result[FORWARDER]["mb_per_s"] / result[DIRECT]["mb_per_s"]
     return result
 
 
@@ -422,9 +309,15 @@ def _ping_latency(
         result[name]["distribution"] = [
             percentile(ordered, q) * 1e6 for q in DISTRIBUTION_PERCENTILES
         ]
-    result["added_p50_us"] = result[PROXY]["p50"] - result[DIRECT]["p50"]
-    result["added_p99_us"] = result[PROXY]["p99"] - result[DIRECT]["p99"]
-    result["added_mean_us"] = result[PROXY]["mean"] - result[DIRECT]["mean"]
+    # What each hop adds: modelgate and the forwarder over direct, modelgate over the
+    # forwarder (the cost of modelgate's own work).
+    for prefix, slower, faster in (
+        ("added", PROXY, DIRECT),
+        ("forwarder_added", FORWARDER, DIRECT),
+        ("excess", PROXY, FORWARDER),
+    ):
+        for stat in ("p50", "p99", "mean"):
+            result[f"{prefix}_{stat}_us"] = result[slower][stat] - result[faster][stat]
     return result
 
 
@@ -443,35 +336,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise BenchError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
 
+    clients = args.clients if args.clients is not None else CLIENTS
     started = time.perf_counter()
     data = make_dataset()
     _progress(f"data generated in {time.perf_counter() - started:.1f} s")
     tasks = [task for task in make_tasks(data, scale, ops) if task.name in selected]
     results: list[dict[str, Any]] = []
-    with bench_stack(args.upstream) as stack:
+    scaling = None
+    with bench_stack(args.upstream) as stack, ForwarderProcess(stack.direct_uri) as forwarder:
+        uris = {DIRECT: stack.direct_uri, FORWARDER: forwarder.uri, PROXY: stack.proxy_uri}
         _progress(
             f"upstream {redact_uri(stack.direct_uri)}"
             f"{' (embedded SecantusDB)' if stack.embedded else ''}; "
-            f"modelgate {stack.proxy_uri}"
+            f"forwarder {forwarder.uri}; modelgate {stack.proxy_uri}"
         )
-        clients = {name: connect(uri) for name, uri in stack.uris.items()}
-        try:
-            dbs = {name: client[DB_NAME] for name, client in clients.items()}
+        with contextlib.ExitStack() as closing:
+            targets = {name: closing.enter_context(connect(uri)) for name, uri in uris.items()}
+            dbs = {name: client[DB_NAME] for name, client in targets.items()}
             for task in tasks:
                 _progress(f"  {task.title} ...")
                 task_started = time.perf_counter()
                 result = _run_task(task, dbs, dbs[DIRECT], iterations, budget)
                 _progress(
-                    f"    direct {result[DIRECT]['mb_per_s']:.2f} MB/s, "
-                    f"proxy {result[PROXY]['mb_per_s']:.2f} MB/s "
-                    f"(x{result['ratio']:.2f}, {result[DIRECT]['iterations']} iterations, "
+                    "    "
+                    + ", ".join(f"{name} {result[name]['mb_per_s']:.2f} MB/s" for name in TARGETS)
+                    + f" ({result[DIRECT]['iterations']} iterations, "
                     f"{time.perf_counter() - task_started:.1f} s)"
                 )
                 results.append(result)
-            latency = _ping_latency(clients, pings) if pings > 0 else None
-        finally:
-            for client in clients.values():
-                client.close()
+            latency = _ping_latency(targets, pings) if pings > 0 else None
+        if clients > 0:
+            _progress(f"  {clients} concurrent clients, one modelgate process vs two ...")
+            scaling = _scaling(stack.proxy, clients, mode)
     return {
         "benchmark": "wire",
         "spec": "https://github.com/mongodb/specifications/blob/master/source/benchmarking/"
@@ -484,14 +380,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "warmup": 1,
             "pings": pings,
             "task_budget_s": budget,
+            "clients": clients,
             "upstream": redact_uri(args.upstream) if args.upstream else "embedded SecantusDB",
             "document_bytes": data.sizes,
         },
         "machine": machine_info(),
         "tasks": results,
         "ping_latency": latency,
+        "scaling": scaling,
         "elapsed_s": time.perf_counter() - started,
     }
+
+
+def _scaling(first: ProxyProcess, clients: int, mode: Mode) -> dict[str, Any]:
+    """`clients` concurrent clients through `first` alone and through `first` and a
+    second modelgate process on the same upstream, both in one connection string."""
+    with ProxyProcess(first.upstream, args=BENCH_PROXY_ARGS) as second:
+        assert first.process is not None and second.process is not None
+        both = f"mongodb://127.0.0.1:{first.port},127.0.0.1:{second.port}/"
+        return measure_scaling(
+            {"1 process": first.uri, "2 processes": both},
+            {
+                "1 process": [first.process.pid],
+                "2 processes": [first.process.pid, second.process.pid],
+            },
+            clients=clients,
+            seconds=mode.scaling_s,
+            rounds=mode.scaling_rounds,
+        )
 
 
 def report(payload: dict[str, Any]) -> str:
@@ -500,11 +416,9 @@ def report(payload: dict[str, Any]) -> str:
             t["name"],
             t["ops"],
             t["dataset_mb"],
-            t[DIRECT]["mb_per_s"],
-            t[PROXY]["mb_per_s"],
+            *(t[name]["mb_per_s"] for name in TARGETS),
+            t["forwarder_ratio"],
             t["ratio"],
-            t[DIRECT]["median_s"] * 1e3,
-            t[PROXY]["median_s"] * 1e3,
         ]
         for t in payload["tasks"]
     ]
@@ -522,40 +436,45 @@ def report(payload: dict[str, Any]) -> str:
                 "ops",
                 "MB",
                 "direct MB/s",
-                "proxy MB/s",
+                "forwarder MB/s",
+                "modelgate MB/s",
+                "forwarder/direct",
                 "proxy/direct",
-                "direct ms",
-                "proxy ms",
             ],
             rows,
-            floatfmt=["", "", ".4g", ".4g", ".4g", ".2f", ".1f", ".1f"],
+            floatfmt=["", "", ".4g", ".4g", ".4g", ".4g", ".2f", ".2f"],
         ),
     ]
     latency = payload["ping_latency"]
     if latency:
         rows = [
-            [
-                name,
-                latency[name]["p50"],
-                latency[name]["p99"],
-                latency[name]["mean"],
-                latency[name]["max"],
-            ]
-            for name in (DIRECT, PROXY)
+            [name, *(latency[name][stat] for stat in ("p50", "p99", "mean", "max"))]
+            for name in TARGETS
         ]
-        rows.append(
-            [
-                "added by proxy",
-                latency["added_p50_us"],
-                latency["added_p99_us"],
-                latency["added_mean_us"],
-                None,
-            ]
-        )
+        rows += [
+            [title, *(latency[f"{prefix}_{stat}_us"] for stat in ("p50", "p99", "mean")), None]
+            for title, prefix in (
+                ("forwarder over direct", "forwarder_added"),
+                ("modelgate over direct", "added"),
+                ("modelgate over forwarder", "excess"),
+            )
+        ]
         parts += [
             "",
             f"ping round trip, {latency['count']} sequential pings each (µs)",
             format_table(["", "p50", "p99", "mean", "max"], rows, floatfmt=".1f"),
+        ]
+    scaling = payload["scaling"]
+    if scaling:
+        parts += [
+            "",
+            f"{scaling['clients']} concurrent clients sending pings, median of "
+            f"{scaling['rounds']} runs of {scaling['seconds']:g} s (CPU in cores)",
+            format_table(
+                ["modelgate", "ops/s", "client CPU", "modelgate CPU", "machine busy %"],
+                scaling_rows(scaling),
+                floatfmt=["", ".0f", ".2f", ".2f", ".0f"],
+            ),
         ]
     return "\n".join(parts)
 
@@ -564,10 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench wire",
         description="Driver-benchmark-spec tasks (hello, find one by _id, small/large "
-        "insertOne, find many, small/large bulk insert) straight against the upstream and "
-        "through modelgate, alternating on the same data; MB/s per the spec (dataset size "
-        "/ median iteration time) and the proxy/direct ratio, plus the latency the proxy "
-        "adds to a ping round trip (p50, p99).",
+        "insertOne, find many, small/large bulk insert) straight against the upstream, "
+        "through a bare frame forwarder and through modelgate, taking turns on the same "
+        "data; MB/s per the spec (dataset size / median iteration time) and the ratios to "
+        "direct; the latency each adds to a ping round trip (p50, p99); and the throughput "
+        "of concurrent clients through one modelgate process and through two.",
     )
     add_common_arguments(
         parser,
@@ -612,6 +532,13 @@ def build_parser() -> argparse.ArgumentParser:
         "this (at least one iteration always runs)",
     )
     parser.add_argument("--tasks", metavar="A,B", help=f"run only these: {', '.join(TASKS)}")
+    parser.add_argument(
+        "--clients",
+        type=int,
+        metavar="N",
+        help=f"concurrent clients of the one-process against two-processes run "
+        f"(default {CLIENTS}; 0: skip)",
+    )
     return parser
 
 
