@@ -23,7 +23,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.monitoring import MonitoringServer, Readiness
 from proxy.server import ProxyServer, listener_tls_context
 from proxy.session import SessionServices
-from proxy.settings import Settings
+from proxy.settings import Settings, masked_uri
 from proxy.upstream import UpstreamTarget
 
 __all__ = ["run_proxy"]
@@ -77,6 +77,7 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
             addresses = await nursery.start(server.run)
             for address in addresses:
                 log.info("modelgate listening on %s:%d", *address)
+            log.info("upstream: %s", masked_uri(upstream_uri))
             if settings.metrics_listen is not None:
                 monitoring = MonitoringServer(registry, readiness, *settings.metrics_listen)
                 for address in await nursery.start(monitoring.run):

@@ -3,7 +3,11 @@
 Context travels as record attributes (`connection_id`, and for a slow request its
 `command`, `namespace`, `duration_ms` and `inference_ms`), not inside the message, so
 that the JSON format gives each its own field. The text format shows a connection's
-records as it always has, behind a "[connN]" prefix."""
+records as it always has, behind a "[connN]" prefix.
+
+No level, DEBUG included, writes credentials or document contents: modelgate's own lines
+name commands and namespaces, never bodies, and the libraries that would write payloads
+are held at WARNING."""
 
 from __future__ import annotations
 
@@ -17,6 +21,19 @@ from typing import Any
 __all__ = ["CONTEXT_FIELDS", "ConnectionLog", "JsonFormatter", "TextFormatter", "configure"]
 
 CONTEXT_FIELDS = ("connection_id", "command", "namespace", "duration_ms", "inference_ms")
+
+# Libraries that write payloads below WARNING; held at WARNING by `configure`.
+_PAYLOAD_LOGGERS = (
+    # The proxy's own client (registry, deferred work) logs each command and reply, so
+    # the documents deferred work reads and writes (pymongo redacts only authentication).
+    "pymongo.command",
+    # httpx logs each image URL, a document's field value that may carry a signature
+    # (presigned URLs); httpcore each fetch's host and response headers.
+    "httpx",
+    "httpcore",
+    # The structure of each decoded image.
+    "PIL",
+)
 
 
 class ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -79,3 +96,5 @@ def configure(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler])
+    for name in _PAYLOAD_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
