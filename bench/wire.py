@@ -51,7 +51,7 @@ from bench.harness import (
     run_interleaved,
     summarize,
 )
-from bench.support.forwarder import ForwarderProcess
+from bench.support.forwarder import forwarder
 from bench.support.processes import (
     BENCH_PROXY_ARGS,
     DIRECT,
@@ -343,12 +343,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tasks = [task for task in make_tasks(data, scale, ops) if task.name in selected]
     results: list[dict[str, Any]] = []
     scaling = None
-    with bench_stack(args.upstream) as stack, ForwarderProcess(stack.direct_uri) as forwarder:
-        uris = {DIRECT: stack.direct_uri, FORWARDER: forwarder.uri, PROXY: stack.proxy_uri}
+    with bench_stack(args.upstream) as stack, forwarder(stack.direct_uri) as forwarder_uri:
+        uris = {DIRECT: stack.direct_uri, FORWARDER: forwarder_uri, PROXY: stack.proxy_uri}
         _progress(
             f"upstream {redact_uri(stack.direct_uri)}"
             f"{' (embedded SecantusDB)' if stack.embedded else ''}; "
-            f"forwarder {forwarder.uri}; modelgate {stack.proxy_uri}"
+            f"forwarder {forwarder_uri}; modelgate {stack.proxy_uri}"
         )
         with contextlib.ExitStack() as closing:
             targets = {name: closing.enter_context(connect(uri)) for name, uri in uris.items()}

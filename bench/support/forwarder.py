@@ -11,24 +11,24 @@ they are not, as `proxy.framed.FramedStream` does: the floor uses the cheapest I
 trio program has, never a slower one that would flatter modelgate.
 
 Run as `python -m bench.support.forwarder --listen PORT --upstream HOST:PORT`; it
-prints `listening` once it accepts connections. `ForwarderProcess` starts it as a
-child process on a free port."""
+prints `listening` once it accepts connections. `forwarder()` starts it as a child
+process on a free port."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Sequence
-from types import TracebackType
+from collections.abc import Iterator, Sequence
 
 import trio
 
 from bench.support.processes import ROOT, BenchError
 
-__all__ = ["ForwarderProcess", "forward", "main", "serve"]
+__all__ = ["forward", "forwarder", "main", "serve"]
 
 HEADER_BYTES = 16
 _RECEIVE_CHUNK = 64 * 1024
@@ -158,54 +158,28 @@ def upstream_address(uri: str) -> tuple[str, int]:
     return _address(hosts.split(",")[0])
 
 
-class ForwarderProcess:
-    """The forwarder as a child process on a free port, in front of `upstream_uri`."""
+@contextlib.contextmanager
+def forwarder(upstream_uri: str) -> Iterator[str]:
+    """Run the forwarder as a child process on a free port in front of `upstream_uri`;
+    yield the URI to reach the upstream through it."""
+    from proxy.embedded import free_port
 
-    def __init__(self, upstream_uri: str) -> None:
-        from proxy.embedded import free_port
-
-        self.port = free_port()
-        self.upstream = upstream_address(upstream_uri)
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def uri(self) -> str:
-        # Straight to the one server behind it: a replica-set member's hello would
-        # otherwise send the driver to the members themselves.
-        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
-
-    def __enter__(self) -> ForwarderProcess:
-        host, port = self.upstream
-        command = [sys.executable, "-m", "bench.support.forwarder", "--listen", str(self.port)]
-        self.process = subprocess.Popen(
-            [*command, "--upstream", f"{host}:{port}"],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-        )
-        assert self.process.stdout is not None
-        if self.process.stdout.readline().strip() != b"listening":
-            self.__exit__(None, None, None)
-            raise BenchError("the frame forwarder did not start")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        process, self.process = self.process, None
-        if process is None:
-            return
-        process.terminate()
+    host, port = upstream_address(upstream_uri)
+    listen = free_port()
+    command = [sys.executable, "-m", "bench.support.forwarder", "--listen", str(listen)]
+    command += ["--upstream", f"{host}:{port}"]
+    with subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+    ) as process:
         try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+            assert process.stdout is not None
+            if process.stdout.readline().strip() != b"listening":
+                raise BenchError("the frame forwarder did not start")
+            # Straight to the one server behind it: a replica-set member's hello would
+            # otherwise send the driver to the members themselves.
+            yield f"mongodb://127.0.0.1:{listen}/?directConnection=true"
+        finally:
+            process.terminate()  # SIGTERM ends a trio program at once; Popen waits
 
 
 if __name__ == "__main__":
