@@ -13,7 +13,7 @@ otherwise. Counts are kept per known name only, so a client cannot grow them."""
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -180,6 +180,10 @@ class ProxyMetrics:
         self.upstream_connects = 0
         self.upstream_connect_errors = 0
         self.upstream_lost = 0
+        # Read from the sessions' own tables at scrape time (the server that holds them
+        # sets it), so that the gauge shows what is really kept: a record left behind
+        # after its last reply shows as a request in flight.
+        self.requests_in_flight: Callable[[], int] = lambda: 0
         self._known_commands = MONGODB_COMMANDS | frozenset(admin_commands)
         self._other = CommandCounts(OTHER_COMMAND)
         self._by_command: dict[str, CommandCounts] = {}
@@ -201,6 +205,12 @@ class ProxyMetrics:
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "modelgate_connections_open", "Client connections open now.", self.connections_open
+        )
+        yield GaugeMetricFamily(
+            "modelgate_requests_in_flight",
+            "Client requests owed a reply now, over every connection (an exhaust stream "
+            "counts once; so does a monitor's awaitable hello, waiting upstream by design).",
+            self.requests_in_flight(),
         )
         yield CounterMetricFamily(
             "modelgate_connections_accepted",

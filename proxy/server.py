@@ -54,6 +54,7 @@ class ProxyServer:
         self.port = port
         self.tls_context = tls_context
         self.sessions: set[Session] = set()
+        services.metrics.requests_in_flight = self.requests_in_flight
         self._connection_ids = itertools.count(1)
         self._accept_scope = trio.CancelScope()
 
@@ -104,12 +105,16 @@ class ProxyServer:
         finally:
             self.sessions.discard(session)
 
+    def requests_in_flight(self) -> int:
+        """Requests owed a reply, over every session."""
+        return sum(session.requests_in_flight for session in self.sessions)
+
     async def shutdown(self, grace_period: float) -> None:
         self._accept_scope.cancel()
         log.info(
             "shutting down: %d connections, %d requests in flight; waiting up to %gs for them",
             len(self.sessions),
-            sum(session.requests_in_flight for session in self.sessions),
+            self.requests_in_flight(),
             grace_period,
         )
         with trio.move_on_after(grace_period):

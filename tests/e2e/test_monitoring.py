@@ -49,6 +49,7 @@ FAMILIES = {
     "modelgate_image_cache_misses",
     "modelgate_image_cache_bytes",
     "modelgate_connections_open",
+    "modelgate_requests_in_flight",
     "modelgate_connections_accepted",
     "modelgate_connections_refused",
     "modelgate_requests",
