@@ -173,8 +173,13 @@ def decode_command(message: OpMsg) -> dict[str, Any]:
 
 
 def _namespace(name: str, body: bytes) -> str:
-    """`db.collection` (or just `db`) a command is about, for logs; never the contents."""
-    command = decode_document(body)
+    """`db.collection` (or just `db`) a command is about, for logs; never the contents.
+    A body that is not BSON past its command name is forwarded for the upstream to
+    refuse: a log line must not end the connection over it."""
+    try:
+        command = decode_document(body)
+    except ProtocolError:
+        return "?"
     target = command.get("collection" if name == "getMore" else name)
     database = str(command.get("$db", "?"))
     return f"{database}.{target}" if isinstance(target, str) and target else database
@@ -246,6 +251,10 @@ class Session:
             finally:
                 await self.client.aclose()
                 await upstream.aclose()
+                # Requests still owed a reply never get one now: a drain waiting for
+                # them (shutdown) must not wait out its grace period.
+                self._in_flight.clear()
+                self._request_finished.unpark_all()
         self.log.debug("closed")
 
     async def drain(self) -> None:
