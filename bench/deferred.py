@@ -32,8 +32,8 @@ import bson
 
 from bench.harness import add_common_arguments, finish, format_table, machine_info
 from bench.support.processes import BENCH_PROXY_ARGS, BenchError, ProxyProcess, connect, upstream
-from bench.support.registration import register_bench_model
 from engine.stats import percentile
+from modelgate.admin import register_model
 
 __all__ = ["main", "run"]
 
@@ -63,12 +63,11 @@ def _cluster(
         yield uri, proxies
 
 
-def _register(client: Any, model: Any, scratch: Path) -> None:
-    register_bench_model(
+def _register(client: Any, model: Any) -> None:
+    register_model(
         client,
         MODEL_NAME,
-        model.onnx,
-        scratch,
+        model=model.onnx,
         collection=f"{DB_NAME}.items",
         input=INPUT_FIELD,
         mode="deferred",
@@ -226,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 with _cluster(args.upstream, processes, proxy_args, scratch) as (uri, proxies):
                     with connect(proxies[0].uri) as admin_client:
                         admin_client[DB_NAME].drop_collection("items")
-                        _register(admin_client, model, scratch)
+                        _register(admin_client, model)
                         time.sleep(1.5)  # every process's worker is up
                         fast = catch_up(proxies[0].uri, uri, images, docs, args.poll, args.timeout)
                         admin_client[DB_NAME].drop_collection("items")

@@ -34,8 +34,8 @@ from bench.bench_cache import _lookup_rate
 from bench.harness import add_common_arguments, finish, format_table, machine_info
 from bench.support.image_server import serve_files_in_process
 from bench.support.processes import BenchError, bench_stack, connect, redact_uri
-from bench.support.registration import register_bench_model
 from engine.stats import percentile
+from modelgate.admin import register_model
 from proxy.settings import positive
 
 __all__ = ["SUMMARY", "main"]
@@ -76,12 +76,11 @@ def _models(names: Sequence[str]) -> list[Any]:
     return built
 
 
-def _register(client: Any, model: Any, name: str, scratch: Path) -> None:
-    register_bench_model(
+def _register(client: Any, model: Any, name: str) -> None:
+    register_model(
         client,
         name,
-        model.onnx,
-        scratch,
+        model=model.onnx,
         collection=f"{DB_NAME}.{name}",
         input="img",
         mode="inline",
@@ -177,12 +176,11 @@ def _run_model(
     server_base: str,
     files: Sequence[Path],
     args: argparse.Namespace,
-    scratch: Path,
 ) -> dict[str, Any]:
     name = model.name.replace("-", "_")
     urls = [f"{server_base}/img/{path.stem}.png" for path in files]
     with connect(proxy_uri, maxPoolSize=max(8, args.concurrency * 2)) as client:
-        _register(client, model, name, scratch)
+        _register(client, model, name)
         admin = client.admin
         _, before = _status(admin, name)
         cold = _insert_all(client, name, urls, args.concurrency)
@@ -264,9 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for model in models:
                     print(f"... {model.name}", file=sys.stderr, flush=True)
                     results.append(
-                        _run_model(
-                            model, stack.proxy_uri, base, files_by_model[model.name], args, root
-                        )
+                        _run_model(model, stack.proxy_uri, base, files_by_model[model.name], args)
                     )
                 upstream_uri = redact_uri(stack.direct_uri)
         finally:

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -43,7 +42,7 @@ import pymongo
 from bench.harness import add_common_arguments, finish, format_table, machine_info, summarize
 from bench.models import MODELS, BenchModel, build_model, noise_pngs
 from bench.support.processes import DIRECT, PROXY, BenchError, bench_stack, connect, redact_uri
-from bench.support.registration import register_bench_model
+from modelgate.admin import register_model
 
 __all__ = ["Mode", "main", "measure_baseline", "run"]
 
@@ -348,13 +347,11 @@ def _register(
     name: str,
     collection: str,
     args: argparse.Namespace,
-    scratch: Path,
 ) -> dict[str, Any]:
-    return register_bench_model(
+    return register_model(
         client,
         name,
-        model.onnx,
-        scratch,
+        model=model.onnx,
         collection=f"{DB_NAME}.{collection}",
         input=INPUT_FIELD,
         mode="inline",
@@ -383,7 +380,6 @@ def _inline_run(
     concurrency: int,
     mode: Mode,
     args: argparse.Namespace,
-    scratch: Path,
     requested: Sequence[str] | None,
 ) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
@@ -391,7 +387,7 @@ def _inline_run(
     proxy_clients = pools[PROXY].clients[:concurrency]
     admin = proxy_clients[0].admin
     direct = pools[DIRECT].clients[0]
-    reply = _register(proxy_clients[0], model, name, collection, args, scratch)
+    reply = _register(proxy_clients[0], model, name, collection, args)
     providers = list(reply.get("providers", []))
     try:
         if requested and (not providers or providers[0] != requested[0]):
@@ -522,10 +518,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     proxy_args += args.proxy_arg or []
     profile = Path(args.profile_proxy).resolve() if args.profile_proxy else None
     top = max(max(mode.concurrency), *[max(c) for c in mode.model_concurrency.values()] or [1])
-    with (
-        tempfile.TemporaryDirectory(prefix="modelgate-bench-inline-") as tmp,
-        bench_stack(args.upstream, proxy_args=proxy_args, profile=profile) as stack,
-    ):
+    with bench_stack(args.upstream, proxy_args=proxy_args, profile=profile) as stack:
         _progress(
             f"upstream {redact_uri(stack.direct_uri)}"
             f"{' (embedded SecantusDB)' if stack.embedded else ''}; "
@@ -537,9 +530,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for (model, images), result in zip(models, results, strict=True):
                 best = result["baseline"]["best_e2e"]["images_per_s"]
                 for concurrency in mode.model_concurrency.get(model.name, mode.concurrency):
-                    cell = _inline_run(
-                        pools, model, images, concurrency, mode, args, Path(tmp), requested
-                    )
+                    cell = _inline_run(pools, model, images, concurrency, mode, args, requested)
                     cell["ratio_to_baseline"] = cell["images_per_s"] / best
                     result["inline"].append(cell)
                     _progress(

@@ -6,6 +6,9 @@ Database `modelgate`:
   model_versions  one document per (name, version): spec, ONNX file id, checksum, time
   onnx.files/.chunks  GridFS bucket with the ONNX bytes (models can exceed 16 MB)
 
+and in a model's own database, the GridFS bucket UPLOAD_BUCKET: models uploaded by
+clients for registerModel's `gridfs` (the client's data: the registry copies them).
+
 Everything here is synchronous pymongo; the async side calls it in worker threads. An
 upstream failure is raised as a ModelgateError (engine.upstream_failures), so that the
 admin command in progress replies with it and the background refresh logs it."""
@@ -26,9 +29,10 @@ from engine.errors import ModelNotFound
 from engine.spec import ModelSpec
 from engine.upstream_failures import upstream_failure
 
-__all__ = ["DATABASE", "ModelRecord", "ModelRegistry"]
+__all__ = ["DATABASE", "UPLOAD_BUCKET", "ModelRecord", "ModelRegistry"]
 
 DATABASE = "modelgate"
+UPLOAD_BUCKET = "modelgate_uploads"
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,14 @@
 list, inspect, backfill and drop models.
 
 The helpers send modelgate's admin commands through any pymongo client pointed at
-modelgate, so errors arrive as pymongo's usual `OperationFailure`. torch is an optional
-extra (`pip install 'modelgate[train]'`), imported only by `export_onnx`."""
+modelgate, so errors arrive as pymongo's usual `OperationFailure`. A model too large for
+one command travels as a GridFS upload in the model's database, through the same client.
+torch is an optional extra (`pip install 'modelgate[train]'`), imported only by
+`export_onnx`."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 import warnings
@@ -14,7 +17,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import bson
+import gridfs
+import gridfs.errors
 
+from engine.registry import UPLOAD_BUCKET
 from modelgate._torch import import_torch
 
 if TYPE_CHECKING:
@@ -34,7 +40,7 @@ __all__ = [
 
 #: The largest ONNX model sent inside a registerModel command: a command is one BSON
 #: document of at most 16 MiB, and the rest of the command needs some room. A larger
-#: model is registered by `path`, a file on the proxy's host.
+#: model is uploaded to GridFS and registerModel names the upload (`gridfs`).
 MAX_COMMAND_ONNX_BYTES = 16 * 1024 * 1024 - 64 * 1024
 
 
@@ -85,8 +91,11 @@ def register_model(
 ) -> dict[str, Any]:
     """Send `registerModel` and return the reply ({name, version, providers}).
 
-    `model` is ONNX bytes or a torch module (exported with `example_input`); or, instead
-    of `model`, `path` names an ONNX file that the proxy reads from its own disk."""
+    `model` is ONNX bytes or a torch module (exported with `example_input`). One over
+    MAX_COMMAND_ONNX_BYTES is uploaded to GridFS (bucket UPLOAD_BUCKET in the database of
+    `collection`) for the command to name, and the upload is removed once the command
+    has answered, whatever its answer. Instead of `model`, an operator may name with
+    `path` an ONNX file under the proxy's own --model-dir."""
     command: dict[str, Any] = {
         "registerModel": name,
         "collection": collection,
@@ -95,14 +104,15 @@ def register_model(
     }
     if (model is None) == (path is None):
         raise ValueError("pass exactly one of model (bytes or a torch module) or path")
+    onnx: bytes | None = None
     if model is None:
         command["path"] = path
     elif isinstance(model, bytes | bytearray | memoryview):
-        command["onnx"] = bson.Binary(bytes(model))
+        onnx = bytes(model)
     else:
         if example_input is None:
             raise ValueError("a torch module needs an example_input to be exported")
-        command["onnx"] = bson.Binary(export_onnx(model, example_input))
+        onnx = export_onnx(model, example_input)
     optional = {
         "output": output,
         "preprocess": preprocess,
@@ -115,7 +125,17 @@ def register_model(
     for key, value in optional.items():
         if value is not None:
             command[key] = dict(value) if isinstance(value, Mapping) else value
-    return dict(client.admin.command(command))
+    if onnx is None or len(onnx) <= MAX_COMMAND_ONNX_BYTES:
+        if onnx is not None:
+            command["onnx"] = bson.Binary(onnx)
+        return dict(client.admin.command(command))
+    uploads = gridfs.GridFSBucket(client[collection.split(".", 1)[0]], bucket_name=UPLOAD_BUCKET)
+    command["gridfs"] = uploads.upload_from_stream(f"{name}.onnx", onnx)
+    try:
+        return dict(client.admin.command(command))
+    finally:
+        with contextlib.suppress(gridfs.errors.NoFile):
+            uploads.delete(command["gridfs"])
 
 
 def list_models(client: pymongo.MongoClient[Any]) -> list[dict[str, Any]]:

@@ -63,6 +63,7 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
         deferred=deferred,
         metrics=ProxyMetrics(registry, admin_commands=COMMANDS),
         slow_ms=settings.slow_ms,
+        model_sources=settings.model_sources,
     )
     readiness = Readiness(own_client, models)
     tls_context = None

@@ -40,7 +40,7 @@ from proxy.replies import (
     rewrite_reply,
     uncompressed,
 )
-from proxy.settings import Settings
+from proxy.settings import ModelSourceSettings, Settings
 from proxy.upstream import UpstreamError, UpstreamTarget, open_upstream
 from proxy.wire.compression import Compressor, decode_compressed, decompress
 from proxy.wire.errors import ProtocolError
@@ -114,6 +114,8 @@ class SessionServices:
     metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
     # A request whose round trip through modelgate takes longer is logged (proxy.slow).
     slow_ms: float = Settings.slow_ms
+    # Where registerModel may read a model from, and the largest it takes.
+    model_sources: ModelSourceSettings = field(default_factory=ModelSourceSettings)
 
 
 class CommandContext:
@@ -125,6 +127,7 @@ class CommandContext:
         self.log = session.log
         self.models = session.services.models
         self.deferred = session.services.deferred
+        self.model_sources = session.services.model_sources
         # Time spent waiting for model predictions for this request (a write interceptor
         # adds to it), reported by the slow-operation log.
         self.inference_ns = 0

@@ -24,6 +24,7 @@ __all__ = [
     "GROUPS",
     "OPTIONS",
     "InvalidSetting",
+    "ModelSourceSettings",
     "Option",
     "Settings",
     "add_serve_arguments",
@@ -32,6 +33,17 @@ __all__ = [
     "parse_host_port",
     "positive",
 ]
+
+
+@dataclass(frozen=True)
+class ModelSourceSettings:
+    """Where registerModel may take a model's bytes from, and how large one may be."""
+
+    # registerModel's `path` must name a regular file under it; None: `path` is refused.
+    directory: Path | None = None
+    # Sized for ResNet-50-class models (~100 MB) with room to spare; the bound on what one
+    # registration makes the proxy hold in memory, whatever the source.
+    max_bytes: int = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,7 @@ class Settings:
     metrics_listen: tuple[str, int] | None = None  # None: no metrics/health listener
     log_format: str = "text"
     slow_ms: float = 100.0
+    model_sources: ModelSourceSettings = field(default_factory=ModelSourceSettings)
 
     @property
     def image_cache_dir(self) -> Path:
@@ -362,6 +375,22 @@ GROUPS: dict[str | None, tuple[Option, ...]] = {
             "model runs at once across all models",
             positive(int),
             "N",
+        ),
+        Option(
+            "model-dir",
+            "model_sources.directory",
+            "registerModel's 'path' may name regular files under this folder (symlinks "
+            "leading out of it refused)",
+            Path,
+            "DIR",
+            shown_default="off: 'path' is refused",
+        ),
+        Option(
+            "max-model-bytes",
+            "model_sources.max_bytes",
+            "largest ONNX model registerModel takes, from 'onnx', 'path' or a GridFS upload",
+            positive(int),
+            "BYTES",
         ),
         Option(
             "registry-refresh",

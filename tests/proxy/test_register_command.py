@@ -1,17 +1,19 @@
-"""registerModel's command: a declaration named by `registerModel` plus the model's bytes
-(`onnx`, or a `path` on the proxy's disk). Every refusal is pinned here, with its code."""
+"""registerModel's command: a declaration named by `registerModel` plus where the model's
+bytes are (`onnx`, a `path` under --model-dir, a `gridfs` upload; reading them is
+test_model_sources'). Every refusal is pinned here, with its code."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import bson
 import pytest
+from bson import ObjectId
 
 from bench.support.onnx_models import linear_classifier
 from engine.errors import BadValue, ModelgateError, TypeMismatch
 from engine.spec import BatchPolicy, ClassifyPostprocess, ImagePreprocess, ModelSpec
+from proxy.commands.model_sources import GridFSUpload, InlineModel, ModelFile
 from proxy.commands.register_model import parse_register_command
 
 ONNX = linear_classifier()
@@ -57,8 +59,8 @@ _DELETE = object()
 
 
 def test_example_parses() -> None:
-    spec, data = parse_register_command(example())
-    assert data == ONNX
+    spec, source = parse_register_command(example())
+    assert source == InlineModel(ONNX)
     assert spec == ModelSpec(
         name="digits",
         namespace="shop.users",
@@ -79,17 +81,16 @@ def test_example_parses() -> None:
     assert spec.preprocess.item_shape == (1, 28, 28)  # type: ignore[union-attr]
 
 
-def test_path(tmp_path: Path) -> None:
-    model_file = tmp_path / "m.onnx"
-    model_file.write_bytes(ONNX)
-    spec, data = parse_register_command(example(onnx=_DELETE, path=str(model_file)))
-    assert data == ONNX
+def test_path_and_gridfs_name_where_the_bytes_are() -> None:
+    # Nothing is read while parsing: the command is authorized first.
+    spec, source = parse_register_command(example(onnx=_DELETE, path="/no/such/m.onnx"))
+    assert source == ModelFile("/no/such/m.onnx")
     assert spec.name == "digits"
-
-
-def test_path_unreadable(tmp_path: Path) -> None:
-    with pytest.raises(BadValue, match="No such file"):
-        parse_register_command(example(onnx=_DELETE, path=str(tmp_path / "missing.onnx")))
+    upload = ObjectId()
+    assert parse_register_command(example(onnx=_DELETE, gridfs=upload))[1] == GridFSUpload(upload)
+    assert parse_register_command(example(onnx=_DELETE, gridfs="m.onnx"))[1] == GridFSUpload(
+        "m.onnx"
+    )
 
 
 BAD = [
@@ -117,6 +118,9 @@ BAD = [
     ({"output": "_id"}, BadValue, "_id"),
     ({"onnx": _DELETE}, BadValue, "exactly one of"),
     ({"path": "/tmp/x.onnx"}, BadValue, "exactly one of"),
+    ({"gridfs": "m.onnx"}, BadValue, "exactly one of"),
+    ({"onnx": _DELETE, "path": "x.onnx", "gridfs": "m.onnx"}, BadValue, "exactly one of"),
+    ({"onnx": _DELETE, "gridfs": 5}, TypeMismatch, "'gridfs' must be an upload's ObjectId"),
     ({"onnx": "not bytes"}, TypeMismatch, "onnx"),
     ({"onnx": b""}, BadValue, "empty"),
     ({"path": 5, "onnx": _DELETE}, TypeMismatch, "path"),
