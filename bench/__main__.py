@@ -23,6 +23,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "deferred": ("bench.deferred", "deferred predictions: catch-up rate vs onnxruntime, lag"),
     "images": ("bench.images", "inline model on image URLs: cold/warm cache vs local disk"),
     "cache": ("bench.bench_cache", "LMDB cache lookups/s; URL fetch cold vs warm vs local disk"),
+    "connections": (
+        "bench.connections",
+        "ping latency with 500 idle and 20 slow-byte connections; proxy RSS per connection",
+    ),
 }
 
 

@@ -11,6 +11,7 @@ the Agg canvas: no pyplot, hence no global figure state and no display needed.
   processes, against plain onnxruntime's rate
 - images: images/s with a cold cache, a warm cache and from local disk
 - cache: LMDB lookups/s; fetch images/s cold, warm and from local disk
+- connections: another client's ping p50/p99 without and with idle and slow connections
 """
 
 from __future__ import annotations
@@ -276,6 +277,27 @@ def cache_figure(payload: dict[str, Any]) -> Figure:
     return figure
 
 
+# --------------------------------------------------------------------------- connections
+
+
+def connections_figure(payload: dict[str, Any]) -> Figure:
+    pings = payload["ping_ms"]
+    figure, (latency,) = _figure("modelgate connections benchmark", payload, 1)
+    labels = [f"{load}\n{q}" for load in ("unloaded", "loaded") for q in ("p50", "p99")]
+    values = [pings[load][q] for load in ("unloaded", "loaded") for q in ("p50", "p99")]
+    bars = latency.bar(labels, values, color=[DIRECT_COLOR] * 2 + [PROXY_COLOR] * 2)
+    latency.bar_label(bars, labels=[f"{value:.2f}" for value in values], fontsize=8)
+    latency.margins(y=0.15)
+    latency.set_ylabel("ping round trip (ms)")
+    latency.set_title(
+        f"another client's pings, alone, then beside {payload['idle_connections']} idle\n"
+        f"and {payload['slow_clients']} slow-byte connections; proxy RSS "
+        f"{payload['rss_bytes_per_idle_connection'] / 1024:.1f} KiB per idle connection",
+        fontsize=9,
+    )
+    return figure
+
+
 #: benchmark name (the report's "benchmark") -> its figure.
 PLOTTERS: dict[str, Callable[[dict[str, Any]], Figure]] = {
     "wire": wire_figure,
@@ -283,4 +305,5 @@ PLOTTERS: dict[str, Callable[[dict[str, Any]], Figure]] = {
     "deferred": deferred_figure,
     "images": images_figure,
     "cache": cache_figure,
+    "connections": connections_figure,
 }

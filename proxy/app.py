@@ -70,7 +70,14 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
     if settings.tls_cert is not None:
         tls_context = listener_tls_context(settings.tls_cert, settings.tls_key or settings.tls_cert)
     host, port = settings.listen
-    server = ProxyServer(services, host, port, tls_context)
+    server = ProxyServer(
+        services,
+        host,
+        port,
+        tls_context,
+        max_connections=settings.max_connections,
+        frame_timeout=settings.frame_timeout,
+    )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with fetcher, trio.open_nursery() as nursery:
             nursery.start_soon(models.refresh_forever, settings.registry_refresh)

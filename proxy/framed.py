@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 
 import trio
@@ -21,12 +22,18 @@ class FramedStream:
     """Whole frames in, raw bytes out. Sends are serialised with a lock because two
     tasks of a session may answer the same client (the reply pump and a local command).
 
+    With a `frame_timeout` (a client's stream), a frame must be complete within that many
+    seconds of the proxy starting to read it: a peer that trickles a frame a byte at a
+    time would otherwise hold its connection, buffers and upstream connection forever.
+    Waiting between frames is never limited (drivers keep idle pooled connections).
+
     On plain TCP the socket is read and written directly when it is ready, and trio is
     asked to wait only when it is not: a proxy round trip is then two scheduler passes
     instead of about ten (trio's stream API checkpoints before and after every call)."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, frame_timeout: float = math.inf) -> None:
         self.stream = stream
+        self.frame_timeout = frame_timeout
         self._reader = FrameReader()
         self._send_lock = trio.Lock()
         self._raw: socket.socket | None = None
@@ -37,12 +44,16 @@ class FramedStream:
     async def receive_frame(self) -> Frame | None:
         """The next frame, or None when the peer closed cleanly between frames.
 
-        A peer that closes in the middle of a frame is a protocol error."""
+        A peer that closes in the middle of a frame, or does not complete it within
+        `frame_timeout`, is a protocol error."""
+        deadline = math.inf
         while True:
             frame = self._reader.next_frame()
             if frame is not None:
                 return frame
-            data = await self._receive_some()
+            if self._reader.buffered and deadline == math.inf:
+                deadline = trio.current_time() + self.frame_timeout
+            data = await self._receive_some(deadline)
             if not data:
                 if self._reader.buffered:
                     raise RemoteProtocolError(
@@ -52,19 +63,35 @@ class FramedStream:
                 return None
             self._reader.feed(data)
 
-    async def _receive_some(self) -> bytes | bytearray:
+    async def _receive_some(self, deadline: float) -> bytes | bytearray:
         raw = self._raw
         if raw is None:
-            return await self.stream.receive_some(_RECEIVE_CHUNK)
+            with trio.move_on_at(deadline):
+                return await self.stream.receive_some(_RECEIVE_CHUNK)
+            raise self._frame_timed_out()
         await self._maybe_checkpoint()
         while True:
             try:
                 data: bytes = raw.recv(_RECEIVE_CHUNK)
                 return data
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(raw)
+                # A cancel scope only where a frame has begun: the wait between frames,
+                # the common one, stays as cheap as it was.
+                if deadline == math.inf:
+                    await trio.lowlevel.wait_readable(raw)
+                    continue
+                with trio.move_on_at(deadline):
+                    await trio.lowlevel.wait_readable(raw)
+                    continue
+                raise self._frame_timed_out() from None
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
+
+    def _frame_timed_out(self) -> RemoteProtocolError:
+        return RemoteProtocolError(
+            f"frame not completed within {self.frame_timeout:g} s "
+            f"({self._reader.buffered} bytes of it received; --frame-timeout)"
+        )
 
     async def send(self, data: bytes) -> None:
         # Uncontended (nearly always) the lock is taken without a scheduler pass.

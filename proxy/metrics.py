@@ -174,6 +174,7 @@ class ProxyMetrics:
         self.connections_accepted = 0
         self.refused_upstream_unreachable = 0
         self.refused_tls_handshake = 0
+        self.refused_max_connections = 0
         self.received_bytes = 0
         self.sent_bytes = 0
         self.added_latency = LatencyHistogram(_LATENCY_BUCKETS_S)
@@ -224,6 +225,7 @@ class ProxyMetrics:
         )
         refused.add_metric(["upstream_unreachable"], self.refused_upstream_unreachable)
         refused.add_metric(["tls_handshake"], self.refused_tls_handshake)
+        refused.add_metric(["max_connections"], self.refused_max_connections)
         yield refused
         requests = CounterMetricFamily(
             "modelgate_requests",

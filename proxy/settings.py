@@ -55,6 +55,11 @@ class Settings:
     tls_key: Path | None = None
     grace_period: float = 10.0
     connect_timeout: float = 5.0
+    # Each client connection also holds one upstream connection and two sockets: the bound
+    # keeps a flood of clients from exhausting file descriptors, memory and the upstream's
+    # own connection limit (see README "Limits" for why 10,000).
+    max_connections: int = 10_000
+    frame_timeout: float = 30.0
     log_level: str = "INFO"
     registry_refresh: float = 2.0
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
@@ -315,6 +320,23 @@ GROUPS: dict[str | None, tuple[Option, ...]] = {
             "SECONDS",
         ),
         Option("log-level", "log_level", "DEBUG, INFO, WARNING or ERROR", _log_level, "LEVEL"),
+    ),
+    "limits": (
+        Option(
+            "max-connections",
+            "max_connections",
+            "client connections served at once; past it new ones are closed at once",
+            positive(int),
+            "N",
+        ),
+        Option(
+            "frame-timeout",
+            "frame_timeout",
+            "time a client has to send the rest of a message (or a TLS handshake) once it has "
+            "begun; past it the connection is closed. Idle connections are not affected",
+            positive(float),
+            "SECONDS",
+        ),
     ),
     "operations": (
         Option(

@@ -54,9 +54,14 @@ class FrameReader:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._start and self._start >= len(self._buffer) // 2:
-            del self._buffer[: self._start]
-            self._start = 0
+            self._compact()
         self._buffer += data
+
+    def _compact(self) -> None:
+        # Deleting the consumed bytes also gives back the buffer's memory once they were
+        # most of it (CPython shrinks a bytearray under half its allocation).
+        del self._buffer[: self._start]
+        self._start = 0
 
     def next_frame(self) -> Frame | None:
         """Return the next complete frame, or None until more bytes are fed.
@@ -66,12 +71,18 @@ class FrameReader:
         """
         start = self._start
         available = len(self._buffer) - start
-        if available < _LENGTH.size:
-            return None
-        (length,) = _LENGTH.unpack_from(self._buffer, start)
-        check_message_length(length, self._max_message_size)
-        if available < length:
-            return None
+        if available >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._buffer, start)
+            check_message_length(length, self._max_message_size)
+            if available >= length:
+                return self._take_frame(start, length)
+        # Waiting for the rest of a frame: keep only its bytes, not the large frame that
+        # may have preceded it (a connection may wait here a while).
+        if start:
+            self._compact()
+        return None
+
+    def _take_frame(self, start: int, length: int) -> Frame:
         header = parse_header(self._buffer[start : start + HEADER_SIZE], self._max_message_size)
         with memoryview(self._buffer) as view, view[start : start + length] as message:
             raw = bytes(message)  # the one copy of a possibly 48 MB message
