@@ -205,7 +205,10 @@ class Upstream:
             if reply is None:
                 break
             if reply:
-                await self.stream.send(reply)
+                try:
+                    await self.stream.send(reply)
+                except trio.BrokenResourceError:
+                    break  # the session has ended (and closed this connection) first
         await self.stream.aclose()
 
     @staticmethod
