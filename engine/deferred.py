@@ -75,7 +75,10 @@ class ModelWorker:
         self.workers = workers
         self.name = name
         self.wakeup = trio.Event()
+        # A pause holds for the version that failed: a new version (say, a fixed model)
+        # starts afresh, as does retryFailed (resume).
         self.paused_until = 0.0
+        self.paused_version: int | None = None
         self.pause_reason: str | None = None
         self.processed = 0
         self.duplicates = 0
@@ -86,6 +89,15 @@ class ModelWorker:
 
     def kick(self) -> None:
         self.wakeup.set()
+
+    def paused(self, version: int) -> bool:
+        return self.paused_version == version and time.monotonic() < self.paused_until
+
+    def resume(self) -> None:
+        """Lift a pause now and look for work."""
+        self.paused_version = None
+        self.pause_reason = None
+        self.kick()
 
     def throughput(self, window: float = 60.0) -> float:
         now = time.monotonic()
@@ -102,11 +114,11 @@ class ModelWorker:
             with trio.move_on_after(settings.sweep_interval):
                 await self.wakeup.wait()
             self.wakeup = trio.Event()
-            if time.monotonic() < self.paused_until:
-                continue
             server = self.workers.models.get(self.name)
             if server is None:
                 return
+            if self.paused(server.version):
+                continue
             queue = self.workers.queue_for(server)
             # Taken while the model is served (no checkpoint since the lookup): a drop
             # while this pass runs leaves its updates on removed series (engine.metrics).
@@ -287,6 +299,7 @@ class ModelWorker:
         of marking every document failed), and say so in modelStatus."""
         settings = self.workers.settings
         self.paused_until = time.monotonic() + settings.pause_seconds
+        self.paused_version = server.version
         self.pause_reason = reason
         log.error(
             "deferred model '%s' v%d fails for every document; pausing %gs: %s",
@@ -297,8 +310,8 @@ class ModelWorker:
         )
         await trio.to_thread.run_sync(queue.release, claimed)
 
-    def status(self) -> dict[str, Any]:
-        paused = time.monotonic() < self.paused_until
+    def status(self, version: int) -> dict[str, Any]:
+        paused = self.paused(version)
         return {
             "paused": paused,
             "pausedReason": self.pause_reason if paused else None,
@@ -334,6 +347,13 @@ class DeferredWorkers:
         place instead of creating it while a worker creates its index. (SecantusDB can
         deadlock on that race; on any upstream it keeps the first sweep indexed.)"""
         await trio.to_thread.run_sync(self.queue_for(server).ensure_index)
+
+    def resume(self, name: str) -> None:
+        """retryFailed: the model's worker here stops any pause at once and looks for work.
+        (Workers of other processes stay paused until their pause ends.)"""
+        worker = self.workers.get(name)
+        if worker is not None:
+            worker.resume()
 
     def kick_namespace(self, namespace: str, except_model: str | None = None) -> None:
         """Writes happened in `namespace`: wake its deferred workers."""
@@ -445,4 +465,4 @@ class DeferredWorkers:
         status = await trio.to_thread.run_sync(queue.status)
         gauges.pending.set(status["pending"])
         gauges.failed.set(status["failed"])
-        return {**status, **worker.status()}
+        return {**status, **worker.status(server.version)}

@@ -319,6 +319,11 @@ class Fetcher:
             del self._flights[url]
             flight.done.set()
 
+    def forget_failures(self) -> None:
+        """Fetch remembered failures anew: an operator retrying failed documents (the
+        retryFailed command) has fixed what failed, and says so."""
+        self._negative.clear()
+
     def stats(self) -> dict[str, float]:
         result: dict[str, float] = dict(self._counts)
         ordered = sorted(self._latencies)

@@ -23,6 +23,7 @@ import pymongo.errors
 from pymongo.collection import Collection
 
 from engine.documents import FAITHFUL, get_path
+from engine.error_records import error_records_filter
 from engine.outputs import stale_update
 from engine.registry import DATABASE
 from engine.spec import ModelSpec
@@ -30,6 +31,10 @@ from engine.spec import ModelSpec
 __all__ = ["Claimed", "WorkQueue"]
 
 log = logging.getLogger(__name__)
+
+# Documents retried per round trip: bounds the $in lists (upstreams that scan answer
+# long ones slowly) while many failed documents still take few round trips.
+_RETRY_CHUNK = 1000
 
 
 def _now() -> datetime.datetime:
@@ -359,3 +364,21 @@ class WorkQueue:
             clauses.append(extra_filter)
         result = self.collection.update_many({"$and": clauses}, stale_update(out))
         return int(result.modified_count)
+
+    def retry_failed(self, extra_filter: dict[str, Any] | None) -> int:
+        """retryFailed: the documents whose output is an error record (those matching
+        `extra_filter`, when given) are pending again, their output made stale, with
+        their failed attempts forgotten: each gets its attempts anew. Returns how many."""
+        query = error_records_filter(self.spec, extra_filter)
+        ids = [doc["_id"] for doc in self.collection.find(query, {"_id": 1})]
+        marked = 0
+        for start in range(0, len(ids), _RETRY_CHUNK):
+            chunk = ids[start : start + _RETRY_CHUNK]
+            # Attempts first: until its output is made stale no worker claims a document,
+            # so none is retried against the attempts of its earlier failure.
+            self.failures.delete_many({"model": self.spec.name, "doc": {"$in": chunk}})
+            result = self.collection.update_many(
+                {"$and": [query, {"_id": {"$in": chunk}}]}, stale_update(self.spec.output_field)
+            )
+            marked += int(result.modified_count)
+        return marked

@@ -1,5 +1,5 @@
 """Publishing a model from Python: export a torch module to ONNX, register it, and
-list, inspect, backfill and drop models.
+list, inspect, backfill, retry and drop models.
 
 The helpers send modelgate's admin commands through any pymongo client pointed at
 modelgate, so errors arrive as pymongo's usual `OperationFailure`. A model too large for
@@ -35,6 +35,7 @@ __all__ = [
     "list_models",
     "model_status",
     "register_model",
+    "retry_failed",
     "wait_for_backfill",
 ]
 
@@ -178,3 +179,16 @@ def wait_for_backfill(
                 f"after {timeout:.0f}s"
             )
         time.sleep(poll)
+
+
+def retry_failed(
+    client: pymongo.MongoClient[Any], name: str, filter: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Send `retryFailed`: a deferred model predicts again the documents it stored an
+    error record for (only those matching `filter`, when given), e.g. once their images
+    are served again; a model paused for failing on everything resumes. The reply
+    counts them in `marked`; `model_status(...)["failuresByReason"]` says what failed."""
+    command: dict[str, Any] = {"retryFailed": name}
+    if filter is not None:
+        command["filter"] = dict(filter)
+    return dict(client.admin.command(command))

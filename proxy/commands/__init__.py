@@ -12,6 +12,7 @@ from proxy.commands import (
     list_models,
     model_status,
     register_model,
+    retry_failed,
 )
 from proxy.commands.failures import replying_on_failure
 from proxy.session import CommandHandler
@@ -26,6 +27,7 @@ COMMANDS: dict[str, CommandHandler] = {
         "modelStatus": model_status.handle,
         "dropModel": drop_model.handle,
         "backfillModel": backfill_model.handle,
+        "retryFailed": retry_failed.handle,
         "cacheStatus": cache_status.handle,
     }.items()
 }

@@ -1,9 +1,13 @@
-"""modelStatus: counts, batch sizes, latencies and provider of one model."""
+"""modelStatus: counts, batch sizes, latencies and provider of one model, and its
+failures by reason (engine.error_records)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import trio
+
+from engine.error_records import failure_reasons
 from engine.errors import ModelNotFound
 from engine.spec import ImagePreprocess
 from proxy.commands.cache_status import image_stats
@@ -32,6 +36,12 @@ async def handle(context: CommandContext, command: dict[str, Any]) -> dict[str, 
         status["metadata"] = record.spec.metadata
     if isinstance(record.spec.preprocess, ImagePreprocess):
         status["images"] = await image_stats(context)
-    if record.spec.mode == "deferred" and context.deferred is not None:
-        status["deferred"] = await context.deferred.status(server)
+    if context.deferred is not None:
+        spec = record.spec
+        collection = context.deferred.client[spec.db][spec.collection]
+        status["failuresByReason"] = await trio.to_thread.run_sync(
+            failure_reasons, collection, spec
+        )
+        if spec.mode == "deferred":
+            status["deferred"] = await context.deferred.status(server)
     return status

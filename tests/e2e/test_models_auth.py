@@ -118,3 +118,27 @@ def test_unauthenticated_client_is_refused(proxy_uri: str) -> None:
         with pytest.raises(pymongo.errors.OperationFailure) as refused:
             _register(anonymous, "anon", "shop.items")
     assert refused.value.code == 13
+
+
+def test_only_a_database_admin_may_retry_failed_predictions(proxy_uri: str) -> None:
+    with _as(proxy_uri, "root") as root:
+        root.admin.command(
+            {
+                "registerModel": "retried",
+                "collection": "shop.retried",
+                "input": "x",
+                "mode": "deferred",
+                "onnx": bson.Binary(linear_classifier(features=4, classes=3)),
+            }
+        )
+    try:
+        with _as(proxy_uri, "reader") as reader:
+            with pytest.raises(pymongo.errors.OperationFailure) as refused:
+                reader.admin.command({"retryFailed": "retried"})
+            assert refused.value.code == 13
+            assert "not authorized on shop to execute command retryFailed" in str(refused.value)
+        with _as(proxy_uri, "shopadmin") as admin:
+            assert admin.admin.command({"retryFailed": "retried"})["marked"] == 0
+    finally:
+        with _as(proxy_uri, "root") as root:
+            root.admin.command("dropModel", "retried")

@@ -26,6 +26,7 @@ CALLS: dict[str, dict[str, Any]] = {
     "modelStatus": {"modelStatus": "m"},
     "dropModel": {"dropModel": "m"},
     "backfillModel": {"backfillModel": "m"},
+    "retryFailed": {"retryFailed": "m"},
     "cacheStatus": {"cacheStatus": 1},
 }
 
