@@ -18,6 +18,7 @@ from engine.errors import HostUnreachable, ModelgateError, Unauthorized
 from engine.upstream_failures import UpstreamRefusal, upstream_failure
 from proxy.commands import COMMANDS
 from proxy.session import CommandContext, Session
+from proxy.settings import ModelSourceSettings
 
 # A valid call of each command, up to the point where it needs the model set.
 CALLS: dict[str, dict[str, Any]] = {
@@ -59,7 +60,9 @@ class FakeSession:
     def __init__(self, models: FailingModels) -> None:
         self.connection_id = 1
         self.log = logging.LoggerAdapter(logging.getLogger("test.session"), {})
-        self.services = SimpleNamespace(models=models, deferred=None)
+        self.services = SimpleNamespace(
+            models=models, deferred=None, model_sources=ModelSourceSettings()
+        )
 
     async def upstream_command(self, document: dict[str, Any]) -> dict[str, Any]:
         return {"ok": 1.0, "authInfo": {"authenticatedUsers": []}}
