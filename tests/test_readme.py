@@ -16,6 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from bench.support.onnx_models import image_classifier
 from bench.support.processes import ROOT
 
 README = (ROOT / "README.md").read_text()
@@ -91,7 +92,11 @@ def _mongosh(proxy_uri: str, script: str, cwd: Path) -> subprocess.CompletedProc
 def test_mongosh_examples(proxy, client, clean_shop, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert shutil.which("node"), "mongosh needs node"
     (tmp_path / "digits.onnx").write_bytes(digits_sized_model())
-    register, backfill = MONGOSH[0], MONGOSH[1]
+    register, upload, backfill = (
+        _block_with('registerModel: "digits"'),
+        _block_with("modelgate_uploads"),
+        _block_with("backfillModel"),
+    )
     result = _mongosh(proxy.uri, register, tmp_path)
     assert result.returncode == 0, result.stderr + result.stdout
     # The block ends with dropModel; the model was there until then.
@@ -111,3 +116,20 @@ def test_mongosh_examples(proxy, client, clean_shop, tmp_path: Path) -> None:  #
     result = _mongosh(proxy.uri, backfill, tmp_path)
     assert result.returncode == 0, result.stderr + result.stdout
     assert "MongoServerError" not in result.stdout + result.stderr
+
+    # The upload by hand: a 224x224 RGB classifier in place of resnet50.onnx, and labels
+    # for its two classes in place of ImageNet's.
+    (tmp_path / "resnet50.onnx").write_bytes(image_classifier(channels=3, size=(224, 224)))
+    labels = 'const imagenetLabels = ["black", "white"]\n'
+    result = _mongosh(proxy.uri, labels + upload, tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "MongoServerError" not in result.stdout + result.stderr
+    assert "resnet" in [m["name"] for m in client.admin.command("listModels")["models"]]
+    assert client.shop.modelgate_uploads.files.count_documents({}) == 0
+    assert client.shop.modelgate_uploads.chunks.count_documents({}) == 0
+
+
+def _block_with(text: str) -> str:
+    """The README's mongosh block that contains `text`."""
+    (block,) = [code for code in MONGOSH if text in code]
+    return block
