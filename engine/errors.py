@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "MONGODB_CODES",
+    "BSONObjectTooLarge",
     "BadValue",
     "DocumentValidationFailure",
     "FailedToParse",
@@ -33,6 +34,7 @@ MONGODB_CODES: dict[str, int] = {
     "TypeMismatch": 14,
     "NamespaceNotFound": 26,
     "DocumentValidationFailure": 121,
+    "BSONObjectTooLarge": 10334,
 }
 
 
@@ -81,6 +83,12 @@ class DocumentValidationFailure(ModelgateError):
     fails schema validation, which is what an inline model's `reject` is."""
 
     code_name = "DocumentValidationFailure"
+
+
+class BSONObjectTooLarge(ModelgateError):
+    """A document over the upstream's maxBsonObjectSize (once its predictions are in)."""
+
+    code_name = "BSONObjectTooLarge"
 
 
 class ModelNotFound(ModelgateError):

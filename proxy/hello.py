@@ -8,13 +8,41 @@ and wire versions are kept: they are what the upstream will accept."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.wire.compression import SUPPORTED_COMPRESSORS
 
-__all__ = ["HELLO_COMMANDS", "rewrite_hello_reply"]
+__all__ = ["HELLO_COMMANDS", "UpstreamLimits", "limits_from_hello", "rewrite_hello_reply"]
 
 HELLO_COMMANDS = frozenset({"hello", "isMaster", "ismaster"})
+
+
+@dataclass(frozen=True)
+class UpstreamLimits:
+    """What the upstream accepts, from its hello reply; MongoDB's values until one came.
+    A write that predictions enlarge is split or refused to stay within them
+    (proxy.split_writes), since the upstream closes the connection over a message larger
+    than it takes."""
+
+    max_bson_object_size: int = 16 * 1024 * 1024
+    max_message_size_bytes: int = 48_000_000
+    max_write_batch_size: int = 100_000
+
+
+def limits_from_hello(reply: dict[str, Any], known: UpstreamLimits) -> UpstreamLimits:
+    """The limits a hello reply states; those it leaves out (an error reply) stay `known`."""
+
+    def limit(field: str, default: int) -> int:
+        value = reply.get(field)
+        return int(value) if isinstance(value, int | float) and value > 0 else default
+
+    return UpstreamLimits(
+        limit("maxBsonObjectSize", known.max_bson_object_size),
+        limit("maxMessageSizeBytes", known.max_message_size_bytes),
+        limit("maxWriteBatchSize", known.max_write_batch_size),
+    )
+
 
 # Fields that describe a replica set (or a standalone) and that a mongos never sends.
 _REPLICA_SET_FIELDS = (

@@ -20,9 +20,10 @@ import bson
 
 from engine.batching import Failure, ModelServer
 from engine.documents import FAITHFUL, MISSING, get_path, path_touches, set_path
-from engine.errors import DocumentValidationFailure
+from engine.errors import DocumentValidationFailure, ModelgateError
 from engine.inputs import ImageSource
 from engine.outputs import error_record, stale_update
+from proxy.hello import UpstreamLimits
 from proxy.replies import ReplyHook, error_reply
 from proxy.session import (
     AnswerLocally,
@@ -31,6 +32,7 @@ from proxy.session import (
     ForwardUnchanged,
     WriteDecision,
 )
+from proxy.split_writes import fits_in_one, merge_hook, split_write, too_large
 from proxy.wire.opmsg import DocumentSequence, OpMsg
 
 __all__ = ["InlineWrites", "ServedModels"]
@@ -204,7 +206,9 @@ class InlineWrites:
         documents, in_sequence = _statements(body, message, "documents")
         targets = [_document_target(i, doc) for i, doc in enumerate(documents)]
         refusals = await self._predict(context, servers, targets)
-        return _rebuild(body, message, "documents", documents, in_sequence, refusals)
+        return _rebuild(
+            body, message, "documents", documents, in_sequence, refusals, context.limits
+        )
 
     async def _update(
         self,
@@ -232,7 +236,7 @@ class InlineWrites:
         if not targets and not stale:
             return ForwardUnchanged()
         refusals = await self._predict(context, servers, targets)
-        return _rebuild(body, message, "updates", updates, in_sequence, refusals)
+        return _rebuild(body, message, "updates", updates, in_sequence, refusals, context.limits)
 
     async def _find_and_modify(
         self, context: CommandContext, body: dict[str, Any], servers: list[ModelServer]
@@ -243,8 +247,12 @@ class InlineWrites:
             return ForwardUnchanged()
         refusals = await self._predict(context, servers, [target])
         if refusals:
-            return AnswerLocally(error_reply(DocumentValidationFailure(refusals[0])))
-        return ForwardRewritten(OpMsg(0, bson.encode(body, codec_options=FAITHFUL)))
+            return AnswerLocally(error_reply(refusals[0]))
+        encoded = bson.encode(body, codec_options=FAITHFUL)
+        oversized = too_large(encoded, "update", context.limits)
+        if oversized is not None:
+            return AnswerLocally(error_reply(oversized))
+        return ForwardRewritten(OpMsg(0, encoded))
 
     async def _bulk_write(
         self,
@@ -254,7 +262,7 @@ class InlineWrites:
         namespaces: list[str],
     ) -> WriteDecision:
         ops, in_sequence = _statements(body, message, "ops")
-        refusals: dict[int, str] = {}
+        refusals: dict[int, ModelgateError] = {}
         touched = False
         for namespace_index, namespace in enumerate(namespaces):
             servers = self.models.inline_for(str(namespace))
@@ -274,14 +282,14 @@ class InlineWrites:
             refusals.update(await self._predict(context, servers, targets))
         if not touched:
             return ForwardUnchanged()
-        return _rebuild(body, message, "ops", ops, in_sequence, refusals, bulk=True)
+        return _rebuild(body, message, "ops", ops, in_sequence, refusals, context.limits, bulk=True)
 
     async def _predict(
         self, context: CommandContext, servers: list[ModelServer], targets: list[_Target]
-    ) -> dict[int, str]:
+    ) -> dict[int, ModelgateError]:
         """Run every model over its targets, in registration order (so a model may read
         an earlier one's output). Returns the refused statements and why."""
-        refusals: dict[int, str] = {}
+        refusals: dict[int, ModelgateError] = {}
         for server in servers:
             spec = server.model.spec
             located = [
@@ -303,7 +311,7 @@ class InlineWrites:
                 elif spec.on_error == "record":
                     sink(spec.output_field, error_record(outcome.message, server.version))
                 else:
-                    refusals[target.statement] = (
+                    refusals[target.statement] = DocumentValidationFailure(
                         f"model '{spec.name}' v{server.version} could not predict "
                         f"'{spec.input_field}': {outcome.message}"
                     )
@@ -329,37 +337,58 @@ def _rebuild(
     field: str,
     statements: list[dict[str, Any]],
     in_sequence: bool,
-    refusals: dict[int, str],
+    refusals: dict[int, ModelgateError],
+    limits: UpstreamLimits,
     *,
     bulk: bool = False,
 ) -> WriteDecision:
-    """The message to forward without the refused statements, and the reply hook that
-    puts the refusals back into the upstream's reply at the client's indices."""
+    """The write to forward without the refused statements (those the models refused,
+    and those their predictions made too large for the upstream), and the reply hook that
+    puts the refusals back into the upstream's reply at the client's indices. An insert
+    or update that no longer fits one upstream message goes in parts (proxy.split_writes)."""
     ordered = body.get("ordered", True) is not False
+    # An ordered write stops at its first refusal: nothing after it is sent or checked.
+    end = min(refusals) if ordered and refusals else len(statements)
+    encoded: dict[int, bytes] = {}
+    for i in range(end):
+        if i in refusals:
+            continue
+        data = bson.encode(statements[i], codec_options=FAITHFUL)
+        oversized = too_large(data, field, limits)
+        if oversized is None:
+            encoded[i] = data
+            continue
+        refusals[i] = oversized
+        if ordered:
+            break
     if ordered and refusals:
         first = min(refusals)
         refusals = {first: refusals[first]}
-        kept = list(range(first))
-    else:
-        kept = [i for i in range(len(statements)) if i not in refusals]
-    errors = [_write_error(i, reason, bulk) for i, reason in sorted(refusals.items())]
+    kept = list(encoded)
+    errors = [_write_error(i, error, bulk) for i, error in sorted(refusals.items())]
     if not kept:
         return AnswerLocally(_empty_reply(body, errors, bulk))
-    encoded = [bson.encode(statements[i], codec_options=FAITHFUL) for i in kept]
     sequences = tuple(s for s in message.sequences if s.identifier != field)
     if in_sequence:
-        sequences = (*sequences, DocumentSequence(field, tuple(encoded)))
+        sequences = (*sequences, DocumentSequence(field, tuple(encoded.values())))
     else:
         body[field] = [statements[i] for i in kept]
     forwarded = OpMsg(message.flags, bson.encode(body, codec_options=FAITHFUL), sequences)
-    hook = (_bulk_reply_hook if bulk else _reply_hook)(kept, errors, ordered)
-    return ForwardRewritten(forwarded, hook if refusals else None)
+    if bulk:
+        return ForwardRewritten(
+            forwarded, _bulk_reply_hook(kept, errors, ordered) if errors else None
+        )
+    if not fits_in_one(forwarded, len(kept), limits):
+        return split_write(
+            body, message, field, list(encoded.items()), len(statements), errors, limits
+        )
+    return ForwardRewritten(forwarded, merge_hook(kept, errors, ordered) if errors else None)
 
 
-def _write_error(index: int, reason: str, bulk: bool) -> dict[str, Any]:
+def _write_error(index: int, refused: ModelgateError, bulk: bool) -> dict[str, Any]:
     key = "idx" if bulk else "index"
-    refused = DocumentValidationFailure(reason)
-    error = {key: index, "code": refused.code, "codeName": refused.code_name, "errmsg": reason}
+    error = {key: index, "code": refused.code, "codeName": refused.code_name}
+    error["errmsg"] = refused.message
     return {"ok": 0.0, **error} if bulk else error
 
 
@@ -383,23 +412,6 @@ def _empty_reply(body: dict[str, Any], errors: list[dict[str, Any]], bulk: bool)
     if "updates" in body or body.get("update"):
         reply["nModified"] = 0
     return reply
-
-
-def _reply_hook(kept: list[int], errors: list[dict[str, Any]], ordered: bool) -> ReplyHook:
-    def hook(reply: dict[str, Any]) -> dict[str, Any]:
-        upstream_errors = reply.get("writeErrors") or []
-        for error in upstream_errors:
-            error["index"] = kept[error["index"]]
-        for upserted in reply.get("upserted") or []:
-            upserted["index"] = kept[upserted["index"]]
-        # An ordered write that failed upstream stopped before our refusal was reached.
-        ours = [] if ordered and upstream_errors else errors
-        merged = sorted(upstream_errors + ours, key=lambda e: e["index"])
-        if merged:
-            reply["writeErrors"] = merged
-        return reply
-
-    return hook
 
 
 def _bulk_reply_hook(kept: list[int], errors: list[dict[str, Any]], ordered: bool) -> ReplyHook:

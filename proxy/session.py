@@ -27,7 +27,7 @@ from engine.deferred import DeferredWorkers
 from engine.errors import ModelgateError
 from engine.models import ModelSet
 from proxy.framed import FramedStream
-from proxy.hello import HELLO_COMMANDS, rewrite_hello_reply
+from proxy.hello import HELLO_COMMANDS, UpstreamLimits, limits_from_hello, rewrite_hello_reply
 from proxy.logs import ConnectionLog
 from proxy.metrics import CommandCounts, ProxyMetrics
 from proxy.replies import (
@@ -41,6 +41,7 @@ from proxy.replies import (
     uncompressed,
 )
 from proxy.settings import ModelSourceSettings, Settings
+from proxy.split_writes import ForwardInParts
 from proxy.upstream import UpstreamError, UpstreamTarget, open_upstream
 from proxy.wire.compression import Compressor, decode_compressed, decompress
 from proxy.wire.errors import ProtocolError
@@ -91,7 +92,7 @@ class AnswerLocally:
     reply: dict[str, Any]
 
 
-WriteDecision = ForwardUnchanged | ForwardRewritten | AnswerLocally
+WriteDecision = ForwardUnchanged | ForwardRewritten | AnswerLocally | ForwardInParts
 
 
 class WriteInterceptor(Protocol):
@@ -131,6 +132,11 @@ class CommandContext:
         # Time spent waiting for model predictions for this request (a write interceptor
         # adds to it), reported by the slow-operation log.
         self.inference_ns = 0
+
+    @property
+    def limits(self) -> UpstreamLimits:
+        """What the upstream accepts (its hello reply), which a rewritten write must fit."""
+        return self._session.upstream_limits
 
     async def upstream_command(self, document: dict[str, Any]) -> dict[str, Any]:
         """Run a command on this client's own upstream connection (so it sees the
@@ -210,6 +216,7 @@ class Session:
         self._in_flight: dict[int, _InFlight] = {}
         self._request_finished = trio.lowlevel.ParkingLot()
         self._upstream_compressors: frozenset[str] = frozenset()
+        self.upstream_limits = UpstreamLimits()
         self._draining = False
         self._cancel_scope = trio.CancelScope()
 
@@ -339,6 +346,11 @@ class Session:
                         request.reply_hook = hook
                     case ForwardUnchanged(hook):
                         request.reply_hook = hook
+                    case ForwardInParts() as in_parts:
+                        request.forwarded_ns = perf_counter_ns()
+                        reply = await in_parts.run(self.upstream_message)
+                        await self._answer(request, request_id, message, reply)
+                        return
         elif header.op_code == OpCode.OP_QUERY:
             query = decode_op_query(payload)
             is_command = query.full_collection_name.endswith(".$cmd")
@@ -403,6 +415,7 @@ class Session:
 
         def hook(reply: dict[str, Any]) -> dict[str, Any]:
             self._upstream_compressors = frozenset(reply.get("compression") or ())
+            self.upstream_limits = limits_from_hello(reply, self.upstream_limits)
             return rewrite_hello_reply(reply, offered_names)
 
         return hook
@@ -440,6 +453,11 @@ class Session:
         self._finish_round_trip(request, 0)
 
     async def upstream_command(self, document: dict[str, Any]) -> dict[str, Any]:
+        return await self.upstream_message(OpMsg(0, bson.encode(document)))
+
+    async def upstream_message(self, message: OpMsg) -> dict[str, Any]:
+        """Send `message` on the client's upstream connection and return its reply's body
+        (the proxy's own request: the reply never reaches the client)."""
         assert self.upstream is not None
         request_id = next_request_id()
         while request_id in self._in_flight:
@@ -448,7 +466,7 @@ class Session:
         request = _InFlight(internal=send_channel)
         self._await_replies(request, request_id)
         try:
-            await self.upstream.send(encode_op_msg(OpMsg(0, bson.encode(document)), request_id, 0))
+            await self.upstream.send(encode_op_msg(message, request_id, 0))
             frame = await receive_channel.receive()
         finally:
             # Also when cancelled before the reply came: nothing of it stays behind.
