@@ -24,14 +24,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import bson
 
+from bench.deferred_loop import run_loop
 from bench.harness import add_common_arguments, finish, format_table, machine_info
 from bench.support.processes import BENCH_PROXY_ARGS, BenchError, ProxyProcess, connect, upstream
+from engine.deferred import DeferredSettings
 from engine.stats import percentile
 from modelgate.admin import register_model
 
@@ -84,6 +87,21 @@ def _documents(images: Sequence[bytes], start: int, count: int) -> list[dict[str
     ]
 
 
+def insert_all(
+    coll: Any,
+    images: Sequence[bytes],
+    total: int,
+    after_chunk: Callable[[float], object] = lambda first: None,
+) -> float:
+    """Insert `total` documents in chunks, as fast as possible; the time of the first.
+    `after_chunk(first)` runs after each chunk."""
+    first = time.time()
+    for start in range(0, total, INSERT_CHUNK):
+        coll.insert_many(_documents(images, start, min(INSERT_CHUNK, total - start)))
+        after_chunk(first)
+    return first
+
+
 def _predicted(raw: Any) -> int:
     return int(raw.count_documents({f"{OUTPUT}.version": {"$exists": True}}))
 
@@ -118,11 +136,12 @@ def catch_up(
         # Documents predicted over time, counted at most every `poll` seconds while
         # inserting too, so the curve shows the work starting before the inserts end.
         progress: list[list[float]] = [[0.0, 0]]
-        first = time.time()
-        for start in range(0, total, INSERT_CHUNK):
-            coll.insert_many(_documents(images, start, min(INSERT_CHUNK, total - start)))
+
+        def count(first: float) -> None:
             if time.time() - first - progress[-1][0] >= poll:
                 progress.append([time.time() - first, _predicted(raw)])
+
+        first = insert_all(coll, images, total, count)
         inserted = time.time()
         last = _wait_all(raw, total, timeout, poll, first, progress)
         errors = raw.count_documents({f"{OUTPUT}.error": {"$exists": True}})
@@ -200,8 +219,8 @@ def steady(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.inline import measure_baseline
     from bench.models import build_model, noise_pngs
+    from bench.onnx_baseline import measure_baseline
 
     models = (
         args.models.split(",")
@@ -219,6 +238,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             images = noise_pngs(min(DISTINCT_IMAGES, docs), model.image_size, model.image_mode)
             baseline = measure_baseline(
                 model, images, ["CPUExecutionProvider"], budget_s=args.baseline_budget
+            )
+            with upstream(args.upstream) as uri:
+                loop = run_loop(
+                    uri,
+                    DB_NAME,
+                    model,
+                    INPUT_FIELD,
+                    docs,
+                    DeferredSettings().claim_size,
+                    partial(insert_all, images=images, total=docs),
+                    args.timeout,
+                )
+            print(
+                f"{name}, hand-written loop: {docs} docs caught up at "
+                f"{loop['documents_per_s']:.1f}/s",
+                file=sys.stderr,
+                flush=True,
             )
             cells = []
             for processes in counts:
@@ -256,11 +292,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "processes": processes,
                             "catch_up": fast,
                             "ratio_to_baseline": fast["documents_per_s"] / best,
+                            "ratio_to_loop": fast["documents_per_s"] / loop["documents_per_s"],
                             "steady": slow,
                             "duplicates": int(status.get("deferred", {}).get("duplicates", 0)),
                         }
                     )
-            results.append({"model": model.describe(), "baseline": baseline, "cells": cells})
+            one = next((c for c in cells if c["processes"] == 1), None)
+            for cell in cells:
+                # Scaling out: each cell's rate against one process's, in the same run.
+                cell["ratio_to_one_process"] = (
+                    cell["catch_up"]["documents_per_s"] / one["catch_up"]["documents_per_s"]
+                    if one
+                    else None
+                )
+            results.append(
+                {"model": model.describe(), "baseline": baseline, "loop": loop, "cells": cells}
+            )
     return {
         "benchmark": "deferred",
         "quick": bool(args.quick),
@@ -287,6 +334,9 @@ def table(payload: dict[str, Any]) -> str:
                     best["images_per_s"],
                     best["batch"],
                     cell["ratio_to_baseline"],
+                    result["loop"]["documents_per_s"],
+                    cell["ratio_to_loop"],
+                    cell["ratio_to_one_process"],
                     slow.get("rate_per_s"),
                     lag.get("p50"),
                     lag.get("p99"),
@@ -301,6 +351,9 @@ def table(payload: dict[str, Any]) -> str:
         "ORT img/s",
         "ORT batch",
         "ratio",
+        "loop docs/s",
+        "/loop",
+        "/1 proc",
         "steady /s",
         "lag p50 s",
         "lag p99 s",
@@ -309,7 +362,10 @@ def table(payload: dict[str, Any]) -> str:
     return format_table(
         headers,
         rows,
-        floatfmt=["", "", "", ".1f", ".0f", "", ".4f", ".1f", ".2f", ".2f", ""],
+        floatfmt=[
+            *("", "", "", ".1f", ".0f", "", ".4f"),
+            *(".1f", ".2f", ".2f", ".1f", ".2f", ".2f", ""),
+        ],
     )
 
 

@@ -37,8 +37,8 @@ if str(ROOT) not in sys.path:  # run as a file: `python bench/gpu_check.py`
     sys.path.insert(0, str(ROOT))
 
 from bench.harness import format_table, machine_info, write_json  # noqa: E402
-from bench.inline import measure_baseline  # noqa: E402
 from bench.models import build_digits, build_resnet18, noise_pngs  # noqa: E402
+from bench.onnx_baseline import measure_baseline  # noqa: E402
 from bench.support.processes import BenchError  # noqa: E402
 
 CUDA = "CUDAExecutionProvider"

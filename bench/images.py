@@ -140,10 +140,10 @@ def _local_disk(model: Any, files: Sequence[Path], batch: int) -> dict[str, Any]
     """Read + decode + preprocess + session.run from local files, `batch` at a time."""
     import onnxruntime as ort
 
-    from bench.inline import _preprocess_spec, session_options
+    from bench.onnx_baseline import preprocess_spec, session_options
     from engine.inputs.image import preprocess_image_bytes
 
-    pre = _preprocess_spec(model)
+    pre = preprocess_spec(model)
     session = ort.InferenceSession(
         model.onnx, session_options(), providers=["CPUExecutionProvider"]
     )

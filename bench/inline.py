@@ -27,28 +27,24 @@ import argparse
 import contextlib
 import os
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import bson
-import numpy as np
 import pymongo
 
-from bench.harness import add_common_arguments, finish, format_table, machine_info, summarize
+from bench.harness import add_common_arguments, finish, format_table, machine_info
+from bench.inline_batches import CLIENTS, batched_rows, image_workload, mlp_workload
+from bench.insert_clients import DB_NAME, INPUT_FIELD, ClientPool, drive_inserts
 from bench.models import MODELS, BenchModel, build_model, noise_pngs
-from bench.support.processes import DIRECT, PROXY, BenchError, bench_stack, connect, redact_uri
+from bench.onnx_baseline import BASELINE_BATCHES, measure_baseline, resolve
+from bench.support.processes import DIRECT, PROXY, BenchError, bench_stack, redact_uri
 from modelgate.admin import register_model
 
-__all__ = ["Mode", "main", "measure_baseline", "run"]
-
-DB_NAME = "modelgate_bench_inline"
-INPUT_FIELD = "img"
-BASELINE_BATCHES = (1, 8, 32, 64)
+__all__ = ["Mode", "main", "run"]
 
 
 @dataclass(frozen=True)
@@ -97,245 +93,6 @@ FULL = Mode(
 
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- baseline
-
-
-def session_options() -> Any:
-    """The options engine.runtime.load_model gives every session (default threads)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 0
-    options.inter_op_num_threads = 0
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return options
-
-
-def resolve(providers: Sequence[str] | None) -> list[str]:
-    """The providers modelgate would use for `--providers` (None: its automatic choice)."""
-    from engine.runtime import RuntimeSettings, resolve_providers
-
-    return resolve_providers(RuntimeSettings(providers=tuple(providers) if providers else None))
-
-
-def open_session(onnx: bytes, providers: Sequence[str], *, require_first: bool) -> Any:
-    """An InferenceSession; with `require_first`, fail unless the first provider asked for
-    is the one in use (onnxruntime otherwise falls back to the next one silently)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(onnx, session_options(), providers=list(providers))
-    active = session.get_providers()
-    if require_first and (not active or active[0] != providers[0]):
-        raise BenchError(
-            f"onnxruntime was asked for {providers[0]} but runs on {active}; "
-            f"available here: {ort.get_available_providers()}"
-        )
-    return session
-
-
-def _preprocess_spec(model: BenchModel) -> Any:
-    from proxy.commands.register_model import parse_register_command
-
-    spec, _ = parse_register_command(
-        {
-            "registerModel": model.name,
-            "collection": "x.y",
-            "input": INPUT_FIELD,
-            "onnx": b"-",
-            "preprocess": model.preprocess,
-            "postprocess": model.postprocess,
-        }
-    )
-    return spec.preprocess
-
-
-def _timed_loop(step: Any, budget_s: float, min_iterations: int = 3) -> tuple[int, float]:
-    """Call `step()` until `budget_s` passed (at least `min_iterations` times)."""
-    iterations = 0
-    started = time.perf_counter()
-    while True:
-        step()
-        iterations += 1
-        elapsed = time.perf_counter() - started
-        if iterations >= min_iterations and elapsed >= budget_s:
-            return iterations, elapsed
-
-
-def measure_baseline(
-    model: BenchModel,
-    images: Sequence[bytes],
-    providers: Sequence[str],
-    *,
-    batch_sizes: Sequence[int] = BASELINE_BATCHES,
-    budget_s: float = 2.0,
-    min_iterations: int = 3,
-    require_first: bool = False,
-    warmup: int = 2,
-) -> dict[str, Any]:
-    """Plain onnxruntime on `model`: images/s per batch size, end to end (decode and
-    preprocess in this thread, then one run) and `session.run` alone; and the best."""
-    from engine.inputs.image import preprocess_image_bytes
-
-    session = open_session(model.onnx, providers, require_first=require_first)
-    pre = _preprocess_spec(model)
-    arrays = [preprocess_image_bytes(png, pre) for png in images]
-    rows = [
-        _baseline_batch(session, images, arrays, pre, batch, budget_s, min_iterations, warmup)
-        for batch in batch_sizes
-    ]
-    best_e2e = max(rows, key=lambda r: r["e2e_images_per_s"])
-    best_run = max(rows, key=lambda r: r["run_images_per_s"])
-    return {
-        "providers": session.get_providers(),
-        "session_options": {
-            "intra_op_num_threads": 0,
-            "inter_op_num_threads": 0,
-            "graph_optimization_level": "ORT_ENABLE_ALL",
-        },
-        "batches": rows,
-        "best_e2e": {"batch": best_e2e["batch"], "images_per_s": best_e2e["e2e_images_per_s"]},
-        "best_run": {"batch": best_run["batch"], "images_per_s": best_run["run_images_per_s"]},
-    }
-
-
-def _baseline_batch(
-    session: Any,
-    images: Sequence[bytes],
-    arrays: Sequence[np.ndarray],
-    pre: Any,
-    batch: int,
-    budget_s: float,
-    min_iterations: int,
-    warmup: int,
-) -> dict[str, Any]:
-    from engine.inputs.image import preprocess_image_bytes
-
-    input_name = session.get_inputs()[0].name
-    stacked = np.stack([arrays[i % len(arrays)] for i in range(batch)])
-    for _ in range(warmup):
-        session.run(None, {input_name: stacked})
-    runs, run_s = _timed_loop(
-        lambda: session.run(None, {input_name: stacked}), budget_s, min_iterations
-    )
-    cursor = 0
-
-    def end_to_end() -> None:
-        nonlocal cursor
-        items = [
-            preprocess_image_bytes(images[(cursor + i) % len(images)], pre) for i in range(batch)
-        ]
-        cursor += batch
-        session.run(None, {input_name: np.stack(items)})
-
-    e2e, e2e_s = _timed_loop(end_to_end, budget_s, min_iterations)
-    return {
-        "batch": batch,
-        "run_images_per_s": runs * batch / run_s,
-        "run_ms_per_batch": run_s / runs * 1e3,
-        "e2e_images_per_s": e2e * batch / e2e_s,
-        "e2e_ms_per_batch": e2e_s / e2e * 1e3,
-        "run_iterations": runs,
-        "e2e_iterations": e2e,
-    }
-
-
-# --------------------------------------------------------------------------- clients
-
-
-class ClientPool:
-    """Up to `size` MongoClients per URI, connected once and reused by every run."""
-
-    def __init__(self, uri: str, size: int) -> None:
-        self.clients = [connect(uri) for _ in range(size)]
-
-    def close(self) -> None:
-        for client in self.clients:
-            client.close()
-
-
-def drive_inserts(
-    clients: Sequence[pymongo.MongoClient[dict[str, Any]]],
-    collection: str,
-    images: Sequence[bytes],
-    *,
-    duration_s: float,
-    max_docs: int,
-    warmup_per_client: int,
-    on_ready: Callable[[], object] | None = None,
-) -> dict[str, Any]:
-    """One thread per client, each `insert_one({img: png})` in a loop; warm-up inserts
-    first, then `on_ready()`, then all start together and stop at the deadline or when
-    `max_docs` were inserted. Returns images/s over the timed phase and the per-insert
-    latencies."""
-    count = len(clients)
-    warmed, go = threading.Barrier(count + 1), threading.Barrier(count + 1)
-    latencies: list[list[float]] = [[] for _ in range(count)]
-    ends = [0.0] * count
-    errors: list[BaseException] = []
-    budget = threading.Semaphore(max_docs)
-    state = {"deadline": float("inf")}
-    payloads = [bson.Binary(png) for png in images]
-
-    def worker(index: int) -> None:
-        coll = clients[index][DB_NAME][collection]
-        out = latencies[index]
-        cursor = index * 7919  # clients start at different images
-        try:
-            for _ in range(warmup_per_client):
-                coll.insert_one({INPUT_FIELD: payloads[cursor % len(payloads)]})
-                cursor += 1
-        except BaseException as exc:
-            errors.append(exc)
-        warmed.wait()
-        try:
-            go.wait()
-        except threading.BrokenBarrierError:
-            return
-        if errors:
-            return
-        clock = time.perf_counter
-        try:
-            while clock() < state["deadline"] and budget.acquire(blocking=False):
-                document = {INPUT_FIELD: payloads[cursor % len(payloads)]}
-                cursor += 1
-                start = clock()
-                coll.insert_one(document)
-                out.append(clock() - start)
-        except BaseException as exc:
-            errors.append(exc)
-        ends[index] = clock()
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    warmed.wait()  # every client warmed up, none timed yet
-    if on_ready is not None and not errors:
-        try:
-            on_ready()
-        except BaseException:
-            go.abort()
-            raise
-    started = time.perf_counter()
-    state["deadline"] = started + duration_s
-    go.wait()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise BenchError(f"insert_one failed: {errors[0]!r}")
-    samples = [value for values in latencies for value in values]
-    if not samples:
-        raise BenchError("no insert finished in the timed phase")
-    elapsed = max(ends) - started
-    return {
-        "concurrency": count,
-        "docs": len(samples),
-        "elapsed_s": elapsed,
-        "images_per_s": len(samples) / elapsed,
-        "latency_ms": summarize(samples, scale=1e3),
-    }
 
 
 # --------------------------------------------------------------------------- proxy
@@ -517,7 +274,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     proxy_args = ["--providers", ",".join(requested)] if requested else []
     proxy_args += args.proxy_arg or []
     profile = Path(args.profile_proxy).resolve() if args.profile_proxy else None
-    top = max(max(mode.concurrency), *[max(c) for c in mode.model_concurrency.values()] or [1])
+    top = max(
+        max(mode.concurrency),
+        *[max(c) for c in mode.model_concurrency.values()] or [1],
+        0 if args.no_batched else CLIENTS,
+    )
+    batched: list[dict[str, Any]] = []
     with bench_stack(args.upstream, proxy_args=proxy_args, profile=profile) as stack:
         _progress(
             f"upstream {redact_uri(stack.direct_uri)}"
@@ -553,6 +315,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"{plain[PROXY]['images_per_s']:.0f} docs/s, direct "
                         f"{plain[DIRECT]['images_per_s']:.0f} docs/s"
                     )
+            if not args.no_batched:
+                _progress(f"batched inserts: {CLIENTS} clients, mlp16 and digits ...")
+                batched = batched_rows(
+                    pools[PROXY].clients[:CLIENTS],
+                    pools[DIRECT].clients[:CLIENTS],
+                    [mlp_workload(), image_workload(build_model("digits"))],
+                    duration_s=mode.duration_s,
+                    max_delay_ms=args.max_delay_ms,
+                    model_budget_s=mode.baseline_budget_s,
+                )
+                for row in batched:
+                    _progress(
+                        f"  {row['model']}: limit {row['limit_docs_per_s']:.0f} docs/s; "
+                        + ", ".join(
+                            f"maxSize {cell['max_size']}: {cell['docs_per_s']:.0f} docs/s "
+                            f"(x{cell['ratio_to_limit']:.2f})"
+                            for cell in row["proxy"]
+                        )
+                    )
             stack_s = time.perf_counter() - stack_started
         finally:
             for pool in pools.values():
@@ -583,6 +364,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "machine": _machine(),
         "models": results,
+        "batched": batched,
         "stack_s": stack_s,
         "elapsed_s": time.perf_counter() - started,
     }
@@ -676,8 +458,45 @@ def report(payload: dict[str, Any]) -> str:
                 baseline_rows,
                 floatfmt=".1f",
             ),
+            *_batched_report(payload["batched"]),
         ]
     )
+
+
+def _batched_report(batched: list[dict[str, Any]]) -> list[str]:
+    if not batched:
+        return []
+    rows = [
+        [
+            row["model"],
+            row["upstream_docs_per_s"],
+            row["proxy_no_model_docs_per_s"],
+            row["model_docs_per_s"],
+            row["limit_docs_per_s"],
+            cell["max_size"],
+            cell["docs_per_s"],
+            cell["ratio_to_limit"],
+            cell["mean_batch_size"],
+        ]
+        for row in batched
+        for cell in row["proxy"]
+    ]
+    first = batched[0]
+    return [
+        "",
+        f"{first['clients']} clients inserting batches of {first['insert_batch']} (docs/s): "
+        "upstream alone U, the same through modelgate with no model, onnxruntime alone M "
+        "(batch 64), limit 1/(1/U + 1/M), modelgate "
+        "per model batch maxSize",
+        format_table(
+            [
+                *("model", "U", "no model via proxy", "M", "limit"),
+                *("maxSize", "modelgate", "/limit", "mean batch"),
+            ],
+            rows,
+            floatfmt=["", ".0f", ".0f", ".0f", ".0f", "", ".0f", ".2f", ".1f"],
+        ),
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -746,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--proxy-arg=--max-concurrent-runs --proxy-arg=4)",
     )
     parser.add_argument("--no-plain", action="store_true", help="skip the no-model inserts")
+    parser.add_argument(
+        "--no-batched",
+        action="store_true",
+        help="skip the batched-insert rows (4 clients, batches of 16, against the limit)",
+    )
     parser.add_argument(
         "--profile-proxy",
         metavar="PATH",

@@ -130,69 +130,65 @@ class WorkQueue:
         greater than `after`, when given: a drain moves forward through the collection
         instead of rescanning the documents it has already done).
 
-        Written for few round trips and no long $in/$nin lists (upstreams that scan,
-        like SecantusDB, answer those slowly): live leases and retry waits are read whole
-        (they are small) and skipped here rather than in the query; leases are inserted
-        in one unordered batch whose duplicate-key errors are the documents others hold;
-        then the won documents are read, under their leases, by an _id range."""
+        Written for few round trips, since each costs (SecantusDB, which plans a
+        filter of several clauses as a collection scan, answers any query on the model's
+        collection in time that grows with the collection): live leases and retry waits
+        are read whole (they are small) and skipped here rather than in the query; the
+        one read of the model's collection takes the input too; leases are inserted in
+        one unordered batch whose duplicate-key errors are the documents others hold.
+        A document another process finished between that read and our lease is done
+        twice (at-least-once): the write is conditioned on the version, so it is counted
+        as a duplicate and never overwrites; it needs a whole batch of theirs to fit
+        between two of our round trips."""
         now = _now()
         name = self.spec.name
-        expired = self.leases.delete_many({"model": name, "expires": {"$lte": now}})
-        taken_over = expired.deleted_count
-        busy = {lease["doc"] for lease in self.leases.find({"model": name}, {"doc": 1})}
+        leases = list(self.leases.find({"model": name}, {"doc": 1, "expires": 1}))
+        expired = [lease["_id"] for lease in leases if _aware(lease["expires"]) <= now]
+        taken_over = 0
+        if expired:
+            # By _id and expiry both: a lease renewed since it was read stays.
+            taken_over = self.leases.delete_many(
+                {"_id": {"$in": expired}, "expires": {"$lte": now}}
+            ).deleted_count
+        busy = {lease["doc"] for lease in leases if _aware(lease["expires"]) > now}
         failures = list(self.failures.find({"model": name}, {"doc": 1, "retry_at": 1}))
         busy |= {f["doc"] for f in failures if f.get("retry_at") and _aware(f["retry_at"]) > now}
         query = self.pending_filter()
         if after is not None:
             query = {"$and": [query, {"_id": {"$gt": after}}]}
-        scanned = [
-            doc["_id"]
-            for doc in self.collection.find(query, {"_id": 1})
+        scanned = list(
+            self.collection.find(query, {self.spec.input_field: 1})
             .sort("_id", 1)
             .limit(limit + len(busy))
-        ]
+        )
         batch = uuid.uuid4().hex
         if not scanned:
             return Claimed(batch, [], taken_over=taken_over)
-        candidates = [doc_id for doc_id in scanned if doc_id not in busy][:limit]
-        scanned_to = candidates[-1] if len(candidates) == limit else scanned[-1]
+        candidates = [doc for doc in scanned if doc["_id"] not in busy][:limit]
+        scanned_to = candidates[-1]["_id"] if len(candidates) == limit else scanned[-1]["_id"]
         if not candidates:
             return Claimed(batch, [], scanned_to=scanned_to, taken_over=taken_over)
         # From now, not from the start of the claim: its reads may have taken a while.
         expires = _now() + datetime.timedelta(seconds=lease_seconds)
-        leases = [
-            {
-                "_id": {"model": name, "doc": doc_id},
-                "model": name,
-                "doc": doc_id,
-                "owner": self.owner,
-                "batch": batch,
-                "expires": expires,
-            }
-            for doc_id in candidates
-        ]
-        won = candidates
+        documents = candidates
         try:
-            self.leases.insert_many(leases, ordered=False)
+            self.leases.insert_many(
+                [
+                    {
+                        "_id": {"model": name, "doc": doc["_id"]},
+                        "model": name,
+                        "doc": doc["_id"],
+                        "owner": self.owner,
+                        "batch": batch,
+                        "expires": expires,
+                    }
+                    for doc in candidates
+                ],
+                ordered=False,
+            )
         except pymongo.errors.BulkWriteError as exc:
             lost = {e["index"] for e in exc.details["writeErrors"]}
-            won = [doc_id for index, doc_id in enumerate(candidates) if index not in lost]
-        documents: list[dict[str, Any]] = []
-        if won:
-            # Read under our leases, with the pending filter: a document another process
-            # finished meanwhile is dropped (else: duplicate work), and the input read
-            # here is the one the write will be conditioned on.
-            span = {"_id": {"$gte": won[0], "$lte": won[-1]}}
-            fresh = {
-                doc["_id"]: doc
-                for doc in self.collection.find(
-                    {"$and": [self.pending_filter(), span]}, {self.spec.input_field: 1}
-                )
-            }
-            gone = [doc_id for doc_id in won if doc_id not in fresh]
-            if gone:
-                self.leases.delete_many({"batch": batch, "doc": {"$in": gone}})
-            documents = [fresh[doc_id] for doc_id in won if doc_id in fresh]
+            documents = [doc for index, doc in enumerate(candidates) if index not in lost]
         retried = frozenset(f["doc"] for f in failures) & {doc["_id"] for doc in documents}
         return Claimed(batch, documents, retried, scanned_to, taken_over)
 

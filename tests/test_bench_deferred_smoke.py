@@ -39,10 +39,13 @@ def test_bench_deferred_tiny_digits(tmp_path: Path) -> None:
     assert result["model"]["name"] == "digits"
     assert result["baseline"]["best_e2e"]["images_per_s"] > 0
     assert [cell["processes"] for cell in result["cells"]] == [1, 2]
+    loop = result["loop"]
+    assert loop["documents"] == 150 and loop["documents_per_s"] > 0, loop
     for cell in result["cells"]:
         fast = cell["catch_up"]
         assert fast["documents"] == 150 and fast["errors"] == 0, cell
         assert fast["documents_per_s"] > 0 and cell["ratio_to_baseline"] > 0, cell
+        assert cell["ratio_to_loop"] > 0 and cell["ratio_to_one_process"] > 0, cell
         seconds, done = zip(*fast["progress"], strict=True)
         assert seconds == tuple(sorted(seconds)) and done == tuple(sorted(done)), cell
         assert done[0] == 0 and done[-1] == 150, cell

@@ -13,7 +13,7 @@ from tests.support import assert_png, run_benchmark
 CONCURRENCY = (1, 8, 32)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(180)
 def test_bench_inline_quick_digits(tmp_path: Path) -> None:
     report = tmp_path / "inline.json"
     payload, text = run_benchmark(
@@ -30,7 +30,7 @@ def test_bench_inline_quick_digits(tmp_path: Path) -> None:
             str(tmp_path / "inline.png"),
         ],
         report,
-        timeout=80,
+        timeout=170,
     )
     assert payload["benchmark"] == "inline"
     assert payload["machine"]["cpu_count"] >= 1
@@ -52,4 +52,14 @@ def test_bench_inline_quick_digits(tmp_path: Path) -> None:
         for target in ("proxy", "direct"):
             assert plain[target]["images_per_s"] > 0, (plain["concurrency"], target)
     assert "proxy/base" in text
+    assert [row["model"] for row in payload["batched"]] == ["mlp16", "digits"]
+    for row in payload["batched"]:
+        for key in ("upstream_docs_per_s", "proxy_no_model_docs_per_s", "model_docs_per_s"):
+            assert row[key] > 0, (row["model"], key)
+        assert 0 < row["limit_docs_per_s"] < row["upstream_docs_per_s"], row
+        assert [cell["max_size"] for cell in row["proxy"]] == [16, 64], row
+        for cell in row["proxy"]:
+            assert cell["docs_per_s"] > 0 and cell["ratio_to_limit"] > 0, cell
+            assert cell["mean_batch_size"] >= 1, cell
+    assert "/limit" in text
     assert_png(tmp_path / "inline.png")
