@@ -14,7 +14,8 @@ __all__ = ["FramedStream"]
 
 _RECEIVE_CHUNK = 64 * 1024
 # The fast path below skips trio's checkpoints while data flows; a checkpoint every so
-# many operations keeps one busy connection from starving the others.
+# many frames received keeps one busy connection from starving the others (as the
+# forwarder of `bench wire` does: every task of a session receives before it sends).
 _CHECKPOINT_EVERY = 16
 
 
@@ -39,7 +40,7 @@ class FramedStream:
         self._raw: socket.socket | None = None
         if isinstance(stream, trio.SocketStream):
             self._raw = stream.socket._sock  # type: ignore[attr-defined]
-        self._fast_operations = 0
+        self._frames_unchecked = 0
 
     async def receive_frame(self) -> Frame | None:
         """The next frame, or None when the peer closed cleanly between frames.
@@ -50,6 +51,10 @@ class FramedStream:
         while True:
             frame = self._reader.next_frame()
             if frame is not None:
+                self._frames_unchecked += 1
+                if self._frames_unchecked >= _CHECKPOINT_EVERY:
+                    self._frames_unchecked = 0
+                    await trio.lowlevel.checkpoint()
                 return frame
             if self._reader.buffered and deadline == math.inf:
                 deadline = trio.current_time() + self.frame_timeout
@@ -69,7 +74,6 @@ class FramedStream:
             with trio.move_on_at(deadline):
                 return await self.stream.receive_some(_RECEIVE_CHUNK)
             raise self._frame_timed_out()
-        await self._maybe_checkpoint()
         while True:
             try:
                 data: bytes = raw.recv(_RECEIVE_CHUNK)
@@ -94,21 +98,35 @@ class FramedStream:
         )
 
     async def send(self, data: bytes) -> None:
+        raw = self._raw
+        unsent: bytes | memoryview = data
+        if raw is not None and not self._send_lock.locked():
+            # Nothing else is sending: the socket takes the whole message at once nearly
+            # always, with no lock and no scheduler pass. Only a send that must wait for
+            # the socket takes the lock (before it can yield), so messages never interleave.
+            try:
+                sent = raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if sent == len(data):
+                return
+            unsent = memoryview(data)[sent:]
         # Uncontended (nearly always) the lock is taken without a scheduler pass.
         try:
             self._send_lock.acquire_nowait()
         except trio.WouldBlock:
             await self._send_lock.acquire()
         try:
-            if self._raw is None:
-                await self.stream.send_all(data)
+            if raw is None:
+                await self.stream.send_all(unsent)
             else:
-                await self._send_raw(self._raw, data)
+                await self._send_raw(raw, unsent)
         finally:
             self._send_lock.release()
 
-    async def _send_raw(self, raw: socket.socket, data: bytes) -> None:
-        await self._maybe_checkpoint()
+    async def _send_raw(self, raw: socket.socket, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             try:
@@ -119,12 +137,6 @@ class FramedStream:
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
             view = view[sent:]
-
-    async def _maybe_checkpoint(self) -> None:
-        self._fast_operations += 1
-        if self._fast_operations >= _CHECKPOINT_EVERY:
-            self._fast_operations = 0
-            await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):

@@ -286,7 +286,8 @@ class Session:
         request.reply_keys = response_tos
         for key in response_tos:
             self._in_flight[key] = request
-        if not response_tos:
+        if not response_tos and self._draining:
+            # Only a drain waits for requests to finish.
             self._request_finished.unpark_all()
 
     # -- client -> upstream ----------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from functools import cached_property
 
 from .header import HEADER_SIZE, MAX_MESSAGE_SIZE, MsgHeader, check_message_length, parse_header
 
@@ -24,12 +23,13 @@ class Frame:
     """One whole message, exactly as received, and its parsed header.
 
     Most frames are forwarded untouched, so the bytes after the header (`payload`) are
-    only copied out of `raw` for frames that are looked into."""
+    only copied out of `raw` for frames that are looked into (once each: a property,
+    as functools.cached_property takes a lock on every first access)."""
 
     header: MsgHeader
     raw: bytes
 
-    @cached_property
+    @property
     def payload(self) -> bytes:
         return self.raw[HEADER_SIZE:]
 
@@ -84,8 +84,12 @@ class FrameReader:
 
     def _take_frame(self, start: int, length: int) -> Frame:
         header = parse_header(self._buffer[start : start + HEADER_SIZE], self._max_message_size)
-        with memoryview(self._buffer) as view, view[start : start + length] as message:
-            raw = bytes(message)  # the one copy of a possibly 48 MB message
+        if start == 0 and length == len(self._buffer):
+            # The common case, one whole frame per read: no views to set up.
+            raw = bytes(self._buffer)
+        else:
+            with memoryview(self._buffer) as view, view[start : start + length] as message:
+                raw = bytes(message)  # the one copy of a possibly 48 MB message
         self._start = start + length
         if self._start == len(self._buffer):
             self._buffer.clear()
