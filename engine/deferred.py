@@ -26,6 +26,7 @@ import trio
 
 from engine.batching import Failure, ModelServer
 from engine.documents import get_path, path_touches
+from engine.errors import first_exception
 from engine.leases import Claimed, WorkQueue
 from engine.metrics import DeferredMetrics
 from engine.models import ModelSet
@@ -135,8 +136,15 @@ class ModelWorker:
                     gauges.failed.set(failed)
                     ensured = server.version
                 await self._drain(server, queue, gauges)
-            except pymongo.errors.PyMongoError as exc:
-                log.warning("deferred model '%s': upstream error, retrying: %s", self.name, exc)
+            # A drain renews its leases in a task beside the batch, so an upstream error
+            # can arrive wrapped in an exception group: caught either way, it must not end
+            # the process (the upstream restarting is routine).
+            except* pymongo.errors.PyMongoError as group:
+                log.warning(
+                    "deferred model '%s': upstream error, retrying: %s",
+                    self.name,
+                    first_exception(group),
+                )
 
     async def _drain(self, server: ModelServer, queue: WorkQueue, gauges: DeferredMetrics) -> None:
         """Claim and predict until nothing is pending (or the model was replaced)."""

@@ -21,6 +21,7 @@ __all__ = [
     "PredictionError",
     "TypeMismatch",
     "Unauthorized",
+    "first_exception",
 ]
 
 #: MongoDB's codes (src/mongo/base/error_codes.yml) for the codeNames modelgate replies with.
@@ -113,3 +114,11 @@ class PredictionError(ModelgateError):
 class ImageFetchError(PredictionError):
     """An image URL could not be fetched (engine/fetch.py): told apart from a bad input
     so that the metrics can say which of the two failed."""
+
+
+def first_exception(error: BaseException) -> BaseException:
+    """The first exception inside a (possibly nested) exception group, or `error` itself:
+    what a log line or an error message names when a nursery wrapped what went wrong."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error

@@ -34,6 +34,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     import trio
 
+    from engine.errors import first_exception
     from engine.runtime import report_onnxruntime
     from proxy.app import run_proxy
     from proxy.embedded import EmbeddedUpstream, EmbeddedUpstreamError
@@ -58,9 +59,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         trio.run(run_proxy, settings, upstream)
     # The nurseries wrap what their tasks raise in exception groups.
     except* (UpstreamError, ListenError) as group:
-        failure = group
-        while isinstance(failure, BaseExceptionGroup):
-            failure = failure.exceptions[0]
+        failure = first_exception(group)
     finally:
         if embedded is not None:
             embedded.stop()

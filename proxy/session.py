@@ -24,7 +24,7 @@ import bson
 import trio
 
 from engine.deferred import DeferredWorkers
-from engine.errors import ModelgateError
+from engine.errors import ModelgateError, first_exception
 from engine.models import ModelSet
 from proxy.framed import FramedStream
 from proxy.hello import HELLO_COMMANDS, UpstreamLimits, limits_from_hello, rewrite_hello_reply
@@ -194,14 +194,6 @@ def _namespace(name: str, body: bytes) -> str:
     return f"{database}.{target}" if isinstance(target, str) and target else database
 
 
-def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The first exception in a (possibly nested) exception group, for the log line."""
-    first: BaseException = group
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    return first
-
-
 class Session:
     def __init__(self, connection_id: int, client: FramedStream, services: SessionServices) -> None:
         self.connection_id = connection_id
@@ -255,9 +247,9 @@ class Session:
             # The nursery wraps what its tasks raise (strict exception groups), so the
             # errors that end only this connection are caught with except*.
             except* ProtocolError as group:
-                self.log.warning("closing connection: %s", _first_leaf(group))
+                self.log.warning("closing connection: %s", first_exception(group))
             except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
-                self.log.info("connection lost: %s", _first_leaf(group))
+                self.log.info("connection lost: %s", first_exception(group))
             finally:
                 await self.client.aclose()
                 await upstream.aclose()
