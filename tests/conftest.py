@@ -68,5 +68,12 @@ def db(client: pymongo.MongoClient, db_name: str):  # type: ignore[no-untyped-de
 
 
 @pytest.fixture
+def own_upstream(tmp_path: Path) -> Iterator[EmbeddedUpstream]:
+    """A SecantusDB of the test's own, for tests that stop, restart or measure it."""
+    with EmbeddedUpstream(":memory:", log_path=tmp_path / "secantus.log") as upstream:
+        yield upstream
+
+
+@pytest.fixture
 def log_dir(tmp_path: Path) -> Path:
     return tmp_path

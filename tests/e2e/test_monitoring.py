@@ -155,16 +155,6 @@ def register_image_model(client: Client, name: str, namespace: str) -> None:
 
 
 @pytest.fixture
-def own_upstream(tmp_path: Path) -> Iterator[EmbeddedUpstream]:
-    upstream = EmbeddedUpstream(":memory:", log_path=tmp_path / "secantus.log")
-    upstream.start()
-    try:
-        yield upstream
-    finally:
-        upstream.stop()
-
-
-@pytest.fixture
 def image_server() -> Iterator[ImageServer]:
     with ImageServer(slow_seconds=1.0) as server:
         server.add_png("white", size=(28, 28), color=WHITE)

@@ -8,7 +8,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import bson
@@ -268,16 +267,6 @@ def test_unreachable_upstream_fails_promptly(tmp_path: Path) -> None:
         assert "closing client connection" in proxy.log_text()
     finally:
         assert proxy.stop() == 0
-
-
-@pytest.fixture
-def own_upstream(tmp_path: Path) -> Iterator[EmbeddedUpstream]:
-    upstream = EmbeddedUpstream(":memory:", log_path=tmp_path / "secantus.log")
-    upstream.start()
-    try:
-        yield upstream
-    finally:
-        upstream.stop()
 
 
 def test_vanished_upstream_gives_network_errors_then_recovers(
