@@ -29,6 +29,7 @@ __all__ = [
     "FetchErrorReason",
     "ModelMetrics",
     "PredictionErrorKind",
+    "decade_buckets",
 ]
 
 #: Why a document got no prediction: its input was unusable, its image could not be
@@ -56,23 +57,21 @@ FETCH_ERROR_REASONS: tuple[FetchErrorReason, ...] = get_args(FetchErrorReason)
 
 # Items per run: powers of two up to the largest batch a spec sensibly declares.
 _BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(11))
+
+
+def decade_buckets(lowest: float, highest: float) -> tuple[float, ...]:
+    """Histogram buckets 1, 2.5, 5 per decade from `lowest` to `highest` (seconds)."""
+    buckets = []
+    for exponent in range(-7, 5):
+        for mantissa in (1.0, 2.5, 5.0):
+            bound = round(mantissa * 10.0**exponent, 7)
+            if lowest <= bound <= highest:
+                buckets.append(bound)
+    return tuple(buckets)
+
+
 # From a sub-millisecond tiny model on CPU to a slow model on a loaded machine.
-_RUN_SECONDS_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+_RUN_SECONDS_BUCKETS = decade_buckets(0.0005, 10.0)
 # Deferred lag: from a prompt change-stream wake-up to a backlog worked off for an hour.
 _LAG_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 

@@ -7,24 +7,12 @@ classifier from a query on a collection (`modelgate.train`, with the `train` ext
 torch is imported only by the functions that need it, so `import modelgate` works
 without it."""
 
-from modelgate.admin import (
-    backfill_model,
-    drop_model,
-    export_onnx,
-    list_models,
-    model_status,
-    register_model,
-    retry_failed,
-    wait_for_backfill,
-)
-
-__all__ = [
-    "backfill_model",
-    "drop_model",
-    "export_onnx",
-    "list_models",
-    "model_status",
-    "register_model",
-    "retry_failed",
-    "wait_for_backfill",
-]
+# The helpers users call, re-exported here (`from modelgate import register_model`).
+from modelgate.admin import backfill_model as backfill_model
+from modelgate.admin import drop_model as drop_model
+from modelgate.admin import export_onnx as export_onnx
+from modelgate.admin import list_models as list_models
+from modelgate.admin import model_status as model_status
+from modelgate.admin import register_model as register_model
+from modelgate.admin import retry_failed as retry_failed
+from modelgate.admin import wait_for_backfill as wait_for_backfill

@@ -23,6 +23,8 @@ from prometheus_client.core import (
     Metric,
 )
 
+from engine.metrics import decade_buckets
+
 __all__ = ["MONGODB_COMMANDS", "CommandCounts", "LatencyHistogram", "ProxyMetrics"]
 
 # MongoDB's commands as drivers and shells send them (aliases included: drivers differ
@@ -101,25 +103,7 @@ MONGODB_COMMANDS = frozenset(
 OTHER_COMMAND = "other"
 
 # From a fraction of the ~85 µs a ping spends in the proxy to an inline model's seconds.
-_LATENCY_BUCKETS_S = (
-    0.00005,
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
+_LATENCY_BUCKETS_S = decade_buckets(0.00005, 10.0)
 
 
 class CommandCounts:
