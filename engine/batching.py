@@ -30,9 +30,11 @@ import trio
 
 from engine.errors import ImageFetchError, PredictionError
 from engine.inputs import ImageSource, prepare_input
+from engine.inputs.tensor import tensor_from_value
 from engine.metrics import EngineMetrics, ModelMetrics, PredictionErrorKind
-from engine.outputs import postprocess
+from engine.outputs import postprocess_rows
 from engine.runtime import CompiledModel
+from engine.spec import ImagePreprocess
 from engine.stats import percentile
 
 __all__ = ["BatchStats", "Batcher", "Failure", "ModelServer", "Outcome", "Prediction"]
@@ -266,7 +268,16 @@ class ModelServer:
                 outcomes[index] = Failure(e.message)
                 failed.append("fetch" if isinstance(e, ImageFetchError) else "input")
 
-        if len(values) == 1:
+        if not isinstance(self.model.spec.preprocess, ImagePreprocess):
+            # Tensor inputs are converted right here (nothing to wait for): no task each.
+            shape, dtype = self.model.item_shape, self.model.input_dtype
+            for index, value in enumerate(values):
+                try:
+                    prepared[index] = tensor_from_value(value, shape, dtype)
+                except PredictionError as e:
+                    outcomes[index] = Failure(e.message)
+                    failed.append("input")
+        elif len(values) == 1:
             await prepare(0, values[0])  # the common inline case: no nursery needed
         else:
             async with trio.open_nursery() as nursery:
@@ -275,16 +286,23 @@ class ModelServer:
 
         order = sorted(prepared)
         rows = await self.batcher.run_each([prepared[i] for i in order])
-        for index, row in zip(order, rows, strict=True):
+        ran = [(index, row) for index, row in zip(order, rows, strict=True)]
+        good = [(index, row) for index, row in ran if not isinstance(row, PredictionError)]
+        for index, row in ran:
             if isinstance(row, PredictionError):
                 outcomes[index] = Failure(row.message)
                 failed.append("model")
-                continue
-            try:
-                outcomes[index] = Prediction(postprocess(row, self.model.spec, self.model.version))
-            except PredictionError as e:
-                outcomes[index] = Failure(e.message)
+        values_out = postprocess_rows(
+            [row for _, row in good],
+            self.model.spec,
+            self.model.version,
+        )
+        for (index, _), value in zip(good, values_out, strict=True):
+            if isinstance(value, PredictionError):
+                outcomes[index] = Failure(value.message)
                 failed.append("output")
+            else:
+                outcomes[index] = Prediction(value)
 
         final = [o if o is not None else Failure("no prediction") for o in outcomes]
         predicted = sum(isinstance(o, Prediction) for o in final)

@@ -21,6 +21,7 @@ __all__ = [
     "error_record",
     "is_probability_vector",
     "postprocess",
+    "postprocess_rows",
     "softmax",
     "stale_update",
 ]
@@ -59,6 +60,64 @@ def postprocess(row: np.ndarray, spec: ModelSpec, version: int) -> dict[str, Any
         vector = np.asarray(row, dtype=np.float64).reshape(-1)
         return {"vector": vector.tolist(), "version": version}
     return {"value": np.asarray(row).tolist(), "version": version}
+
+
+def postprocess_rows(
+    rows: list[np.ndarray], spec: ModelSpec, version: int
+) -> list[dict[str, Any] | PredictionError]:
+    """`postprocess` of each row (or its PredictionError), the same values, computed for
+    all rows at once where they share a shape (one numpy call per step, not per row)."""
+    post = spec.postprocess
+    if not isinstance(post, ClassifyPostprocess) or len(rows) < 2:
+        return [_postprocess_or_error(row, spec, version) for row in rows]
+    try:
+        scores = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
+    except ValueError:  # rows of different shapes: one at a time
+        return [_postprocess_or_error(row, spec, version) for row in rows]
+    if scores.shape[1] != len(post.labels):
+        count = scores.shape[1]
+        error = PredictionError(f"model gave {count} scores for {len(post.labels)} labels")
+        return [error] * len(rows)
+    finite = np.all(np.isfinite(scores), axis=1)
+    if post.softmax is True:
+        convert = np.ones(len(rows), dtype=bool)
+    elif post.softmax == "auto":
+        # is_probability_vector, row by row
+        convert = ~(
+            np.all(scores >= 0.0, axis=1)
+            & np.all(scores <= 1.0, axis=1)
+            & (np.abs(np.sum(scores, axis=1) - 1.0) <= 1e-3)
+        )
+    else:
+        convert = np.zeros(len(rows), dtype=bool)
+    convert &= finite
+    if convert.any():
+        picked = scores[convert]
+        shifted = picked - np.max(picked, axis=1, keepdims=True)
+        e = np.exp(shifted)
+        scores[convert] = e / np.sum(e, axis=1, keepdims=True)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, : post.top_k]
+    labels = post.labels
+    values = scores.tolist()
+    results: list[dict[str, Any] | PredictionError] = []
+    for ok, row, top_indices in zip(finite.tolist(), values, order.tolist(), strict=True):
+        if not ok:
+            results.append(PredictionError("model gave non-finite scores"))
+            continue
+        top = [{"label": labels[i], "score": row[i]} for i in top_indices]
+        results.append(
+            {"label": top[0]["label"], "score": top[0]["score"], "top": top, "version": version}
+        )
+    return results
+
+
+def _postprocess_or_error(
+    row: np.ndarray, spec: ModelSpec, version: int
+) -> dict[str, Any] | PredictionError:
+    try:
+        return postprocess(row, spec, version)
+    except PredictionError as e:
+        return e
 
 
 def error_record(message: str, version: int, attempts: int | None = None) -> dict[str, Any]:
