@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import Any, Protocol
 
@@ -32,7 +31,13 @@ from proxy.session import (
     ForwardUnchanged,
     WriteDecision,
 )
-from proxy.split_writes import fits_in_one, merge_hook, split_write, too_large
+from proxy.split_writes import (
+    fits_in_one,
+    merge_hook,
+    split_write,
+    statement_limit,
+    too_large,
+)
 from proxy.wire.opmsg import DocumentSequence, OpMsg
 
 __all__ = ["InlineWrites", "ServedModels"]
@@ -40,24 +45,46 @@ __all__ = ["InlineWrites", "ServedModels"]
 WRITE_COMMANDS = frozenset({"insert", "update", "findAndModify", "findandmodify", "bulkWrite"})
 
 
-# Finds a statement's model input for an input field: (value or MISSING, and a function
-# that stores an output value where it belongs for that statement).
-_Sink = Callable[[str, Any], None]
-
-
-@dataclass
 class _Target:
-    """One write statement whose new document may need a prediction."""
+    """One write statement whose new document may need a prediction: a document (an
+    insert, a replacement) or an operator update (`mods`, with its query and upsert)."""
 
-    statement: int
-    locate: Callable[[str], tuple[Any, _Sink]]
+    __slots__ = ("changed", "document", "mods", "query", "statement", "upsert")
+
+    def __init__(
+        self,
+        statement: int,
+        document: dict[str, Any] | None,
+        mods: dict[str, Any] | None = None,
+        query: Any = None,
+        upsert: bool = False,
+    ) -> None:
+        self.statement = statement
+        self.document = document
+        self.mods = mods
+        self.query = query
+        self.upsert = upsert
+        self.changed = False  # whether an output was stored in it
+
+    def locate(self, field: str) -> tuple[Any, str | None]:
+        """The statement's input for `field` (or MISSING), and for an operator update the
+        operator its output goes into."""
+        if self.document is not None:
+            return get_path(self.document, field), None
+        assert self.mods is not None
+        return _operator_input(self.mods, self.query, self.upsert, field)
+
+    def store(self, out: str, operator: str | None, value: Any) -> None:
+        self.changed = True
+        if self.document is not None:
+            set_path(self.document, out, value)
+        else:
+            assert self.mods is not None
+            self.mods.setdefault(operator or "$set", {})[out] = value
 
 
 def _document_target(statement: int, document: dict[str, Any]) -> _Target:
-    def locate(field: str) -> tuple[Any, _Sink]:
-        return get_path(document, field), lambda out, value: set_path(document, out, value)
-
-    return _Target(statement, locate)
+    return _Target(statement, document)
 
 
 def _update_target(statement: int, mods: Any, query: Any, upsert: bool) -> _Target | None:
@@ -68,16 +95,7 @@ def _update_target(statement: int, mods: Any, query: Any, upsert: bool) -> _Targ
         return None
     if not next(iter(mods)).startswith("$"):
         return _document_target(statement, mods)
-
-    def locate(field: str) -> tuple[Any, _Sink]:
-        value, operator = _operator_input(mods, query, upsert, field)
-
-        def sink(out: str, prediction: Any) -> None:
-            mods.setdefault(operator, {})[out] = prediction
-
-        return value, sink
-
-    return _Target(statement, locate)
+    return _Target(statement, None, mods, query, upsert)
 
 
 def _operator_input(mods: dict[str, Any], query: Any, upsert: bool, field: str) -> tuple[Any, str]:
@@ -292,12 +310,14 @@ class InlineWrites:
         refusals: dict[int, ModelgateError] = {}
         for server in servers:
             spec = server.model.spec
-            located = [
-                (target, *target.locate(spec.input_field))
-                for target in targets
-                if target.statement not in refusals
-            ]
-            located = [item for item in located if item[1] is not MISSING]
+            field, out = spec.input_field, spec.output_field
+            located = []
+            for target in targets:
+                if target.statement in refusals:
+                    continue
+                value, operator = target.locate(field)
+                if value is not MISSING:
+                    located.append((target, value, operator))
             if not located:
                 continue
             started_ns = perf_counter_ns()
@@ -305,11 +325,11 @@ class InlineWrites:
                 [value for _, value, _ in located], image_source=self.models.image_source
             )
             context.inference_ns += perf_counter_ns() - started_ns
-            for (target, _, sink), outcome in zip(located, outcomes, strict=True):
+            for (target, _, operator), outcome in zip(located, outcomes, strict=True):
                 if not isinstance(outcome, Failure):
-                    sink(spec.output_field, outcome.value)
+                    target.store(out, operator, outcome.value)
                 elif spec.on_error == "record":
-                    sink(spec.output_field, error_record(outcome.message, server.version))
+                    target.store(out, operator, error_record(outcome.message, server.version))
                 else:
                     refusals[target.statement] = DocumentValidationFailure(
                         f"model '{spec.name}' v{server.version} could not predict "
@@ -350,11 +370,13 @@ def _rebuild(
     # An ordered write stops at its first refusal: nothing after it is sent or checked.
     end = min(refusals) if ordered and refusals else len(statements)
     encoded: dict[int, bytes] = {}
+    limit = statement_limit(field, limits)
+    encode = bson.encode
     for i in range(end):
         if i in refusals:
             continue
-        data = bson.encode(statements[i], codec_options=FAITHFUL)
-        oversized = too_large(data, field, limits)
+        data = encode(statements[i], codec_options=FAITHFUL)
+        oversized = too_large(data, field, limits) if len(data) > limit else None
         if oversized is None:
             encoded[i] = data
             continue

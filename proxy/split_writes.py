@@ -30,6 +30,7 @@ __all__ = [
     "merge_hook",
     "merge_write_replies",
     "split_write",
+    "statement_limit",
     "too_large",
 ]
 
@@ -74,13 +75,18 @@ def too_large(statement: bytes, field: str, limits: UpstreamLimits) -> BSONObjec
     """The error for a statement the upstream would not take, or None. An inserted
     document is the statement itself; an update or bulkWrite statement wraps its document
     and gets MongoDB's allowance for that (the upstream checks what it stores itself)."""
-    limit = limits.max_bson_object_size + (0 if field == "documents" else INTERNAL_ALLOWANCE)
+    limit = statement_limit(field, limits)
     if len(statement) <= limit:
         return None
     return BSONObjectTooLarge(
         f"document too large with its predictions: {len(statement)} bytes, "
         f"max size {limit} (the upstream's maxBsonObjectSize)"
     )
+
+
+def statement_limit(field: str, limits: UpstreamLimits) -> int:
+    """The largest statement of a write's `field` that the upstream takes (see too_large)."""
+    return limits.max_bson_object_size + (0 if field == "documents" else INTERNAL_ALLOWANCE)
 
 
 def _message_size(message: OpMsg) -> int:
