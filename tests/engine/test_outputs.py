@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 
 from engine.errors import PredictionError
-from engine.outputs import error_record, is_probability_vector, postprocess, softmax
+from engine.outputs import (
+    error_record,
+    is_probability_vector,
+    postprocess,
+    postprocess_rows,
+    softmax,
+)
 from engine.spec import (
     ClassifyPostprocess,
     EmbeddingPostprocess,
@@ -107,3 +113,42 @@ def test_error_record() -> None:
         "version": 4,
         "attempts": 3,
     }
+
+
+def _row_by_row(rows: list[np.ndarray], spec: ModelSpec) -> list[object]:
+    results: list[object] = []
+    for row in rows:
+        try:
+            results.append(postprocess(row, spec, 1))
+        except PredictionError as exc:
+            results.append(("error", exc.message))
+    return results
+
+
+@pytest.mark.parametrize("softmax_mode", ["auto", True, False])
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_a_batch_is_postprocessed_as_its_rows_one_by_one(softmax_mode: Softmax, top_k: int) -> None:
+    """postprocess_rows (the whole batch at once) gives exactly what postprocess gives
+    row by row: logits, probabilities, ties, non-finite rows, float32 and float64."""
+    rng = np.random.default_rng(7)
+    spec = classify(softmax_mode, top_k=top_k)
+    labels = len(spec.postprocess.labels)  # type: ignore[union-attr]
+    for dtype in (np.float32, np.float64):
+        rows = [rng.normal(size=labels).astype(dtype) for _ in range(20)]
+        rows.append(np.full(labels, 1.0 / labels, dtype=dtype))  # a tie, and probabilities
+        rows.append(np.array([np.nan] + [0.0] * (labels - 1), dtype=dtype))
+        rows.append(np.array([np.inf] + [0.0] * (labels - 1), dtype=dtype))
+        rows.append(rng.dirichlet(np.ones(labels)).astype(dtype))
+        batched = [
+            ("error", result.message) if isinstance(result, PredictionError) else result
+            for result in postprocess_rows(rows, spec, 1)
+        ]
+        assert batched == _row_by_row(rows, spec)
+
+
+def test_a_batch_of_the_wrong_width_is_refused_for_every_row() -> None:
+    spec = classify()
+    rows = [np.zeros(5), np.zeros(5)]
+    results = postprocess_rows(rows, spec, 1)
+    assert all(isinstance(result, PredictionError) for result in results)
+    assert _row_by_row(rows, spec) == [("error", r.message) for r in results]  # type: ignore[union-attr]
