@@ -1,16 +1,22 @@
-"""Running a benchmark as a test does: a child process with a JSON report."""
+"""What several test modules share: running a benchmark as a child process with a JSON
+report, and an upstream that enforces access control."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import pymongo
+
 from bench.support.processes import ROOT
+from proxy.embedded import EmbeddedUpstream
 
 __all__ = ["assert_png", "run_benchmark"]
 
@@ -58,3 +64,22 @@ def run_benchmark(arguments: list[str], report: Path, timeout: float) -> tuple[d
     text = output.decode(errors="replace")
     assert process.returncode == 0, text
     return json.loads(report.read_text()), text
+
+
+@contextlib.contextmanager
+def upstream_with_users(
+    folder: Path, users: Mapping[str, tuple[str, list[Any]]]
+) -> Iterator[EmbeddedUpstream]:
+    """SecantusDB with --auth and `users` (name -> (password, roles)), its data in
+    `folder`: the users are created on a start without --auth, as its --help says, then
+    it is started again on the same port with it."""
+    storage = folder / "data"
+    with EmbeddedUpstream(storage, log_path=folder / "secantus.log") as open_upstream:
+        with pymongo.MongoClient(open_upstream.uri) as admin_client:
+            for user, (password, roles) in users.items():
+                admin_client.admin.command("createUser", user, pwd=password, roles=roles)
+        port = open_upstream.port
+    with EmbeddedUpstream(
+        storage, port=port, extra_args=("--auth",), log_path=folder / "secantus.log"
+    ) as upstream:
+        yield upstream

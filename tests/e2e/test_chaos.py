@@ -17,8 +17,7 @@ document was stored once. An upsert retried that way stores the same document.""
 from __future__ import annotations
 
 import datetime
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from bench.support import onnx_models
 from bench.support.processes import ProxyProcess
 from bench.support.writers import RetryingWriters
 from proxy.embedded import EmbeddedUpstream
+from tests.e2e.test_deferred import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -60,17 +60,6 @@ def x_of(n: int) -> list[float]:
 
 def expected_label(x: list[float]) -> str:
     return LABELS[int(np.argmax(onnx_models.linear_logits(np.array([x]))[0]))]
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:.0f} s (last {value!r})")
-        time.sleep(0.2)
 
 
 @dataclass
@@ -126,7 +115,12 @@ def test_restarts_and_a_killed_process_lose_nothing(cluster: Cluster) -> None:
         register(client, DEFERRED, "deferred", "deferred")
         # A model registered through one process reaches the other at its next registry
         # refresh; writes through it before then would go unpredicted, by design.
-        wait_until(lambda: all(map(serves_both, cluster.proxies)), "both models on both")
+        wait_for(
+            lambda: all(map(serves_both, cluster.proxies)),
+            timeout=DEADLINE,
+            interval=0.2,
+            what="both models on both",
+        )
         writers = RetryingWriters(
             [client.chaos.inline, client.chaos.deferred], lambda n: {"x": x_of(n)}, THREADS
         ).start()
@@ -151,14 +145,24 @@ def test_restarts_and_a_killed_process_lose_nothing(cluster: Cluster) -> None:
         print(f"retried: {dict(writers.retried)}; blows: {[what for what, _ in blows]}")
 
         check_predictions(cluster.direct.chaos.inline, INLINE, inline)
-        wait_until(lambda: caught_up(client, len(deferred)), "the deferred model caught up")
+        wait_for(
+            lambda: caught_up(client, len(deferred)),
+            timeout=DEADLINE,
+            interval=0.2,
+            what="the deferred model caught up",
+        )
         check_predictions(cluster.direct.chaos.deferred, DEFERRED, deferred)
         check_nothing_stuck(client, cluster.direct, len(deferred))
 
 
 def wait_for_writes(writers: RetryingWriters, more: int, after: str) -> None:
     target = writers.count() + more
-    wait_until(lambda: writers.count() >= target, f"{more} writes after: {after}")
+    wait_for(
+        lambda: writers.count() >= target,
+        timeout=DEADLINE,
+        interval=0.2,
+        what=f"{more} writes after: {after}",
+    )
 
 
 def serves_both(proxy: ProxyProcess) -> bool:
@@ -197,7 +201,7 @@ def check_nothing_stuck(client: Client, direct: Client, total: int) -> None:
         now = datetime.datetime.now(datetime.UTC)
         return int(leases.count_documents({"expires": {"$gt": now}}))
 
-    wait_until(lambda: live_leases() == 0, "no live lease", timeout=DEADLINE)
+    wait_for(lambda: live_leases() == 0, timeout=DEADLINE, interval=0.2, what="no live lease")
     status = client.admin.command({"modelStatus": DEFERRED})
     deferred = status["deferred"]
     assert deferred["pending"] + deferred["done"] + deferred["failed"] == total

@@ -21,6 +21,7 @@ from bench.support.image_server import ImageServer
 from bench.support.onnx_models import image_classifier, linear_classifier
 from bench.support.processes import ProxyProcess
 from proxy.embedded import EmbeddedUpstream
+from tests.support import upstream_with_users
 
 SERVICE_USER, SERVICE_PASSWORD = "modelgate-svc", "svc-Pa55word/with:specials"
 CLIENT_USER, CLIENT_PASSWORD = "appuser", "client-Pa55word-0815"
@@ -39,17 +40,11 @@ Client = pymongo.MongoClient[dict[str, Any]]
 @pytest.fixture(scope="module")
 def auth_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedUpstream]:
     folder = tmp_path_factory.mktemp("log-secrets-upstream")
-    storage = folder / "data"
-    with EmbeddedUpstream(storage, log_path=folder / "secantus.log") as open_upstream:
-        with pymongo.MongoClient(open_upstream.uri) as admin_client:
-            admin = admin_client.admin
-            admin.command("createUser", SERVICE_USER, pwd=SERVICE_PASSWORD, roles=["root"])
-            roles = [{"role": "dbOwner", "db": DATABASE}]
-            admin.command("createUser", CLIENT_USER, pwd=CLIENT_PASSWORD, roles=roles)
-        port = open_upstream.port
-    with EmbeddedUpstream(
-        storage, port=port, extra_args=("--auth",), log_path=folder / "secantus.log"
-    ) as upstream:
+    users = {
+        SERVICE_USER: (SERVICE_PASSWORD, ["root"]),
+        CLIENT_USER: (CLIENT_PASSWORD, [{"role": "dbOwner", "db": DATABASE}]),
+    }
+    with upstream_with_users(folder, users) as upstream:
         yield upstream
 
 

@@ -15,6 +15,7 @@ import pytest
 from bench.support.onnx_models import linear_classifier
 from bench.support.processes import ProxyProcess
 from proxy.embedded import EmbeddedUpstream
+from tests.support import upstream_with_users
 
 USERS = {
     "root": [{"role": "root", "db": "admin"}],
@@ -27,15 +28,8 @@ PASSWORD = "pw-0123456789"
 @pytest.fixture(scope="module")
 def auth_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedUpstream]:
     folder = tmp_path_factory.mktemp("auth-models")
-    storage = folder / "data"
-    with EmbeddedUpstream(storage, log_path=folder / "secantus.log") as open_upstream:
-        with pymongo.MongoClient(open_upstream.uri) as admin_client:
-            for user, roles in USERS.items():
-                admin_client.admin.command("createUser", user, pwd=PASSWORD, roles=roles)
-        port = open_upstream.port
-    with EmbeddedUpstream(
-        storage, port=port, extra_args=("--auth",), log_path=folder / "secantus.log"
-    ) as upstream:
+    users = {user: (PASSWORD, roles) for user, roles in USERS.items()}
+    with upstream_with_users(folder, users) as upstream:
         yield upstream
 
 

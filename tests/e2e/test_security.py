@@ -13,6 +13,7 @@ import pytest
 from bench.support.processes import ProxyProcess, wait_for_ping
 from proxy.embedded import EmbeddedUpstream
 from tests.e2e.certs import CertPair, make_self_signed
+from tests.support import upstream_with_users
 
 USER, PASSWORD = "app", "s3cret-pass"
 
@@ -24,17 +25,8 @@ USER, PASSWORD = "app", "s3cret-pass"
 def auth_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedUpstream]:
     """SecantusDB with --auth: users are created on a start without it, as its --help says."""
     folder = tmp_path_factory.mktemp("auth-upstream")
-    storage = folder / "data"
-    with EmbeddedUpstream(storage, log_path=folder / "secantus.log") as open_upstream:
-        with pymongo.MongoClient(open_upstream.uri) as admin_client:
-            admin_client.admin.command(
-                "createUser", USER, pwd=PASSWORD, roles=[{"role": "root", "db": "admin"}]
-            )
-        port = open_upstream.port
-    upstream = EmbeddedUpstream(
-        storage, port=port, extra_args=("--auth",), log_path=folder / "secantus.log"
-    )
-    with upstream:
+    users = {USER: (PASSWORD, [{"role": "root", "db": "admin"}])}
+    with upstream_with_users(folder, users) as upstream:
         yield upstream
 
 
