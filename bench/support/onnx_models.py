@@ -5,8 +5,6 @@ loadable by any onnxruntime >= 1.14."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -170,44 +168,3 @@ def dynamic_item_model() -> bytes:
         [],
         "dynamic_item",
     )
-
-
-def slow_model(width: int = 1024, layers: int = 16) -> bytes:
-    """x [N, 1] -> [N, 1] through `layers` MatMuls of width x width (one shared weight,
-    each column averaging, so values stay 1 * x). Slow for big batches."""
-    up = np.ones((1, width), dtype=np.float32)
-    w = np.full((width, width), 1.0 / width, dtype=np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "up"], ["h0"])]
-    for i in range(layers):
-        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
-    nodes.append(helper.make_node("ReduceMean", [f"h{layers}"], ["y"], axes=[1], keepdims=1))
-    return _finish(
-        nodes,
-        [_float_input("x", ["N", 1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
-        [numpy_helper.from_array(up, "up"), numpy_helper.from_array(w, "w")],
-        "slow",
-    )
-
-
-def slow_model_documents(
-    model: bytes,
-    seconds: float,
-    providers: list[str],
-    *,
-    least: int = 1,
-    most: int = 50_000,
-) -> int:
-    """How many documents keep slow_model `model` busy for about `seconds` on this
-    machine (timed with onnxruntime and the given providers, as the proxy runs it),
-    kept within [least, most]."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model, providers=providers)
-    probe = 64
-    x = np.ones((probe, 1), dtype=np.float32)
-    session.run(None, {"x": x})  # warm up
-    started = time.perf_counter()
-    session.run(None, {"x": x})
-    per_document = (time.perf_counter() - started) / probe
-    return int(min(max(seconds / per_document, least), most))

@@ -9,6 +9,7 @@ import io
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -572,45 +573,97 @@ def test_register_and_drop_are_immediate_despite_frequent_refreshes(
                 assert exc.code == 4, exc
 
 
-def test_slow_model_does_not_block_other_connections(register, proxy, db_name, direct) -> None:
-    """While one connection's insert waits seconds for a slow model, another connection's
-    reads and writes are answered: modelStatus still shows no finished batch, and the slow
-    insert's documents are not stored yet. (Were the event loop blocked by the model, every
-    answer would come after the run, when the batch is counted.)"""
-    model = onnx_models.slow_model()
-    reply = register("slow", model, postprocess={"kind": "raw"}, batch={"maxSize": 100_000})
-    count = onnx_models.slow_model_documents(model, 3.0, reply["providers"], least=1000)
-    out = f"{db_name}_slow"
-    direct[db_name].other.insert_one({"k": "seed"})
-    slow_done = threading.Event()
-    slow_error: list[BaseException] = []
+class _HeldImage:
+    """An HTTP server on 127.0.0.1 with one PNG whose every request is held, unanswered,
+    until the test calls release(); `requested` is set once a request has come."""
 
-    def slow_insert() -> None:
-        try:
-            with pymongo.MongoClient(proxy.uri) as slow_client:
-                slow_client[db_name].items.insert_many([{"i": i, "x": [1.0]} for i in range(count)])
-        except BaseException as exc:
-            slow_error.append(exc)
-        finally:
-            slow_done.set()
+    def __init__(self, body: bytes) -> None:
+        self.requested = threading.Event()
+        self.released = threading.Event()
+        owner = self
 
-    with pymongo.MongoClient(proxy.uri) as other_client:
-        other = other_client[db_name].other
-        other_client.admin.command("ping")  # connected before the slow insert starts
-        thread = threading.Thread(target=slow_insert)
-        thread.start()
-        time.sleep(0.5)  # the slow insert is in the model by now (its run takes seconds)
-        assert other.find_one({"k": "seed"}) is not None
-        other.insert_one({"k": "during"})
-        assert other.count_documents({}) == 2
-        status = other_client.admin.command("modelStatus", out)
-        stored_during = direct[db_name].items.count_documents({})
-        slow_running = not slow_done.is_set()
-        thread.join(timeout=120)
-    assert not slow_error, slow_error
-    assert slow_running, "the slow insert finished before the other connection's requests"
-    assert status["batches"] == 0, "another connection's requests waited for the model run"
-    assert stored_during == 0
-    docs = stored(direct, db_name)
-    assert len(docs) == count
-    assert docs[0]["_outputs"][out]["value"] == pytest.approx([1.0], rel=1e-3)
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.requested.set()
+                # Bounded only so that a failing test cannot hang its server thread.
+                owner.released.wait(120)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/held.png"
+
+    def release(self) -> None:
+        self.released.set()
+
+    def __enter__(self) -> _HeldImage:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_a_write_held_in_its_prediction_does_not_block_other_connections(
+    register, proxy, db_name, direct
+) -> None:
+    """While one connection's insert is held inside its inline prediction (its image URL
+    is served by a server that answers only when the test lets it), another connection's
+    pings, reads, writes and inline predictions of the same model are answered. Then the
+    held insert is released and stored with its prediction. No timing is measured: the
+    held insert cannot finish before the release, whatever the machine's speed."""
+    register(
+        "img",
+        onnx_models.image_classifier(1, (28, 28)),
+        input="image",
+        preprocess={"kind": "image", "size": [28, 28], "mode": "L"},
+        postprocess={"kind": "classify", "labels": ["black", "white"], "topK": 1},
+    )
+    out = f"{db_name}_img"
+    items = direct[db_name].items
+    held_done = threading.Event()
+    held_error: list[BaseException] = []
+
+    with _HeldImage(png(255)) as server:
+
+        def held_insert() -> None:
+            try:
+                with pymongo.MongoClient(proxy.uri) as held_client:
+                    held_client[db_name].items.insert_one({"k": "held", "image": server.url})
+            except BaseException as exc:
+                held_error.append(exc)
+            finally:
+                held_done.set()
+
+        with pymongo.MongoClient(proxy.uri) as other_client:
+            other = other_client[db_name]
+            other_client.admin.command("ping")  # connected before the held insert starts
+            thread = threading.Thread(target=held_insert, daemon=True)
+            thread.start()
+            try:
+                assert server.requested.wait(60), "the held insert's image was never fetched"
+                # From here until release() the held insert waits for its image.
+                other_client.admin.command("ping")
+                other.other.insert_one({"k": "during"})
+                assert other.other.find_one({"k": "during"}) is not None
+                other.items.insert_one({"k": "beside", "image": bson.Binary(png(0))})
+                beside = items.find_one({"k": "beside"})
+                held_stored = items.find_one({"k": "held"})
+                held_running = not held_done.is_set()
+            finally:
+                server.release()
+                thread.join(timeout=60)
+    assert not held_error, held_error
+    assert held_running, "the held insert finished before its image was served"
+    assert held_stored is None
+    assert beside["_outputs"][out]["label"] == "black"
+    assert items.find_one({"k": "held"})["_outputs"][out]["label"] == "white"
