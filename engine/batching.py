@@ -31,10 +31,11 @@ import trio
 from engine.errors import ImageFetchError, PredictionError
 from engine.inputs import ImageSource, prepare_input
 from engine.inputs.tensor import tensor_from_value
+from engine.inputs.text import NoTokens, check_text
 from engine.metrics import EngineMetrics, ModelMetrics, PredictionErrorKind
 from engine.outputs import postprocess_rows
 from engine.runtime import CompiledModel
-from engine.spec import ImagePreprocess
+from engine.spec import ImagePreprocess, TextPreprocess
 from engine.stats import percentile
 
 __all__ = ["BatchStats", "Batcher", "Failure", "ModelServer", "Outcome", "Prediction"]
@@ -82,11 +83,12 @@ class BatchStats:
 class _Batch:
     def __init__(self, opened_at: float) -> None:
         self.opened_at = opened_at
-        self.items: list[np.ndarray] = []
+        self.items: list[Any] = []  # arrays of the model's item shape, or strings (text)
         self.joined_at: list[float] = []  # one per request that put items in, for queue wait
         self.full = trio.Event()
         self.done = trio.Event()
-        self.result: np.ndarray | None = None
+        # One row per item (a text the tokenizer empties has its NoTokens error instead).
+        self.result: np.ndarray | list[np.ndarray | PredictionError] | None = None
         self.error: str | None = None
 
 
@@ -117,7 +119,7 @@ class Batcher:
         self._open: _Batch | None = None
         self._running = 0  # batches of this model running now
 
-    async def run(self, items: Sequence[np.ndarray]) -> np.ndarray:
+    async def run(self, items: Sequence[Any]) -> np.ndarray:
         """Output rows for `items`, in order. Raises PredictionError if any batch failed."""
         rows = await self.run_each(items)
         for row in rows:
@@ -127,8 +129,10 @@ class Batcher:
             return np.empty((0,), dtype=np.float32)
         return np.stack(rows)  # type: ignore[arg-type]
 
-    async def run_each(self, items: Sequence[np.ndarray]) -> list[np.ndarray | PredictionError]:
-        """One output row per item, or the PredictionError of the batch it ran in."""
+    async def run_each(self, items: Sequence[Any]) -> list[np.ndarray | PredictionError]:
+        """One output row per item (postprocess_rows' input), or the PredictionError of
+        the batch it ran in. Items are arrays of the model's item shape, or strings for a
+        text model (tokenized with the rest of their batch, in the run's thread)."""
         slots, led = self._join(items)
         if led:
             async with trio.open_nursery() as nursery:
@@ -144,7 +148,7 @@ class Batcher:
                 results.extend(slot.batch.result[slot.start : slot.start + slot.count])
         return results
 
-    def _join(self, items: Sequence[np.ndarray]) -> tuple[list[_Slot], list[_Batch]]:
+    def _join(self, items: Sequence[Any]) -> tuple[list[_Slot], list[_Batch]]:
         """Put items into the open batch, opening new ones (led by this caller) as needed."""
         slots: list[_Slot] = []
         led: list[_Batch] = []
@@ -180,14 +184,14 @@ class Batcher:
                     if self._open is batch:
                         self._open = None  # closed: nobody joins from here on
                     self._observe_start(batch)
-                    stacked = np.stack(batch.items)
                     self._running += 1
                     try:
                         # The slot is held by this task; the thread needs no limiter of its own.
-                        batch.result = await trio.to_thread.run_sync(self._timed_run, stacked)
+                        # One hop for the whole batch: stacking (or tokenizing) and the run.
+                        batch.result = await trio.to_thread.run_sync(self._timed_run, batch.items)
                     finally:
                         self._running -= 1
-                if batch.result.shape[0] != len(batch.items):  # CompiledModel checks it too
+                if len(batch.result) != len(batch.items):  # CompiledModel checks it too
                     raise PredictionError("model returned the wrong number of rows")
             except PredictionError as e:
                 batch.result = None
@@ -211,11 +215,12 @@ class Batcher:
             self.metrics.queue_wait_seconds.observe(started - joined_at)
         self.metrics.batch_size.observe(len(batch.items))
 
-    def _timed_run(self, stacked: np.ndarray) -> np.ndarray:
-        """In the worker thread: the run alone, without the wait for a thread."""
+    def _timed_run(self, items: list[Any]) -> np.ndarray | list[np.ndarray | PredictionError]:
+        """In the worker thread: stacking (or tokenizing) and the run, without the wait
+        for a thread."""
         started = time.perf_counter()
         try:
-            return self.model.run(stacked)
+            return self.model.run_items(items)
         finally:
             self.metrics.inference_seconds.observe(time.perf_counter() - started)
 
@@ -252,13 +257,20 @@ class ModelServer:
     def version(self) -> int:
         return self.model.version
 
+    async def predict_one(self, value: Any, *, image_source: ImageSource | None = None) -> Outcome:
+        """The Outcome for one value (e.g. a query text to embed at search time), batched
+        with whatever else the model is predicting; `Prediction.value` is what a document
+        would store ({vector, version} for an embedding). Never raises PredictionError."""
+        [outcome] = await self.predict_values([value], image_source=image_source)
+        return outcome
+
     async def predict_values(
         self, values: Sequence[Any], *, image_source: ImageSource | None = None
     ) -> list[Outcome]:
         """One Outcome per value, in order; a bad value fails alone, a failed run fails its
         batch. Never raises PredictionError."""
         outcomes: list[Outcome | None] = [None] * len(values)
-        prepared: dict[int, np.ndarray] = {}
+        prepared: dict[int, Any] = {}  # arrays, or strings for a text model
         failed: list[PredictionErrorKind] = []
 
         async def prepare(index: int, value: Any) -> None:
@@ -268,7 +280,15 @@ class ModelServer:
                 outcomes[index] = Failure(e.message)
                 failed.append("fetch" if isinstance(e, ImageFetchError) else "input")
 
-        if not isinstance(self.model.spec.preprocess, ImagePreprocess):
+        if isinstance(self.model.spec.preprocess, TextPreprocess):
+            # Texts are checked here, one by one, and tokenized by batch in the run's thread.
+            for index, value in enumerate(values):
+                try:
+                    prepared[index] = check_text(value)
+                except PredictionError as e:
+                    outcomes[index] = Failure(e.message)
+                    failed.append("input")
+        elif not isinstance(self.model.spec.preprocess, ImagePreprocess):
             # Tensor inputs are converted right here (nothing to wait for): no task each.
             shape, dtype = self.model.item_shape, self.model.input_dtype
             for index, value in enumerate(values):
@@ -291,7 +311,7 @@ class ModelServer:
         for index, row in ran:
             if isinstance(row, PredictionError):
                 outcomes[index] = Failure(row.message)
-                failed.append("model")
+                failed.append("input" if isinstance(row, NoTokens) else "model")
         values_out = postprocess_rows(
             [row for _, row in good],
             self.model.spec,

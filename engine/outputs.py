@@ -20,6 +20,7 @@ __all__ = [
     "VERSION",
     "error_record",
     "is_probability_vector",
+    "pool_token_states",
     "postprocess",
     "postprocess_rows",
     "softmax",
@@ -42,6 +43,45 @@ def is_probability_vector(x: np.ndarray, tolerance: float = 1e-3) -> bool:
     return bool(np.all(x >= 0.0) and np.all(x <= 1.0) and abs(float(np.sum(x)) - 1.0) <= tolerance)
 
 
+def pool_token_states(
+    output: np.ndarray, attention_mask: np.ndarray | None, post: EmbeddingPostprocess
+) -> np.ndarray:
+    """A batch's first output -> one row per item, pooled over the token axis where the
+    output has one ([batch, tokens, dim]) and the postprocess asks for it: "mean" over the
+    tokens the attention mask keeps (all tokens without a mask), "cls" token 0. Any other
+    output comes back as it is. Runs in the worker thread, on the whole batch at once."""
+    if output.ndim != 3 or post.pooling == "none":
+        return output
+    if post.pooling == "cls":
+        return output[:, 0, :]
+    if attention_mask is None:
+        return output.mean(axis=1)
+    mask = attention_mask.astype(output.dtype, copy=False)[:, :, np.newaxis]
+    counts = np.maximum(mask.sum(axis=1), 1)  # an item without tokens never gets here
+    return (output * mask).sum(axis=1) / counts
+
+
+def _embedding_values(
+    rows: list[np.ndarray], post: EmbeddingPostprocess, version: int
+) -> list[dict[str, Any] | PredictionError]:
+    """Pooled rows -> {vector, version}, normalized (L2) if asked, all rows at once."""
+    try:
+        vectors = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
+    except ValueError:  # rows of different sizes: one at a time
+        return [_embedding_values([row], post, version)[0] for row in rows]
+    finite = np.all(np.isfinite(vectors), axis=1)
+    if post.normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        # A zero vector stays zero (as torch's F.normalize leaves it).
+        vectors = vectors / np.where(norms > 0.0, norms, 1.0)
+    return [
+        {"vector": vector, "version": version}
+        if ok
+        else PredictionError("model gave a non-finite vector")
+        for ok, vector in zip(finite.tolist(), vectors.tolist(), strict=True)
+    ]
+
+
 def postprocess(row: np.ndarray, spec: ModelSpec, version: int) -> dict[str, Any]:
     """One output row (one item's slice of the first output) -> the stored value."""
     post = spec.postprocess
@@ -57,8 +97,11 @@ def postprocess(row: np.ndarray, spec: ModelSpec, version: int) -> dict[str, Any
         top = [{"label": post.labels[i], "score": float(scores[i])} for i in order]
         return {"label": top[0]["label"], "score": top[0]["score"], "top": top, "version": version}
     if isinstance(post, EmbeddingPostprocess):
-        vector = np.asarray(row, dtype=np.float64).reshape(-1)
-        return {"vector": vector.tolist(), "version": version}
+        pooled = pool_token_states(np.asarray(row)[np.newaxis], None, post)[0]
+        [value] = _embedding_values([pooled], post, version)
+        if isinstance(value, PredictionError):
+            raise value
+        return value
     return {"value": np.asarray(row).tolist(), "version": version}
 
 
@@ -68,6 +111,9 @@ def postprocess_rows(
     """`postprocess` of each row (or its PredictionError), the same values, computed for
     all rows at once where they share a shape (one numpy call per step, not per row)."""
     post = spec.postprocess
+    if isinstance(post, EmbeddingPostprocess) and rows:
+        # Rows from a batch run are pooled already (pool_token_states, with the mask).
+        return _embedding_values(rows, post, version)
     if not isinstance(post, ClassifyPostprocess) or len(rows) < 2:
         return [_postprocess_or_error(row, spec, version) for row in rows]
     try:

@@ -1,8 +1,14 @@
 """onnxruntime sessions: loading a model, checking it fits its spec, running batches.
 
 Everything onnxruntime raises is converted here: at load into `InvalidModel`, at run into
-`PredictionError`. `CompiledModel.run` is synchronous and meant to be called from a worker
-thread (`trio.to_thread.run_sync`); onnxruntime releases the GIL while it computes.
+`PredictionError`. `CompiledModel.run` and `run_items` are synchronous and meant to be
+called from a worker thread (`trio.to_thread.run_sync`); onnxruntime releases the GIL while
+it computes.
+
+Tensor and image models have one input, fed a stacked batch of items. Text models have
+named inputs (input_ids, attention_mask, optionally token_type_ids) with dynamic batch and
+sequence axes; their items are strings, tokenized by `run_items` in the same thread as the
+run (engine.inputs.text).
 """
 
 from __future__ import annotations
@@ -10,14 +16,30 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from engine.errors import InvalidModel, PredictionError
-from engine.spec import ClassifyPostprocess, ImagePreprocess, ModelSpec
+from engine.errors import InvalidModel, ModelgateError, PredictionError
+from engine.inputs.text import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    TEXT_INPUTS,
+    TOKEN_TYPE_IDS,
+    NoTokens,
+    TextEncoder,
+)
+from engine.outputs import pool_token_states
+from engine.spec import (
+    ClassifyPostprocess,
+    EmbeddingPostprocess,
+    ImagePreprocess,
+    ModelSpec,
+    TextPreprocess,
+)
 
 __all__ = [
     "CompiledModel",
@@ -134,6 +156,7 @@ class CompiledModel:
         input_dtype: np.dtype[Any],
         item_shape: tuple[int, ...],
         max_batch: int | None,
+        text: TextEncoder | None = None,
     ) -> None:
         self.spec = spec
         self.version = version
@@ -144,20 +167,58 @@ class CompiledModel:
         self.input_dtype = input_dtype
         self.item_shape = item_shape
         self.max_batch = max_batch  # None: any batch size; else the model's fixed batch size
+        self.text = text  # text models: their tokenizer and inputs; items are strings
         # With CUDA the output is bound to the device (IO binding); on CPU plain `run` is best.
         self.output_device: str | None = "cuda" if _CUDA in self.providers else None
 
     def __repr__(self) -> str:
+        if self.text is not None:
+            inputs = f"text inputs={list(self.text.inputs)} maxLength={self.text.max_length}"
+        else:
+            inputs = f"input={self.input_name} {self.input_dtype}{list(self.item_shape)}"
         return (
-            f"CompiledModel({self.spec.name!r} v{self.version}, input={self.input_name} "
-            f"{self.input_dtype}{list(self.item_shape)}, max_batch={self.max_batch}, "
-            f"providers={list(self.providers)})"
+            f"CompiledModel({self.spec.name!r} v{self.version}, {inputs}, "
+            f"max_batch={self.max_batch}, providers={list(self.providers)})"
         )
+
+    def run_items(self, items: Sequence[Any]) -> np.ndarray | list[np.ndarray | PredictionError]:
+        """One row per item, ready for engine.outputs.postprocess_rows: arrays of
+        `item_shape` (stacked and run) or, for text models, strings (tokenized together,
+        then run). Embedding models' token states are pooled here, where the attention
+        mask is at hand. A text that gives no tokens gets a NoTokens error as its row; any
+        other failure raises PredictionError for the whole batch."""
+        if self.text is not None:
+            return self._run_texts(items)
+        out = self.run(np.stack(items))
+        post = self.spec.postprocess
+        return pool_token_states(out, None, post) if isinstance(post, EmbeddingPostprocess) else out
+
+    def _run_texts(self, texts: Sequence[Any]) -> list[np.ndarray | PredictionError]:
+        assert self.text is not None
+        encoded = self.text.encode(texts)
+        empty = encoded.lengths == 0
+        keep = np.flatnonzero(~empty)
+        if empty.any():
+            encoded = self.text.select(encoded, keep)
+        rows: list[np.ndarray | PredictionError] = [NoTokens("the text gives no tokens")] * len(
+            texts
+        )
+        if not len(keep):
+            return rows
+        out = self._run_checked(encoded.feeds, len(keep))
+        post = self.spec.postprocess
+        if isinstance(post, EmbeddingPostprocess):
+            out = pool_token_states(out, encoded.attention_mask, post)
+        for index, row in zip(keep.tolist(), out, strict=True):
+            rows[index] = row
+        return rows
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Run a batch shaped (n, *item_shape); return the first output, one row per item.
 
         A model with a fixed batch size runs in chunks of that size (the last one padded)."""
+        if self.text is not None:
+            raise PredictionError(f"model '{self.spec.name}' takes text: use run_items")
         if batch.shape[1:] != self.item_shape:
             raise PredictionError(
                 f"batch items have shape {list(batch.shape[1:])}, "
@@ -166,7 +227,7 @@ class CompiledModel:
         batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
         n = batch.shape[0]
         if self.max_batch is None or n == self.max_batch:
-            return self._run_checked(batch)
+            return self._run_checked({self.input_name: batch}, n)
         size = self.max_batch
         outputs = []
         for start in range(0, n, size):
@@ -175,33 +236,33 @@ class CompiledModel:
             if real < size:
                 pad = np.zeros((size - real, *self.item_shape), dtype=self.input_dtype)
                 chunk = np.concatenate([chunk, pad])
-            outputs.append(self._run_checked(chunk)[:real])
+            outputs.append(self._run_checked({self.input_name: chunk}, size)[:real])
         return np.concatenate(outputs)
 
-    def _run_checked(self, batch: np.ndarray) -> np.ndarray:
+    def _run_checked(self, feeds: dict[str, np.ndarray], n: int) -> np.ndarray:
         try:
-            out = self._run_session(batch)
+            out = self._run_session(feeds)
         except PredictionError:
             raise
         except Exception as e:  # onnxruntime raises its own Fail/RuntimeException/... types
             raise PredictionError(f"model '{self.spec.name}' failed to run: {e}") from e
         out = np.asarray(out)
-        if out.ndim == 0 or out.shape[0] != batch.shape[0]:
+        if out.ndim == 0 or out.shape[0] != n:
             raise PredictionError(
-                f"model '{self.spec.name}' returned shape {list(out.shape)} "
-                f"for a batch of {batch.shape[0]}"
+                f"model '{self.spec.name}' returned shape {list(out.shape)} for a batch of {n}"
             )
         return out
 
-    def _run_session(self, batch: np.ndarray) -> np.ndarray:
+    def _run_session(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if self.output_device is not None:
-            # Input copied from host once; the output stays on the device until copied out.
+            # Inputs copied from host once; the output stays on the device until copied out.
             binding = self.session.io_binding()
-            binding.bind_cpu_input(self.input_name, batch)
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, array)
             binding.bind_output(self.output_name, self.output_device)
             self.session.run_with_iobinding(binding)
             return np.asarray(binding.copy_outputs_to_cpu()[0])
-        return np.asarray(self.session.run([self.output_name], {self.input_name: batch})[0])
+        return np.asarray(self.session.run([self.output_name], feeds)[0])
 
 
 def load_model(
@@ -219,6 +280,11 @@ def load_model(
     except Exception as e:  # InvalidProtobuf, Fail, InvalidGraph, NoSuchFile, ...
         raise InvalidModel(f"model '{spec.name}': onnxruntime cannot load it: {e}") from e
 
+    if isinstance(spec.preprocess, TextPreprocess):
+        model = _text_model(spec, version, session, spec.preprocess)
+        _check_output(model)
+        log.info("loaded %r", model)
+        return model
     inputs = session.get_inputs()
     if len(inputs) != 1:
         names = ", ".join(i.name for i in inputs)
@@ -306,12 +372,15 @@ def _check_output(model: CompiledModel) -> None:
                 f"model '{spec.name}': output '{output.name}' has {last} classes "
                 f"(shape {_dim_text(shape)}) but {len(post.labels)} labels were given"
             )
-    # Smoke test: one zero item through the session catches what static shapes cannot.
-    dummy = np.zeros((1, *model.item_shape), dtype=model.input_dtype)
-    try:
-        out = model.run(dummy)
-    except PredictionError as e:
-        raise InvalidModel(f"model '{spec.name}' failed a test run at load: {e.message}") from e
+    if model.text is not None:
+        out = _smoke_test_text(model)[:1]  # the checks below look at one item
+    else:
+        # Smoke test: one zero item through the session catches what static shapes cannot.
+        dummy = np.zeros((1, *model.item_shape), dtype=model.input_dtype)
+        try:
+            out = model.run(dummy)
+        except PredictionError as e:
+            raise InvalidModel(f"model '{spec.name}' failed a test run at load: {e.message}") from e
     if isinstance(post, ClassifyPostprocess):
         classes = math.prod(out.shape[1:])
         if out.ndim < 2 or out.shape[-1] != len(post.labels) or classes != len(post.labels):
@@ -319,3 +388,90 @@ def _check_output(model: CompiledModel) -> None:
                 f"model '{spec.name}': output '{output.name}' gives shape "
                 f"{list(out.shape)} for one item, but {len(post.labels)} labels were given"
             )
+
+
+# --------------------------------------------------------------------------- text models
+
+#: Texts of different lengths for the test run of a text model at load.
+_SAMPLE_TEXTS = ("modelgate", "A short sentence to check that the model runs on text.")
+
+
+def _text_model(
+    spec: ModelSpec, version: int, session: ort.InferenceSession, pre: TextPreprocess
+) -> CompiledModel:
+    """Check a text model's inputs: input_ids and attention_mask, token_type_ids if it
+    wants it, each integer [batch, tokens] with both axes dynamic."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    wanted = ", ".join(TEXT_INPUTS[:2]) + f" and optionally {TOKEN_TYPE_IDS}"
+    unknown = [name for name in inputs if name not in TEXT_INPUTS]
+    missing = [name for name in (INPUT_IDS, ATTENTION_MASK) if name not in inputs]
+    if unknown or missing:
+        raise InvalidModel(
+            f"model '{spec.name}': a text model takes the inputs {wanted}; it has "
+            f"{', '.join(inputs) or 'none'}"
+        )
+    if not session.get_outputs():
+        raise InvalidModel(f"model '{spec.name}' has no outputs")
+    dtypes: dict[str, np.dtype[Any]] = {}
+    for name in TEXT_INPUTS:
+        if name not in inputs:
+            continue
+        dtype = _DTYPES.get(inputs[name].type)
+        if dtype is None or dtype.kind not in "iu":
+            raise InvalidModel(
+                f"model '{spec.name}': text input '{name}' must be integers, it is "
+                f"{inputs[name].type}"
+            )
+        shape = list(inputs[name].shape or [])
+        if len(shape) != 2 or any(isinstance(d, int) and d > 0 for d in shape):
+            raise InvalidModel(
+                f"model '{spec.name}': text input '{name}' has shape {_dim_text(shape)}; it "
+                "must be [batch, tokens] with both axes dynamic (a batch is padded to its "
+                "longest text)"
+            )
+        dtypes[name] = dtype
+    try:
+        encoder = TextEncoder(pre, dtypes)
+    except ModelgateError as e:
+        raise InvalidModel(f"model '{spec.name}': {e.message}") from e
+    return CompiledModel(
+        spec,
+        version,
+        session,
+        input_dtype=dtypes[INPUT_IDS],
+        item_shape=(),
+        max_batch=None,
+        text=encoder,
+    )
+
+
+def _smoke_test_text(model: CompiledModel) -> np.ndarray:
+    """Run the sample texts; check the output's shape against the postprocess."""
+    assert model.text is not None
+    spec, post = model.spec, model.spec.postprocess
+    try:
+        encoded = model.text.encode(_SAMPLE_TEXTS)
+        if not encoded.lengths.all():
+            raise PredictionError("the tokenizer gives no tokens for a sample text")
+        out = model._run_checked(encoded.feeds, len(_SAMPLE_TEXTS))
+    except PredictionError as e:
+        raise InvalidModel(f"model '{spec.name}' failed a test run at load: {e.message}") from e
+    if isinstance(post, EmbeddingPostprocess):
+        tokens = encoded.attention_mask.shape[1]
+        name = model.output_name
+        if out.ndim not in (2, 3):
+            raise InvalidModel(
+                f"model '{spec.name}': output '{name}' gives shape {list(out.shape)}; an "
+                "embedding of text needs [batch, tokens, dim] or [batch, dim]"
+            )
+        if out.ndim == 3 and out.shape[1] != tokens:
+            raise InvalidModel(
+                f"model '{spec.name}': output '{name}' gives shape {list(out.shape)} for "
+                f"{tokens} tokens; token states must be [batch, tokens, dim]"
+            )
+        if out.ndim == 3 and post.pooling == "none":
+            raise InvalidModel(
+                f"model '{spec.name}': output '{name}' gives token states {list(out.shape)}; "
+                "set postprocess.pooling to 'mean' or 'cls' to get one vector per text"
+            )
+    return out

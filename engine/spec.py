@@ -10,10 +10,14 @@ also refuses a stored document that was changed by hand into something unservabl
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import tokenizers
 
 from engine.documents import path_touches
 from engine.errors import BadValue, TypeMismatch
@@ -29,6 +33,9 @@ __all__ = [
     "Preprocess",
     "RawPostprocess",
     "TensorPreprocess",
+    "TextPreprocess",
+    "check_tokenizer",
+    "parse_tokenizer",
 ]
 
 #: The fields of a declaration besides its name (registerModel's, and the stored spec's).
@@ -50,10 +57,14 @@ MODES = ("inline", "deferred")
 ON_ERROR = ("reject", "record")
 IMAGE_MODES = {"L": 1, "RGB": 3}
 LAYOUTS = ("NCHW", "NHWC")
+POOLINGS = ("none", "mean", "cls")
+MAX_TEXT_LENGTH = 8192  # tokens; the longest context of common text encoders, with room
+DEFAULT_TEXT_LENGTH = 256
 
 Mode = Literal["inline", "deferred"]
 OnError = Literal["reject", "record"]
 Softmax = Literal["auto"] | bool
+Pooling = Literal["none", "mean", "cls"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,22 @@ class TensorPreprocess:
 
 
 @dataclass(frozen=True)
+class TextPreprocess:
+    """The field holds a string, tokenized by `tokenizer` (a Hugging Face tokenizer.json,
+    as bytes), truncated at `max_length` tokens; a batch is padded to its longest member.
+
+    The model's inputs are fed by name: input_ids, attention_mask and token_type_ids (the
+    last only where the model declares it)."""
+
+    tokenizer: bytes = field(repr=False)  # hundreds of KB: kept out of reprs and logs
+    max_length: int = DEFAULT_TEXT_LENGTH
+
+    def to_document(self) -> dict[str, Any]:
+        # bytes are stored as BSON BinData (subtype 0) and come back as bytes.
+        return {"kind": "text", "tokenizer": self.tokenizer, "maxLength": self.max_length}
+
+
+@dataclass(frozen=True)
 class ClassifyPostprocess:
     labels: tuple[str | int, ...]
     top_k: int = 3
@@ -114,8 +141,15 @@ class ClassifyPostprocess:
 
 @dataclass(frozen=True)
 class EmbeddingPostprocess:
+    """A vector per item. For token states [batch, tokens, dim]: `pooling` "mean" (over the
+    tokens the attention mask keeps) or "cls" (token 0); "none" keeps what the model gives
+    (a pooled [batch, dim] output, flattened). `normalize` scales it to unit L2 length."""
+
+    pooling: Pooling = "none"
+    normalize: bool = False
+
     def to_document(self) -> dict[str, Any]:
-        return {"kind": "embedding"}
+        return {"kind": "embedding", "pooling": self.pooling, "normalize": self.normalize}
 
 
 @dataclass(frozen=True)
@@ -124,7 +158,7 @@ class RawPostprocess:
         return {"kind": "raw"}
 
 
-Preprocess = ImagePreprocess | TensorPreprocess
+Preprocess = ImagePreprocess | TensorPreprocess | TextPreprocess
 Postprocess = ClassifyPostprocess | EmbeddingPostprocess | RawPostprocess
 
 
@@ -332,8 +366,10 @@ def _preprocess(value: Any) -> Preprocess:
     if kind == "tensor":
         _check_keys("preprocess", doc, {"kind"})
         return TensorPreprocess()
+    if kind == "text":
+        return _text_preprocess(doc)
     if kind != "image":
-        raise BadValue(f"unknown preprocess kind '{kind}': expected 'image' or 'tensor'")
+        raise BadValue(f"unknown preprocess kind '{kind}': expected 'image', 'tensor' or 'text'")
     _check_keys("preprocess", doc, {"kind", "size", "mode", "scale", "mean", "std", "layout"})
     size_value = _required(doc, "size")
     if not isinstance(size_value, list | tuple):
@@ -363,6 +399,61 @@ def _preprocess(value: Any) -> Preprocess:
     )
 
 
+def _text_preprocess(doc: Mapping[str, Any]) -> TextPreprocess:
+    _check_keys("preprocess", doc, {"kind", "tokenizer", "maxLength"})
+    value = _required(doc, "tokenizer")
+    if not isinstance(value, bytes | bytearray | memoryview):  # bson.Binary is a bytes
+        raise TypeMismatch(
+            "'preprocess.tokenizer' must be binary data (the bytes of a tokenizer.json), "
+            f"got {_type_name(value)}"
+        )
+    data = bytes(value)
+    max_length = _expect_int("preprocess.maxLength", doc.get("maxLength", DEFAULT_TEXT_LENGTH))
+    if not 1 <= max_length <= MAX_TEXT_LENGTH:
+        raise BadValue(f"'preprocess.maxLength' must be in 1..{MAX_TEXT_LENGTH}, got {max_length}")
+    check_tokenizer(data)
+    return TextPreprocess(tokenizer=data, max_length=max_length)
+
+
+def check_tokenizer(data: bytes) -> None:
+    """BadValue unless `data` (a tokenizer.json) loads. The registry reloads every spec at
+    each refresh and loading a real tokenizer takes tens of ms: tokenizers that loaded are
+    remembered by digest (a few, in this process)."""
+    digest = hashlib.sha256(data).digest()
+    with _LOADED_LOCK:  # specs are parsed on the event loop and in worker threads
+        if digest in _LOADED_TOKENIZERS:
+            return
+    parse_tokenizer(data)
+    with _LOADED_LOCK:
+        _LOADED_TOKENIZERS[digest] = None
+        while len(_LOADED_TOKENIZERS) > _REMEMBERED_TOKENIZERS:
+            del _LOADED_TOKENIZERS[next(iter(_LOADED_TOKENIZERS))]
+
+
+_REMEMBERED_TOKENIZERS = 64
+_LOADED_LOCK = threading.Lock()
+_LOADED_TOKENIZERS: dict[bytes, None] = {}  # insertion-ordered: the oldest goes first
+
+
+def parse_tokenizer(data: bytes) -> tokenizers.Tokenizer:
+    """A new Tokenizer from the bytes of a tokenizer.json; BadValue if they do not load."""
+    if not data:
+        raise BadValue("'preprocess.tokenizer' is empty")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadValue(f"'preprocess.tokenizer' is not UTF-8 JSON (a tokenizer.json): {e}") from e
+    try:
+        return tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # the library raises plain Exception with serde's message
+        message = str(e)
+        if len(message) > 300:
+            message = message[:300] + "..."
+        raise BadValue(
+            f"'preprocess.tokenizer' does not load as a tokenizers tokenizer.json: {message}"
+        ) from e
+
+
 def _per_channel(key: str, value: Any, channels: int) -> tuple[float, ...]:
     if _is_number(value):
         value = [value]
@@ -382,8 +473,14 @@ def _postprocess(value: Any) -> Postprocess:
     doc = _expect_doc("postprocess", value)
     kind = _expect_str("postprocess.kind", _required(doc, "kind"))
     if kind == "embedding":
-        _check_keys("postprocess", doc, {"kind"})
-        return EmbeddingPostprocess()
+        _check_keys("postprocess", doc, {"kind", "pooling", "normalize"})
+        pooling = _choice("postprocess.pooling", doc.get("pooling", "none"), POOLINGS)
+        normalize = doc.get("normalize", False)
+        if not isinstance(normalize, bool):
+            raise TypeMismatch(
+                f"'postprocess.normalize' must be a boolean, got {_type_name(normalize)}"
+            )
+        return EmbeddingPostprocess(pooling=pooling, normalize=normalize)  # type: ignore[arg-type]
     if kind == "raw":
         _check_keys("postprocess", doc, {"kind"})
         return RawPostprocess()

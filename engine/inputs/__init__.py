@@ -1,8 +1,9 @@
-"""Turning one document field value into one model input item (a numpy array)."""
+"""Turning document field values into model inputs: one item (a numpy array) per value
+for tensor and image models; text models tokenize a whole batch (engine.inputs.text)."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import trio
@@ -10,11 +11,16 @@ import trio
 from engine.errors import PredictionError
 from engine.inputs.image import decode_image, image_to_array, preprocess_image_bytes
 from engine.inputs.tensor import tensor_from_value
-from engine.runtime import CompiledModel
-from engine.spec import ImagePreprocess
+from engine.inputs.text import TextEncoder, check_text
+from engine.spec import ImagePreprocess, TextPreprocess
+
+if TYPE_CHECKING:  # engine.runtime imports engine.inputs.text: no import cycle at run time
+    from engine.runtime import CompiledModel
 
 __all__ = [
     "ImageSource",
+    "TextEncoder",
+    "check_text",
     "decode_image",
     "image_to_array",
     "prepare_input",
@@ -34,6 +40,8 @@ async def prepare_input(
 ) -> np.ndarray:
     """One field value -> an array of `model.item_shape` and `model.input_dtype`."""
     pre = model.spec.preprocess
+    if isinstance(pre, TextPreprocess):
+        raise PredictionError("text models tokenize whole batches: see engine.inputs.text")
     if not isinstance(pre, ImagePreprocess):
         return tensor_from_value(value, model.item_shape, model.input_dtype)
     if isinstance(value, str):
