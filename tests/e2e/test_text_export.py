@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from modelgate import text
+from modelgate import admin, text
 
 torch = pytest.importorskip("torch", reason="needs the train extra (torch)")
 transformers = pytest.importorskip("transformers", reason="needs the train extra")
@@ -257,3 +257,73 @@ def test_incomplete_directories_are_refused(tmp_path: Path) -> None:
     (model_dir / "tokenizer.json").write_text("{not json")
     with pytest.raises(text.TextExportError, match=re.escape("not a tokenizer.json")):
         text.export_sentence_transformer(model_dir)
+
+
+# -- registered and served by modelgate ------------------------------------------------------
+
+
+def stored_vectors(direct: Any, db_name: str, collection: str, name: str) -> np.ndarray:
+    docs = list(direct[db_name][collection].find().sort("i", 1))
+    assert len(docs) == len(SENTENCES)
+    outputs = [doc["_outputs"][name] for doc in docs]
+    assert all(output["version"] == 1 for output in outputs), outputs
+    return np.array([output["vector"] for output in outputs], dtype=np.float64)
+
+
+def test_registered_inline_modelgate_stores_the_vectors_torch_gives(
+    client: Any, direct: Any, db: Any, db_name: str, exported: text.TextModelExport, model_dir: Path
+) -> None:
+    name = f"{db_name}_tiny"
+    reply = text.register_text_model(
+        client, name, exported, collection=f"{db_name}.notes", input="body", mode="inline"
+    )
+    try:
+        assert reply["version"] == 1
+        listed = {m["name"]: m for m in admin.list_models(client)}
+        assert listed[name]["metadata"]["embedding"] == {
+            "dimension": 32,
+            "pooling": "mean",
+            "normalize": True,
+            "maxLength": 24,
+            "source": "tiny-bert",
+        }
+        db.notes.insert_many([{"i": i, "body": s} for i, s in enumerate(SENTENCES)])
+        vectors = stored_vectors(direct, db_name, "notes", name)
+        np.testing.assert_allclose(
+            vectors, sentence_transformers_vectors(model_dir, SENTENCES), atol=1e-5
+        )
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    finally:
+        admin.drop_model(client, name)
+
+
+def test_registered_deferred_from_a_directory_through_a_database(
+    client: Any, direct: Any, db: Any, db_name: str, model_dir: Path
+) -> None:
+    """The one-call path: export from the directory and register, the database naming
+    where the bare collection name lives; documents written before are embedded too."""
+    name = f"{db_name}_tiny"
+    db.notes.insert_many([{"i": i, "body": s} for i, s in enumerate(SENTENCES[:2])])
+    reply = text.register_text_model(
+        db,
+        name,
+        model_dir,
+        collection="notes",
+        input="body",
+        output="embedding",
+        metadata={"team": "search"},
+    )
+    try:
+        assert reply["version"] == 1
+        listed = {m["name"]: m for m in admin.list_models(client)}
+        assert listed[name]["mode"] == "deferred"
+        assert listed[name]["metadata"]["team"] == "search"
+        db.notes.insert_many([{"i": i, "body": s} for i, s in enumerate(SENTENCES) if i >= 2])
+        admin.wait_for_backfill(client, name, timeout=120)
+        docs = list(direct[db_name].notes.find().sort("i", 1))
+        vectors = np.array([doc["embedding"]["vector"] for doc in docs], dtype=np.float64)
+        np.testing.assert_allclose(
+            vectors, sentence_transformers_vectors(model_dir, SENTENCES), atol=1e-5
+        )
+    finally:
+        admin.drop_model(client, name)
