@@ -51,11 +51,13 @@ from proxy.wire.opmsg import OpMsg, command_name, decode_op_msg, encode_op_msg
 from proxy.wire.opquery import decode_op_query
 
 __all__ = [
+    "AggregateInterceptor",
     "AnswerLocally",
     "CommandContext",
     "CommandHandler",
     "ForwardRewritten",
     "ForwardUnchanged",
+    "SearchWriteNotifier",
     "Session",
     "SessionServices",
     "WriteDecision",
@@ -103,6 +105,32 @@ class WriteInterceptor(Protocol):
     ) -> WriteDecision: ...
 
 
+class AggregateInterceptor(Protocol):
+    """Acts on some aggregates (proxy.vector_search: the search stages); `wants` looks at
+    the body's bytes only, so that other aggregates are never decoded."""
+
+    def wants(self, body: bytes) -> bool: ...
+
+    async def intercept(
+        self, context: CommandContext, command: str, message: OpMsg
+    ) -> WriteDecision: ...
+
+
+class SearchWriteNotifier(Protocol):
+    """Hears of the writes forwarded to namespaces with search indexes
+    (proxy.vector_search.SearchWrites)."""
+
+    commands: frozenset[str]
+
+    def after_write(self, command: str, message: OpMsg) -> Callable[[], None] | None: ...
+
+
+class _Interceptor(Protocol):
+    async def intercept(
+        self, context: CommandContext, command: str, message: OpMsg
+    ) -> WriteDecision: ...
+
+
 @dataclass
 class SessionServices:
     """What every session shares: where the upstream is and what the proxy acts on."""
@@ -117,6 +145,13 @@ class SessionServices:
     slow_ms: float = Settings.slow_ms
     # Where registerModel may read a model from, and the largest it takes.
     model_sources: ModelSourceSettings = field(default_factory=ModelSourceSettings)
+    # Vector search (--search serve): the catalog of search indexes and the local indexes
+    # (engine.search), the aggregates with search stages, the writes they hear of. All
+    # None with --search passthrough: the upstream serves search itself.
+    search_catalog: Any = None
+    search_indexes: Any = None
+    search: AggregateInterceptor | None = None
+    search_writes: SearchWriteNotifier | None = None
 
 
 class CommandContext:
@@ -129,6 +164,9 @@ class CommandContext:
         self.models = session.services.models
         self.deferred = session.services.deferred
         self.model_sources = session.services.model_sources
+        # getattr: stand-in services of tests may predate these.
+        self.search_catalog = getattr(session.services, "search_catalog", None)
+        self.search_indexes = getattr(session.services, "search_indexes", None)
         # Time spent waiting for model predictions for this request (a write interceptor
         # adds to it), reported by the slow-operation log.
         self.inference_ns = 0
@@ -171,6 +209,8 @@ class _InFlight:
     is_work: bool = True
     # The responseTo values under which its next reply may come (see _pass_reply).
     reply_keys: tuple[int, ...] = ()
+    # Called once the upstream has answered (a write the search indexes must hear of).
+    after_reply: Callable[[], None] | None = None
 
 
 def decode_command(message: OpMsg) -> dict[str, Any]:
@@ -325,12 +365,21 @@ class Session:
             awaits_reply = not message.more_to_come
             if awaits_reply:
                 self._await_replies(request, request_id)
-            if name in self.services.commands:
+            services = self.services
+            if name in services.commands:
                 reply = await self._run_local_command(name, message)
                 await self._answer(request, request_id, message, reply)
                 return
-            if self.services.writes is not None and self.services.writes.wants(name):
-                match await self._intercept_write(request, name, message):
+            decision: WriteDecision | None = None
+            if name == "aggregate":
+                if services.search is not None and services.search.wants(message.body):
+                    decision = await self._intercept(request, services.search, name, message)
+            elif services.writes is not None and services.writes.wants(name):
+                decision = await self._intercept(request, services.writes, name, message)
+            if services.search_writes is not None and name in services.search_writes.commands:
+                request.after_reply = services.search_writes.after_write(name, message)
+            if decision is not None:
+                match decision:
                     case AnswerLocally(reply):
                         await self._answer(request, request_id, message, reply)
                         return
@@ -342,6 +391,7 @@ class Session:
                     case ForwardInParts() as in_parts:
                         request.forwarded_ns = perf_counter_ns()
                         reply = await in_parts.run(self.upstream_message)
+                        _replied(request)
                         await self._answer(request, request_id, message, reply)
                         return
         elif header.op_code == OpCode.OP_QUERY:
@@ -362,6 +412,7 @@ class Session:
             metrics.upstream_lost += 1
             raise
         if not awaits_reply:
+            _replied(request)
             self._finish_round_trip(request, 0)
 
     def _count_request(self, request: _InFlight, name: str, body: bytes) -> None:
@@ -422,13 +473,12 @@ class Session:
             self.log.info("command %s failed: %s", name, exc.message)
             return error_reply(exc)
 
-    async def _intercept_write(
-        self, request: _InFlight, name: str, message: OpMsg
+    async def _intercept(
+        self, request: _InFlight, interceptor: _Interceptor, name: str, message: OpMsg
     ) -> WriteDecision:
-        assert self.services.writes is not None
         context = CommandContext(self)
         try:
-            return await self.services.writes.intercept(context, name, message)
+            return await interceptor.intercept(context, name, message)
         except ModelgateError as exc:
             return AnswerLocally(error_reply(exc))
         finally:
@@ -506,6 +556,8 @@ class Session:
             last = is_last_reply(*uncompressed(frame))
         await self.client.send(data)
         self._metrics.sent_bytes += len(data)
+        if request.after_reply is not None:
+            _replied(request)
         if request.started_ns:
             self._finish_round_trip(request, arrived_ns - request.forwarded_ns)
         if last:
@@ -515,3 +567,10 @@ class Session:
             # reply's id; some servers keep the request's id. Accept both, and only those,
             # so that the stream's last reply leaves nothing behind.
             self._await_replies(request, frame.header.response_to, frame.header.request_id)
+
+
+def _replied(request: _InFlight) -> None:
+    """The upstream has answered `request` (or owes no answer): run what waited for it."""
+    after_reply, request.after_reply = request.after_reply, None
+    if after_reply is not None:
+        after_reply()
