@@ -13,6 +13,7 @@ from proxy.commands import (
     model_status,
     register_model,
     retry_failed,
+    search_indexes,
 )
 from proxy.commands.failures import replying_on_failure
 from proxy.session import CommandHandler
@@ -29,5 +30,8 @@ COMMANDS: dict[str, CommandHandler] = {
         "backfillModel": backfill_model.handle,
         "retryFailed": retry_failed.handle,
         "cacheStatus": cache_status.handle,
+        "createSearchIndexes": search_indexes.create,
+        "updateSearchIndex": search_indexes.update,
+        "dropSearchIndex": search_indexes.drop,
     }.items()
 }

@@ -5,8 +5,10 @@ with real onnxruntime sessions."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pymongo
@@ -14,12 +16,11 @@ import pytest
 import trio
 import trio.testing
 
-from bench.support import onnx_models
+from bench.support import onnx_models, text_models
 from engine.errors import BadValue, ModelgateError, TypeMismatch
 from engine.models import ModelSet
 from engine.registry import ModelRegistry
 from engine.runtime import RuntimeSettings
-from engine.search import auto_embed
 from engine.search.auto_embed import derived_model_name
 from engine.search.catalog import SearchCatalog
 from engine.search.definitions import (
@@ -29,7 +30,13 @@ from engine.search.definitions import (
     SearchIndexTypeNotServed,
     VectorField,
 )
-from engine.spec import ClassifyPostprocess, EmbeddingPostprocess, ModelSpec, TensorPreprocess
+from engine.spec import (
+    ClassifyPostprocess,
+    EmbeddingPostprocess,
+    ModelSpec,
+    TensorPreprocess,
+    TextPreprocess,
+)
 
 Client = pymongo.MongoClient[dict[str, Any]]
 RUNTIME = RuntimeSettings(providers=("CPUExecutionProvider",), intra_op_threads=1)
@@ -239,15 +246,20 @@ def _spec(name: str, postprocess: Any) -> ModelSpec:
     )
 
 
-@pytest.fixture
-def tensor_models_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Until the text models land: a tensor embedding model stands for a text one."""
-    monkeypatch.setattr(auto_embed, "ACCEPTED_PREPROCESS", ("text", "tensor"))
+def _text_model() -> tuple[TextPreprocess, bytes]:
+    """A small text embedding model (a lookup "encoder", mean-pooled in the graph) of 8
+    dimensions, over the test tokenizer."""
+    tokenizer = text_models.tokenizer_json()
+    vocab = len(json.loads(tokenizer)["model"]["vocab"])
+    return TextPreprocess(tokenizer), text_models.lookup_encoder(vocab, 8, pooled=True)
 
 
 async def _models(direct: Client, meta_db: str) -> ModelSet:
     models = ModelSet(ModelRegistry(direct, meta_db), RUNTIME)
-    await models.register(_spec("embedder", EmbeddingPostprocess()), onnx_models.embedding_model(8))
+    preprocess, onnx = _text_model()
+    embedder = replace(_spec("embedder", EmbeddingPostprocess()), preprocess=preprocess)
+    await models.register(embedder, onnx)
+    await models.register(_spec("vectors", EmbeddingPostprocess()), onnx_models.embedding_model(8))
     await models.register(
         _spec("classifier", ClassifyPostprocess(labels=("a", "b", "c"))),
         onnx_models.linear_classifier(),
@@ -259,7 +271,6 @@ def auto_field(path: str = "plot", model: str = "embedder", **extra: Any) -> dic
     return {"type": "autoEmbed", "modality": "text", "path": path, "model": model, **extra}
 
 
-@pytest.mark.usefixtures("tensor_models_accepted")
 async def test_auto_embed_registers_a_derived_deferred_model(
     direct: Client, meta_db: str, data_db: str
 ) -> None:
@@ -302,6 +313,7 @@ async def test_auto_embed_registers_a_derived_deferred_model(
         "deferred",
     )
     assert spec.postprocess == EmbeddingPostprocess()
+    assert spec.preprocess == models.records["embedder"].spec.preprocess
     assert spec.metadata == {
         "autoEmbed": {
             "namespace": namespace,
@@ -342,11 +354,10 @@ async def test_auto_embed_registers_a_derived_deferred_model(
     await catalog.drop(namespace, "plots")
     assert models.get(name) is None
     current = await trio.to_thread.run_sync(models.registry.current)
-    assert sorted(record.spec.name for record in current) == ["classifier", "embedder"]
+    assert sorted(record.spec.name for record in current) == ["classifier", "embedder", "vectors"]
     assert direct[data_db].movies.find_one({"_id": 1}) == {"_id": 1, "plot": "x"}
 
 
-@pytest.mark.usefixtures("tensor_models_accepted")
 async def test_auto_embed_errors(direct: Client, meta_db: str, data_db: str) -> None:
     models = await _models(direct, meta_db)
     catalog = SearchCatalog(direct, meta_db, models=models)
@@ -354,6 +365,7 @@ async def test_auto_embed_errors(direct: Client, meta_db: str, data_db: str) -> 
     cases: list[tuple[dict[str, Any], str]] = [
         (auto_field(model="nope"), "'nope' is not a registered model"),
         (auto_field(model="classifier"), "'classifier' is not a text embedding model"),
+        (auto_field(model="vectors"), "its preprocess is 'tensor' and its postprocess 'embedding'"),
         (auto_field(numDimensions=4), "numDimensions is 4 but model 'embedder' makes vectors of 8"),
     ]
     for field, words in cases:
@@ -362,7 +374,7 @@ async def test_auto_embed_errors(direct: Client, meta_db: str, data_db: str) -> 
         assert words in caught.value.message
     assert catalog.indexes == {}
     assert direct[meta_db].searchIndexes.count_documents({}) == 0
-    assert sorted(models.servers) == ["classifier", "embedder"]
+    assert sorted(models.servers) == ["classifier", "embedder", "vectors"]
     # The dimension the model makes, given: accepted.
     index = await catalog.create(namespace, "plots", {"fields": [auto_field(numDimensions=8)]})
     assert index.definition.vector_fields[0].num_dimensions == 8
