@@ -36,6 +36,8 @@ import numpy as np
 __all__ = [
     "TextModel",
     "embed_reference",
+    "lookup_encoder",
+    "lookup_table",
     "sample_texts",
     "text_encoder",
     "tokenizer_json",
@@ -159,6 +161,86 @@ def embed_reference(
     if normalize:
         out = out / np.linalg.norm(out, axis=1, keepdims=True)
     return out
+
+
+def lookup_table(vocab: int, dim: int) -> np.ndarray:
+    """The embedding table of `lookup_encoder`: row i is a fixed function of i."""
+    i = np.arange(vocab, dtype=np.float32)[:, None]
+    j = np.arange(dim, dtype=np.float32)[None, :]
+    return np.sin(0.37 * i + 1.3 * j + 0.1).astype(np.float32)
+
+
+def lookup_encoder(
+    vocab: int,
+    dim: int = 8,
+    *,
+    dtype: str = "int64",
+    token_types: bool = False,
+    pooled: bool = False,
+    inputs: Sequence[str] | None = None,
+    tokens: int | str = "tokens",
+) -> bytes:
+    """An ONNX "encoder" whose token states are rows of `lookup_table(vocab, dim)`:
+    last_hidden_state[b, t] = table[input_ids[b, t]] (+ token_type_ids[b, t] if
+    `token_types`), or for `pooled` the masked mean [batch, dim] as `sentence_embedding`.
+    Expected values are plain numpy. `inputs`/`tokens`/`dtype` make malformed variants
+    (other input names, a fixed token axis, int32 or float inputs)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    elem = {"int64": TensorProto.INT64, "int32": TensorProto.INT32, "float": TensorProto.FLOAT}
+    names = list(inputs or ["input_ids", "attention_mask"] + (["token_type_ids"] * token_types))
+    ids, mask = names[0], names[1] if len(names) > 1 else names[0]
+    nodes = [
+        helper.make_node("Cast", [ids], ["ids64"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "ids64"], ["states"], axis=0),
+    ]
+    if token_types:
+        nodes += [
+            helper.make_node("Cast", [names[2]], ["types"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["types", "last"], ["types3"]),
+            helper.make_node("Add", ["states", "types3"], ["hidden"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["states"], ["hidden"]))
+    if pooled:
+        nodes += [
+            helper.make_node("Cast", [mask], ["m"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["m", "last"], ["m3"]),
+            helper.make_node("Mul", ["hidden", "m3"], ["masked"]),
+            helper.make_node("ReduceSum", ["masked", "one"], ["total"], keepdims=0),
+            helper.make_node("ReduceSum", ["m3", "one"], ["count"], keepdims=0),
+            helper.make_node("Div", ["total", "count"], ["sentence_embedding"]),
+        ]
+    else:
+        # attention_mask must be used for onnxruntime to keep it as an input.
+        nodes += [
+            helper.make_node("Cast", [mask], ["m"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["m", "zero"], ["mzero"]),
+            helper.make_node("Unsqueeze", ["mzero", "last"], ["mzero3"]),
+            helper.make_node("Add", ["hidden", "mzero3"], ["last_hidden_state"]),
+        ]
+    graph_inputs = [helper.make_tensor_value_info(n, elem[dtype], ["batch", tokens]) for n in names]
+    out = "sentence_embedding" if pooled else "last_hidden_state"
+    out_shape: list[Any] = ["batch", dim] if pooled else ["batch", tokens, dim]
+    initializers = [
+        numpy_helper.from_array(lookup_table(vocab, dim), "table"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "last"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "one")
+        if pooled
+        else numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "lookup_encoder",
+        graph_inputs,
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape)],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 # --------------------------------------------------------------------------- building
