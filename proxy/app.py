@@ -17,6 +17,7 @@ from engine.fetch import Fetcher
 from engine.metrics import EngineMetrics
 from engine.models import ModelSet
 from engine.registry import ModelRegistry
+from engine.search.catalog import SearchCatalog
 from proxy.commands import COMMANDS
 from proxy.inline import InlineWrites
 from proxy.metrics import ProxyMetrics
@@ -55,6 +56,10 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
         ModelRegistry(own_client), settings.runtime, image_source=fetcher, metrics=engine_metrics
     )
     deferred = DeferredWorkers(models, own_client, settings.deferred)
+    # --search passthrough: no catalog, and the search commands and stages go upstream.
+    catalog = None
+    if settings.search_mode == "serve":
+        catalog = SearchCatalog(own_client, models=models, prepare=deferred.prepare)
     services = SessionServices(
         upstream=target,
         commands=COMMANDS,
@@ -64,6 +69,7 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
         metrics=ProxyMetrics(registry, admin_commands=COMMANDS),
         slow_ms=settings.slow_ms,
         model_sources=settings.model_sources,
+        search_catalog=catalog,
     )
     readiness = Readiness(own_client, models)
     tls_context = None
@@ -82,6 +88,8 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
         async with fetcher, trio.open_nursery() as nursery:
             nursery.start_soon(models.refresh_forever, settings.registry_refresh)
             nursery.start_soon(deferred.run)
+            if catalog is not None:
+                nursery.start_soon(catalog.refresh_forever, settings.registry_refresh)
             addresses = await nursery.start(server.run)
             for address in addresses:
                 log.info("modelgate listening on %s:%d", *address)

@@ -71,10 +71,16 @@ class Settings:
     log_format: str = "text"
     slow_ms: float = 100.0
     model_sources: ModelSourceSettings = field(default_factory=ModelSourceSettings)
+    search_mode: str = "serve"  # or "passthrough" (see the option)
+    search_dir: Path | None = None  # None: <data_dir>/search-indexes
 
     @property
     def image_cache_dir(self) -> Path:
         return self.cache_dir or self.data_dir / "image-cache"
+
+    @property
+    def search_index_dir(self) -> Path:
+        return self.search_dir or self.data_dir / "search-indexes"
 
 
 _DEFAULTS = Settings()
@@ -152,10 +158,13 @@ def _log_level(text: str) -> str:
     return level
 
 
-def _log_format(text: str) -> str:
-    if text.lower() not in {"text", "json"}:
-        raise argparse.ArgumentTypeError(f"expected text or json, got {text!r}")
-    return text.lower()
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def read(text: str) -> str:
+        if text.lower() not in choices:
+            raise argparse.ArgumentTypeError(f"expected {' or '.join(choices)}, got {text!r}")
+        return text.lower()
+
+    return read
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -352,7 +361,7 @@ GROUPS: dict[str | None, tuple[Option, ...]] = {
             "log-format",
             "log_format",
             "text, or json: one JSON object per line",
-            _log_format,
+            _one_of("text", "json"),
             "FORMAT",
         ),
         Option(
@@ -464,6 +473,23 @@ GROUPS: dict[str | None, tuple[Option, ...]] = {
             "how often a long deferred backfill logs its progress",
             positive(float),
             "SECONDS",
+        ),
+    ),
+    "vector search": (
+        Option(
+            "search",
+            "search_mode",
+            "serve: modelgate serves search itself; passthrough: the upstream does (Atlas, mongot)",
+            _one_of("serve", "passthrough"),
+            "MODE",
+        ),
+        Option(
+            "search-dir",
+            "search_dir",
+            "folder of this process's vector indexes (rebuilt from MongoDB when lost)",
+            Path,
+            "DIR",
+            shown_default="<data-dir>/search-indexes",
         ),
     ),
     "image URLs": (
