@@ -36,6 +36,7 @@ from bson.raw_bson import RawBSONDocument
 from engine.batching import ModelServer, Prediction
 from engine.documents import FAITHFUL
 from engine.errors import BadValue, TypeMismatch
+from engine.search.auto_embed import derived_model_name
 from engine.search.filters import VectorFilter, VectorSearchQueryError, compile_filter
 from proxy.session import (
     AnswerLocally,
@@ -267,7 +268,9 @@ class VectorSearchStages:
 
 def _embedding_models(index: Any, model_name: str) -> Iterator[str]:
     """The served models that may embed an autoEmbed index's query text, in order of
-    preference: the named model (the derived model of the index runs the same ONNX)."""
+    preference: the index's derived model (the version that embedded its documents),
+    else the model the index names (the same ONNX, unless re-registered since)."""
+    yield derived_model_name(index.namespace, index.name)
     yield model_name
 
 
