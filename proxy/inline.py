@@ -23,7 +23,7 @@ from engine.errors import DocumentValidationFailure, ModelgateError
 from engine.inputs import ImageSource
 from engine.outputs import error_record, stale_update
 from proxy.hello import UpstreamLimits
-from proxy.replies import ReplyHook, error_reply
+from proxy.replies import error_reply
 from proxy.session import (
     AnswerLocally,
     CommandContext,
@@ -33,7 +33,9 @@ from proxy.session import (
 )
 from proxy.split_writes import (
     fits_in_one,
+    merge_bulk_write_replies,
     merge_hook,
+    split_bulk_write,
     split_write,
     statement_limit,
     too_large,
@@ -364,8 +366,8 @@ def _rebuild(
 ) -> WriteDecision:
     """The write to forward without the refused statements (those the models refused,
     and those their predictions made too large for the upstream), and the reply hook that
-    puts the refusals back into the upstream's reply at the client's indices. An insert
-    or update that no longer fits one upstream message goes in parts (proxy.split_writes)."""
+    puts the refusals back into the upstream's reply at the client's indices. A write
+    that no longer fits one upstream message goes in parts (proxy.split_writes)."""
     ordered = body.get("ordered", True) is not False
     # An ordered write stops at its first refusal: nothing after it is sent or checked.
     end = min(refusals) if ordered and refusals else len(statements)
@@ -388,66 +390,37 @@ def _rebuild(
         refusals = {first: refusals[first]}
     kept = list(encoded)
     errors = [_write_error(i, error, bulk) for i, error in sorted(refusals.items())]
+    if not kept and bulk:
+        return AnswerLocally(merge_bulk_write_replies([{"ok": 1.0}], [[]], errors, ordered))
     if not kept:
-        return AnswerLocally(_empty_reply(body, errors, bulk))
+        return AnswerLocally(_empty_reply(body, errors))
     sequences = tuple(s for s in message.sequences if s.identifier != field)
     if in_sequence:
         sequences = (*sequences, DocumentSequence(field, tuple(encoded.values())))
     else:
         body[field] = [statements[i] for i in kept]
+    if bulk and errors:
+        # Every result in the first batch, where the hook puts back the client's indices.
+        body.pop("cursor", None)
     forwarded = OpMsg(message.flags, bson.encode(body, codec_options=FAITHFUL), sequences)
+    if fits_in_one(forwarded, len(kept), limits):
+        hook = merge_hook(kept, errors, ordered, bulk=bulk) if errors else None
+        return ForwardRewritten(forwarded, hook)
+    parts = list(encoded.items())
     if bulk:
-        return ForwardRewritten(
-            forwarded, _bulk_reply_hook(kept, errors, ordered) if errors else None
-        )
-    if not fits_in_one(forwarded, len(kept), limits):
-        return split_write(
-            body, message, field, list(encoded.items()), len(statements), errors, limits
-        )
-    return ForwardRewritten(forwarded, merge_hook(kept, errors, ordered) if errors else None)
+        return split_bulk_write(body, message, parts, len(statements), errors, limits)
+    return split_write(body, message, field, parts, len(statements), errors, limits)
 
 
 def _write_error(index: int, refused: ModelgateError, bulk: bool) -> dict[str, Any]:
     key = "idx" if bulk else "index"
     error = {key: index, "code": refused.code, "codeName": refused.code_name}
     error["errmsg"] = refused.message
-    return {"ok": 0.0, **error} if bulk else error
+    return {"ok": 0.0, **error, "n": 0} if bulk else error
 
 
-def _empty_reply(body: dict[str, Any], errors: list[dict[str, Any]], bulk: bool) -> dict[str, Any]:
-    if bulk:
-        return {
-            "ok": 1.0,
-            "nErrors": len(errors),
-            "nInserted": 0,
-            "nMatched": 0,
-            "nModified": 0,
-            "nUpserted": 0,
-            "nDeleted": 0,
-            "cursor": {
-                "id": bson.int64.Int64(0),
-                "firstBatch": errors,
-                "ns": "admin.$cmd.bulkWrite",
-            },
-        }
+def _empty_reply(body: dict[str, Any], errors: list[dict[str, Any]]) -> dict[str, Any]:
     reply: dict[str, Any] = {"n": 0, "writeErrors": errors, "ok": 1.0}
     if "updates" in body or body.get("update"):
         reply["nModified"] = 0
     return reply
-
-
-def _bulk_reply_hook(kept: list[int], errors: list[dict[str, Any]], ordered: bool) -> ReplyHook:
-    def hook(reply: dict[str, Any]) -> dict[str, Any]:
-        cursor = reply.get("cursor")
-        if not isinstance(cursor, dict):
-            return reply
-        batch = cursor.get("firstBatch") or []
-        for result in batch:
-            result["idx"] = kept[result["idx"]]
-        upstream_failed = any(not result.get("ok") for result in batch)
-        ours = [] if ordered and upstream_failed else errors
-        cursor["firstBatch"] = sorted(batch + ours, key=lambda r: r["idx"])
-        reply["nErrors"] = int(reply.get("nErrors", 0)) + len(ours)
-        return reply
-
-    return hook
