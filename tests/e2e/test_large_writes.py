@@ -1,7 +1,9 @@
 """Writes that inline predictions make larger than the upstream takes, end to end with
 pymongo: split into several upstream commands and answered as one, or, for a single
 document pushed over maxBsonObjectSize, refused with BSONObjectTooLarge (10334) while
-the others are stored. What is checked is read back straight from the upstream."""
+the others are stored. Both the insert/update commands (collection methods) and MongoDB
+8's bulkWrite command (MongoClient.bulk_write). What is checked is read back straight
+from the upstream."""
 
 from __future__ import annotations
 
@@ -121,3 +123,104 @@ def test_a_document_pushed_over_16_mb_gets_bson_object_too_large(
     assert stored == ([0] if ordered else [0, 2])
     # The connection stayed up: the same client goes on.
     assert db.items.count_documents({}) == len(stored)
+
+
+# -- MongoDB 8's bulkWrite command (MongoClient.bulk_write) --------------------------------
+
+# A vector of WIDE floats is about 3.2 kB of BSON; with its prediction a document doubles.
+WIDE = 256
+
+
+def test_client_bulk_write_of_48_mb_through_an_inline_model(
+    register, client, db_name, direct
+) -> None:
+    register("emb", onnx_models.embedding_model(WIDE), postprocess=EMBEDDING)
+    out = f"{db_name}_emb"
+    count = 15_000
+    models = [
+        pymongo.InsertOne(
+            {"_id": i, "x": _vector(WIDE, i)},
+            namespace=f"{db_name}.{'other' if i % 10 == 9 else 'items'}",
+        )
+        for i in range(count)
+    ]
+    # pymongo packs the ops into bulkWrite commands of up to maxMessageSizeBytes: the first
+    # is about 48 MB as sent and about twice that once the predictions are in.
+    assert len(bson.encode({"x": _vector(WIDE, 0)})) * count > 48_000_000
+    result = client.bulk_write(models, verbose_results=True)
+    assert result.inserted_count == count
+    assert sorted(result.insert_results) == list(range(count))
+    assert all(result.insert_results[i].inserted_id == i for i in range(count))
+    items, other = direct[db_name].items, direct[db_name].other
+    assert items.count_documents({}) == count - count // 10
+    assert items.count_documents(
+        {f"_outputs.{out}.vector": {"$exists": True}}
+    ) == items.count_documents({})
+    assert other.count_documents({}) == count // 10
+    assert other.count_documents({"_outputs": {"$exists": True}}) == 0
+    last = items.find_one({"_id": count - 2})
+    assert last["_outputs"][out]["vector"] == [2 * v for v in _vector(WIDE, count - 2)]
+
+
+def test_client_bulk_write_with_mixed_operations_that_must_split(
+    register, client, db_name, direct
+) -> None:
+    register("emb", onnx_models.embedding_model(NEAR), postprocess=EMBEDDING)
+    out = f"{db_name}_emb"
+    namespace = f"{db_name}.items"
+    direct[db_name].items.insert_many([{"_id": 100}, {"_id": 101}, {"_id": 0}])
+    models: list[Any] = [
+        pymongo.InsertOne({"_id": i, "x": _vector(NEAR, i)}, namespace=namespace)
+        for i in range(1, 4)
+    ]
+    models += [
+        pymongo.ReplaceOne(
+            {"_id": 10 + i}, {"x": _vector(NEAR, 10 + i)}, upsert=True, namespace=namespace
+        )
+        for i in range(3)
+    ]
+    models += [
+        pymongo.UpdateOne({"_id": 100}, {"$set": {"x": _vector(NEAR, 100)}}, namespace=namespace),
+        pymongo.UpdateOne(
+            {"_id": 20}, {"$set": {"x": _vector(NEAR, 20)}}, upsert=True, namespace=namespace
+        ),
+        pymongo.UpdateOne({"_id": 101}, {"$set": {"x": _vector(NEAR, 101)}}, namespace=namespace),
+        pymongo.DeleteOne({"_id": 0}, namespace=namespace),
+    ]
+    result = client.bulk_write(models, verbose_results=True)
+    assert result.inserted_count == 3
+    assert result.matched_count == 2
+    assert result.modified_count == 2
+    assert result.upserted_count == 4
+    assert result.deleted_count == 1
+    # The upserts' indices are the client's, across the parts the proxy sent.
+    upserted = {i: r.upserted_id for i, r in result.update_results.items() if r.upserted_id}
+    assert upserted == {3: 10, 4: 11, 5: 12, 7: 20}
+    assert sorted(result.insert_results) == [0, 1, 2]
+    assert sorted(result.delete_results) == [9]
+    items = direct[db_name].items
+    for _id in (1, 2, 3, 10, 11, 12, 20, 100, 101):
+        stored = items.find_one({"_id": _id})
+        assert stored["_outputs"][out]["vector"] == [2 * v for v in _vector(NEAR, _id)], _id
+    assert items.find_one({"_id": 0}) is None
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_a_client_bulk_write_op_pushed_over_16_mb_gets_bson_object_too_large(
+    register, client, db_name, direct, ordered: bool
+) -> None:
+    register("emb", onnx_models.embedding_model(OVER), postprocess=EMBEDDING)
+    namespace = f"{db_name}.items"
+    documents = [{"_id": 0}, {"_id": 1, "x": _vector(OVER, 1)}, {"_id": 2}]
+    models = [pymongo.InsertOne(d, namespace=namespace) for d in documents]
+    with pytest.raises(pymongo.errors.ClientBulkWriteException) as raised:
+        client.bulk_write(models, ordered=ordered, verbose_results=True)
+    errors = raised.value.write_errors
+    assert [(e["idx"], e["code"]) for e in errors] == [(1, 10334)]
+    partial = raised.value.partial_result
+    assert partial.inserted_count == (1 if ordered else 2)
+    assert sorted(partial.insert_results) == ([0] if ordered else [0, 2])
+    stored = sorted(d["_id"] for d in direct[db_name].items.find({}, {"_id": 1}))
+    assert stored == ([0] if ordered else [0, 2])
+    # The connection stayed up: the same client goes on.
+    assert client[db_name].items.count_documents({}) == len(stored)
