@@ -170,9 +170,6 @@ class SearchCatalog:
 
     def _run(self, doing: str, work: Callable[[], Any]) -> Any:
         try:
-            if not self._index_ready:
-                self.collection.create_index([("namespace", 1), ("name", 1)], unique=True)
-                self._index_ready = True
             return work()
         except pymongo.errors.DuplicateKeyError:
             raise
@@ -180,7 +177,10 @@ class SearchCatalog:
             raise upstream_failure(exc, doing) from exc
 
     def _read_all(self) -> list[dict[str, Any]]:
-        return list(self._run("reading the search index catalog", lambda: self.collection.find()))
+        documents: list[dict[str, Any]] = self._run(
+            "reading the search index catalog", lambda: list(self.collection.find())
+        )
+        return documents
 
     def find(
         self, namespace: str, name: str | None = None, index_id: str | None = None
@@ -223,6 +223,11 @@ class SearchCatalog:
                 document["autoEmbed"] = _bookkeeping(namespace, name, field, source)
 
             def insert() -> None:
+                # The unique index keeps two processes from creating the same name;
+                # made by the first creation (reading the catalog needs no more rights).
+                if not self._index_ready:
+                    self.collection.create_index([("namespace", 1), ("name", 1)], unique=True)
+                    self._index_ready = True
                 self.collection.insert_one(document)
 
             try:
