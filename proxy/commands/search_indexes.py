@@ -51,12 +51,10 @@ def search_catalog_of(context: CommandContext) -> SearchCatalog | None:
 
 
 async def create(context: CommandContext, command: dict[str, Any]) -> dict[str, Any]:
-    catalog = search_catalog_of(context)
-    if catalog is None:
+    call = _call(context, command, "createSearchIndexes", {"indexes"})
+    if call is None:
         return await context.upstream_command(command)
-    fields = command_fields(command)
-    db, namespace = _namespace("createSearchIndexes", command)
-    _check_fields("createSearchIndexes", fields, {"indexes"})
+    catalog, fields, db, namespace = call
     entries = _entries(fields.get("indexes"))
     await require_db_admin(context, "createSearchIndexes", db)
     for name, _ in entries:
@@ -73,12 +71,10 @@ async def create(context: CommandContext, command: dict[str, Any]) -> dict[str, 
 
 
 async def update(context: CommandContext, command: dict[str, Any]) -> dict[str, Any]:
-    catalog = search_catalog_of(context)
-    if catalog is None:
+    call = _call(context, command, "updateSearchIndex", {"name", "id", "definition"})
+    if call is None:
         return await context.upstream_command(command)
-    fields = command_fields(command)
-    db, namespace = _namespace("updateSearchIndex", command)
-    _check_fields("updateSearchIndex", fields, {"name", "id", "definition"})
+    catalog, fields, db, namespace = call
     name, index_id = _name_or_id("updateSearchIndex", fields)
     if "definition" not in fields:
         raise BadValue("updateSearchIndex: 'definition' is required")
@@ -92,12 +88,10 @@ async def update(context: CommandContext, command: dict[str, Any]) -> dict[str, 
 
 
 async def drop(context: CommandContext, command: dict[str, Any]) -> dict[str, Any]:
-    catalog = search_catalog_of(context)
-    if catalog is None:
+    call = _call(context, command, "dropSearchIndex", {"name", "id"})
+    if call is None:
         return await context.upstream_command(command)
-    fields = command_fields(command)
-    db, namespace = _namespace("dropSearchIndex", command)
-    _check_fields("dropSearchIndex", fields, {"name", "id"})
+    catalog, fields, db, namespace = call
     name, index_id = _name_or_id("dropSearchIndex", fields)
     await require_db_admin(context, "dropSearchIndex", db)
     try:
@@ -114,6 +108,22 @@ async def drop(context: CommandContext, command: dict[str, Any]) -> dict[str, An
 # --------------------------------------------------------------------------- arguments
 
 
+def _call(
+    context: CommandContext, command: dict[str, Any], command_name: str, allowed: set[str]
+) -> tuple[SearchCatalog, dict[str, Any], str, str] | None:
+    """(catalog, the command's own fields, database, namespace), checked; None when the
+    upstream serves search itself (the command goes there as it came)."""
+    catalog = search_catalog_of(context)
+    if catalog is None:
+        return None
+    fields = command_fields(command)
+    for key in fields:
+        if key != command_name and key not in allowed:
+            raise BadValue(f"{command_name}: unknown field '{key}'")
+    db, namespace = _namespace(command_name, command)
+    return catalog, fields, db, namespace
+
+
 def _namespace(command_name: str, command: Mapping[str, Any]) -> tuple[str, str]:
     collection = command.get(command_name)
     if not isinstance(collection, str):
@@ -128,12 +138,6 @@ def _namespace(command_name: str, command: Mapping[str, Any]) -> tuple[str, str]
     if db in _RESERVED_DATABASES:
         raise BadValue(f"{command_name}: search indexes cannot be created in database '{db}'")
     return db, f"{db}.{collection}"
-
-
-def _check_fields(command_name: str, fields: Mapping[str, Any], allowed: set[str]) -> None:
-    for key in fields:
-        if key != command_name and key not in allowed:
-            raise BadValue(f"{command_name}: unknown field '{key}'")
 
 
 def _entries(value: Any) -> list[tuple[str, Mapping[str, Any]]]:
