@@ -292,8 +292,14 @@ def _read_layout(root: Path, max_length: int | None) -> _Layout:
     pooling = None
     normalize = False
     if (root / "modules.json").is_file():
-        modules = json.loads((root / "modules.json").read_text())
-        for module in sorted(modules, key=lambda m: m.get("idx", 0)):
+        try:
+            modules = json.loads((root / "modules.json").read_text())
+            modules = sorted(modules, key=lambda m: int(m.get("idx", 0)))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise TextExportError(
+                f"{root / 'modules.json'} is not a list of modules: {exc}"
+            ) from exc
+        for module in modules:
             kind = str(module.get("type", "")).rsplit(".", 1)[-1]
             path = root / module.get("path", "")
             if kind == "Transformer":

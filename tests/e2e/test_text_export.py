@@ -327,3 +327,8 @@ def test_registered_deferred_from_a_directory_through_a_database(
         )
     finally:
         admin.drop_model(client, name)
+    (model_dir / "modules.json").write_text('{"not": "a list"}')
+    with pytest.raises(
+        text.TextExportError, match=re.escape("modules.json is not a list of modules")
+    ):
+        text.export_sentence_transformer(model_dir)
