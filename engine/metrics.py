@@ -1,16 +1,19 @@
-"""The engine's Prometheus metrics: predictions, batching, deferred work, image fetch and cache.
+"""The engine's Prometheus metrics: predictions, batching, deferred work, image fetch
+and cache, local vector search indexes.
 
 One EngineMetrics is made per process (proxy/app.py, on the process's one
 CollectorRegistry) and passed to the components that count; a component made without
 one gets a fresh EngineMetrics on a registry of its own, so nothing is ever counted on
 prometheus_client's global registry.
 
-Labels stay bounded: `model` is the name of a registered model, every other label takes
-its values from a fixed set here. Per-model series are keyed by the model's name, not by
-a loaded version, so counters keep counting when a model is registered again; dropping
-a model removes its series (`forget_model`). Components take their children
-(`model`, `deferred`) while the model is served: a series a late task updates after the
-drop belongs to a removed child and is never exported again.
+Labels stay bounded: `model` is the name of a registered model, `index` the key of a
+search index ("db.coll/name"), every other label takes its values from a fixed set
+here. Per-model series are keyed by the model's name, not by a loaded version, so
+counters keep counting when a model is registered again; dropping a model removes its
+series (`forget_model`), dropping a search index removes its (`forget_search_index`).
+Components take their children (`model`, `deferred`) while the model is served: a
+series a late task updates after the drop belongs to a removed child and is never
+exported again.
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 __all__ = [
     "FETCH_ERROR_REASONS",
     "PREDICTION_ERROR_KINDS",
+    "SEARCH_UPKEEP_ERROR_KINDS",
     "DeferredMetrics",
     "EngineMetrics",
     "FetchErrorReason",
     "ModelMetrics",
     "PredictionErrorKind",
+    "SearchIndexMetrics",
+    "SearchUpkeepErrorKind",
     "decade_buckets",
 ]
 
@@ -55,6 +61,12 @@ FetchErrorReason = Literal[
 ]
 FETCH_ERROR_REASONS: tuple[FetchErrorReason, ...] = get_args(FetchErrorReason)
 
+#: What failed in keeping a local search index: its build from MongoDB, its change
+#: stream, a sweep (full rescan), a refresh of documents written through the proxy,
+#: saving it to disk, loading it from disk (then it is rebuilt).
+SearchUpkeepErrorKind = Literal["build", "change_stream", "sweep", "refresh", "save", "load"]
+SEARCH_UPKEEP_ERROR_KINDS: tuple[SearchUpkeepErrorKind, ...] = get_args(SearchUpkeepErrorKind)
+
 # Items per run: powers of two up to the largest batch a spec sensibly declares.
 _BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(11))
 
@@ -73,6 +85,10 @@ def decade_buckets(lowest: float, highest: float) -> tuple[float, ...]:
 # From a sub-millisecond tiny model on CPU to a slow model on a loaded machine.
 _RUN_SECONDS_BUCKETS = decade_buckets(0.0005, 10.0)
 # Deferred lag: from a prompt change-stream wake-up to a backlog worked off for an hour.
+# A vector search: from a small index's ANN query to an exact search of a large one.
+_SEARCH_SECONDS_BUCKETS = decade_buckets(0.0001, 10.0)
+# Building a local index: a handful of documents to millions.
+_BUILD_SECONDS_BUCKETS = decade_buckets(0.01, 10000.0)
 _LAG_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
@@ -85,6 +101,19 @@ class ModelMetrics:
     batch_size: Histogram
     inference_seconds: Histogram
     queue_wait_seconds: Histogram
+
+
+@dataclass(frozen=True)
+class SearchIndexMetrics:
+    """One search index's series (this process's local index of it)."""
+
+    indexed: Gauge
+    pending: Gauge
+    failed: Gauge
+    queries: Counter
+    query_seconds: Histogram
+    build_seconds: Histogram
+    upkeep_errors: Mapping[SearchUpkeepErrorKind, Counter]
 
 
 @dataclass(frozen=True)
@@ -202,6 +231,59 @@ class EngineMetrics:
             "Bytes of image bodies in the cache (all processes sharing it), as last seen here",
             registry=r,
         )
+        index = ["index"]
+        self.search_documents_indexed = Gauge(
+            "modelgate_search_documents_indexed",
+            "Documents in this process's local index of the search index",
+            index,
+            registry=r,
+        )
+        self.search_documents_pending = Gauge(
+            "modelgate_search_documents_pending",
+            "Documents known changed and not yet applied to the local index (while it "
+            "builds: documents not yet read)",
+            index,
+            registry=r,
+        )
+        self.search_documents_failed = Gauge(
+            "modelgate_search_documents_failed",
+            "Documents whose value at a vector path is no vector of the index's dimension",
+            index,
+            registry=r,
+        )
+        self.search_queries = Counter(
+            "modelgate_search_queries", "$vectorSearch queries served", index, registry=r
+        )
+        self.search_query_seconds = Histogram(
+            "modelgate_search_query_seconds",
+            "Duration of a local index search (approximate or exact, with its filter)",
+            index,
+            buckets=_SEARCH_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.search_build_seconds = Histogram(
+            "modelgate_search_build_seconds",
+            "Duration of a local index build from MongoDB",
+            index,
+            buckets=_BUILD_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.search_upkeep_errors = Counter(
+            "modelgate_search_upkeep_errors",
+            "Failures keeping a local index, by kind (build, change_stream, sweep, refresh, "
+            "save, load)",
+            ["index", "kind"],
+            registry=r,
+        )
+        self._per_index = (
+            self.search_documents_indexed,
+            self.search_documents_pending,
+            self.search_documents_failed,
+            self.search_queries,
+            self.search_query_seconds,
+            self.search_build_seconds,
+            self.search_upkeep_errors,
+        )
         self._per_model = (
             self.model_info,
             self.predictions,
@@ -251,3 +333,23 @@ class EngineMetrics:
         """`name` was dropped: remove every series labelled with it."""
         for family in self._per_model:
             family.remove_by_labels({"model": name})
+
+    def search_index(self, key: str) -> SearchIndexMetrics:
+        """The series of the search index `key` ("db.coll/name")."""
+        errors = {
+            kind: self.search_upkeep_errors.labels(key, kind) for kind in SEARCH_UPKEEP_ERROR_KINDS
+        }
+        return SearchIndexMetrics(
+            indexed=self.search_documents_indexed.labels(key),
+            pending=self.search_documents_pending.labels(key),
+            failed=self.search_documents_failed.labels(key),
+            queries=self.search_queries.labels(key),
+            query_seconds=self.search_query_seconds.labels(key),
+            build_seconds=self.search_build_seconds.labels(key),
+            upkeep_errors=errors,
+        )
+
+    def forget_search_index(self, key: str) -> None:
+        """The search index `key` was dropped: remove every series labelled with it."""
+        for family in self._per_index:
+            family.remove_by_labels({"index": key})
