@@ -200,7 +200,7 @@ def register_text_model(
 
     `client_or_db`: a client pointed at modelgate (then `collection` is "db.coll"), or a
     database of it (then a bare collection name is in that database). Documents get
-    `{vector: [...], version}` under `output` (default: the model's name). The metadata
+    `{vector: [...], version}` under `output` (default `_outputs.<name>`). The metadata
     records the dimension, pooling and source directory, under the caller's own keys."""
     exported = (
         model_dir
