@@ -456,6 +456,7 @@ def _smoke_test_text(model: CompiledModel) -> np.ndarray:
         out = model._run_checked(encoded.feeds, len(_SAMPLE_TEXTS))
     except PredictionError as e:
         raise InvalidModel(f"model '{spec.name}' failed a test run at load: {e.message}") from e
+    _smoke_test_max_length(model)
     if isinstance(post, EmbeddingPostprocess):
         tokens = encoded.attention_mask.shape[1]
         name = model.output_name
@@ -475,3 +476,22 @@ def _smoke_test_text(model: CompiledModel) -> np.ndarray:
                 "set postprocess.pooling to 'mean' or 'cls' to get one vector per text"
             )
     return out
+
+
+def _smoke_test_max_length(model: CompiledModel) -> None:
+    """Run one text of maxLength tokens: a maxLength beyond what the model takes (its
+    position embeddings, say) is refused now rather than failing every long text later."""
+    assert model.text is not None
+    name, max_length = model.spec.name, model.text.max_length
+    try:
+        words = _SAMPLE_TEXTS[1].split()  # a token or more each: max_length words suffice
+        encoded = model.text.encode([" ".join(words[i % len(words)] for i in range(max_length))])
+    except PredictionError as e:
+        raise InvalidModel(f"model '{name}' failed a test run at load: {e.message}") from e
+    try:
+        model._run_checked(encoded.feeds, 1)
+    except PredictionError as e:
+        raise InvalidModel(
+            f"model '{name}' failed a test run at load on a text of {int(encoded.lengths[0])} "
+            f"tokens (maxLength {max_length}): {e.message}"
+        ) from e

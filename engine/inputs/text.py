@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import PredictionError
+from engine.errors import BadValue, PredictionError
 from engine.spec import TextPreprocess, parse_tokenizer
 
 __all__ = [
@@ -63,7 +63,8 @@ class EncodedTexts:
 
 
 class TextEncoder:
-    """The tokenizer of one model version and the model's text inputs (name -> dtype)."""
+    """The tokenizer of one model version and the model's text inputs (name -> dtype).
+    BadValue if the tokenizer does not load or maxLength leaves no room for text."""
 
     def __init__(self, pre: TextPreprocess, inputs: Mapping[str, np.dtype[Any]]) -> None:
         self.max_length = pre.max_length
@@ -76,6 +77,13 @@ class TextEncoder:
         pad_id = padding.get("pad_id")
         if pad_token is None or pad_id is None:
             pad_token, pad_id = _pad_token(tokenizer)
+        specials = tokenizer.num_special_tokens_to_add(is_pair=False)
+        if pre.max_length <= specials:
+            # tokenizers would not cut at all: a text could reach any length.
+            raise BadValue(
+                f"'preprocess.maxLength' {pre.max_length} leaves no room for text: the "
+                f"tokenizer adds {specials} special tokens to each text"
+            )
         tokenizer.no_truncation()
         tokenizer.enable_truncation(max_length=pre.max_length)
         tokenizer.no_padding()

@@ -149,6 +149,18 @@ def test_a_tokenizer_without_tokens_for_the_sample_text_is_refused() -> None:
         load_model(spec(tokenizer=tok.to_str().encode()), 1, onnx, CPU)
 
 
+def test_max_length_must_leave_room_for_text_and_fit_the_model() -> None:
+    """[CLS] and [SEP] take 2 tokens: the tokenizer could not cut at 2 (it would not cut at
+    all). The torch encoder has 512 positions: a longer maxLength fails its test run."""
+    with pytest.raises(InvalidModel, match="maxLength' 2 leaves no room for text"):
+        lookup(max_length=2)
+    lookup(max_length=3)
+    onnx = text_models.text_encoder().onnx
+    load_model(spec(max_length=512), 1, onnx, CPU)
+    with pytest.raises(InvalidModel, match=r"on a text of 513 tokens \(maxLength 513\)"):
+        load_model(spec(max_length=513), 1, onnx, CPU)
+
+
 def test_a_pooled_output_or_a_text_classifier_loads() -> None:
     lookup(EmbeddingPostprocess("none"), pooled=True)
     lookup(ClassifyPostprocess(labels=tuple("abcdef")), pooled=True)
