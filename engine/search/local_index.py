@@ -34,6 +34,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -61,7 +62,7 @@ _SAMPLE = 256
 _GRAPH_METRIC: dict[str, GraphMetric] = {
     "cosine": "ip",
     "dotProduct": "ip",
-    "euclidean": "l2sq",
+    "euclidean": "l2",
 }
 
 
@@ -134,7 +135,7 @@ class LocalIndex:
         self.similarity = similarity
         self.threads = threads
         self._lock = threading.RLock()
-        self._graph = Graph(dim, _GRAPH_METRIC[similarity], threads=threads)
+        self._graph = Graph(dim, _GRAPH_METRIC[similarity], threads=threads, capacity=capacity)
         self._vectors = np.zeros((max(capacity, 16), dim), dtype=np.float32)
         self._live = np.zeros(len(self._vectors), dtype=bool)
         self._ids: list[Any] = []  # by slot, up to the high-water mark
@@ -163,11 +164,13 @@ class LocalIndex:
                 return None
             return self._vectors[slot].copy(), self._values[slot]
 
-    def snapshot(self) -> Snapshot:
-        """Every live row and the graph's bytes, copied under the lock (for persist:
-        the writing then happens without holding it)."""
+    def snapshot(self, graph_file: Path | None = None) -> Snapshot:
+        """Every live row copied, and the graph saved to `graph_file` (if given), under
+        the lock (for persist: the rest of the writing happens without holding it)."""
         with self._lock:
             slots = np.flatnonzero(self._live[: len(self._ids)])
+            if graph_file is not None:
+                self._graph.save(graph_file)
             return Snapshot(
                 dim=self.dim,
                 similarity=self.similarity,
@@ -175,7 +178,8 @@ class LocalIndex:
                 vectors=self._vectors[slots].copy(),
                 ids=[self._ids[s] for s in slots],
                 values=[self._values[s] for s in slots],
-                graph=self._graph.to_bytes(),
+                graph_file=graph_file,
+                graph_nodes=self._graph.nodes,
             )
 
     # ----------------------------------------------------------------- changes
@@ -200,7 +204,7 @@ class LocalIndex:
         prepared = [(doc_id, self.prepare(vector), values) for doc_id, vector, values in items]
         with self._lock:
             added: dict[int, np.ndarray] = {}
-            removed: list[int] = []
+            new = 0
             for doc_id, vector, values in prepared:
                 key = id_key(doc_id)
                 slot = self._slots.get(key)
@@ -209,9 +213,8 @@ class LocalIndex:
                     self._values[slot] = values
                     if np.array_equal(self._vectors[slot], vector):
                         continue
-                    if slot not in added:
-                        removed.append(slot)
                 else:
+                    new += 1
                     slot = self._allocate()
                     self._slots[key] = slot
                     self._ids[slot] = doc_id
@@ -219,10 +222,9 @@ class LocalIndex:
                     self._live[slot] = True
                 self._vectors[slot] = vector
                 added[slot] = vector
-            self._graph.remove(np.asarray(removed, dtype=np.int64))
             if added:
                 keys = np.fromiter(added, dtype=np.int64, count=len(added))
-                self._graph.add(keys, self._vectors[keys])
+                self._graph.put(keys, self._vectors[keys], new=new)
             return len(added)
 
     def remove(self, doc_id: Any) -> bool:
@@ -372,22 +374,25 @@ class LocalIndex:
         if len(index._slots) != count:
             raise ValueError("duplicate _ids in the stored rows")
         index._free = sorted(set(range(high)) - set(slots.tolist()), reverse=True)
-        if snapshot.graph is None:
-            index._graph.add(slots, snapshot.vectors)
+        if snapshot.graph_file is None:
+            index._graph.put(slots, snapshot.vectors, new=count)
         else:
-            graph = Graph.from_bytes(
-                snapshot.graph, snapshot.dim, _GRAPH_METRIC[snapshot.similarity], threads=threads
+            index._graph = Graph.load(
+                snapshot.graph_file,
+                snapshot.dim,
+                _GRAPH_METRIC[snapshot.similarity],
+                live=count,
+                nodes=snapshot.graph_nodes,
+                threads=threads,
             )
-            if len(graph) != count:
-                raise ValueError("the graph does not hold the stored rows")
-            index._graph = graph
         return index
 
 
 @dataclass
 class Snapshot:
     """An index's content, as persist writes and reads it: the live rows by slot, and
-    the graph's serialized bytes (None: build it from the rows)."""
+    the file the graph is saved in (None: build it from the rows) with its node count
+    (live keys and deleted ones)."""
 
     dim: int
     similarity: str
@@ -395,7 +400,8 @@ class Snapshot:
     vectors: np.ndarray
     ids: list[Any]
     values: list[Mapping[str, Any]]
-    graph: bytes | bytearray | None
+    graph_file: Path | None
+    graph_nodes: int = 0
 
 
 def default_threads() -> int:

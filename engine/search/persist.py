@@ -3,11 +3,12 @@
 A directory per local index holds generations, each complete in its own folder:
 
     CURRENT            "g000042 <sha256 of g000042/manifest.bson>"
-    g000042/manifest.bson   {format, dim, similarity, count, files: {name: {size, sha256}},
+    g000042/manifest.bson   {format, dim, similarity, count, graphNodes,
+                             files: {name: {size, sha256}},
                              state: {...the upkeep's (resume token, definition, ...)}}
     g000042/vectors.npy     float32 [count, dim], the stored rows
     g000042/rows.bson       one BSON document per row: {s: slot, i: _id, f: filter values}
-    g000042/graph.usearch   the HNSW graph (engine.search.ann)
+    g000042/graph.hnsw      the HNSW graph (engine.search.ann), nodes by slot
 
 `save` writes a new generation, flushes it to disk, then replaces CURRENT (temporary
 file + rename, the one atomic step) and removes older generations. A crash leaves
@@ -39,7 +40,7 @@ __all__ = ["FORMAT", "IndexDamaged", "load", "load_index", "remove", "save", "sa
 #: The version of the layout; a directory written by another version is rebuilt.
 FORMAT = 1
 _CURRENT = "CURRENT"
-_FILES = ("vectors.npy", "rows.bson", "graph.usearch")
+_FILES = ("vectors.npy", "rows.bson", "graph.hnsw")
 
 
 class IndexDamaged(Exception):
@@ -63,6 +64,17 @@ def _write(path: Path, data: bytes | bytearray | memoryview) -> dict[str, Any]:
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def _digest_file(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as source:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(source.fileno())
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
 def _generations(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("g[0-9]*") if p.is_dir())
 
@@ -83,10 +95,15 @@ def save(directory: Path, snapshot: Snapshot, state: Mapping[str, Any]) -> None:
         encode({"s": int(slot), "i": doc_id, "f": dict(values)}, codec_options=FAITHFUL)
         for slot, doc_id, values in zip(snapshot.slots, snapshot.ids, snapshot.values, strict=True)
     )
+    graph = generation / "graph.hnsw"
+    if snapshot.graph_file is not None:
+        os.replace(snapshot.graph_file, graph)
+    else:
+        graph.write_bytes(b"")
     files = {
         "vectors.npy": _write(generation / "vectors.npy", vectors.getbuffer()),
         "rows.bson": _write(generation / "rows.bson", rows),
-        "graph.usearch": _write(generation / "graph.usearch", snapshot.graph or b""),
+        "graph.hnsw": _digest_file(graph),
     }
     manifest = encode(
         {
@@ -94,6 +111,7 @@ def save(directory: Path, snapshot: Snapshot, state: Mapping[str, Any]) -> None:
             "dim": snapshot.dim,
             "similarity": snapshot.similarity,
             "count": len(snapshot.ids),
+            "graphNodes": snapshot.graph_nodes,
             "files": files,
             "state": dict(state),
         },
@@ -156,7 +174,8 @@ def load(directory: Path) -> tuple[Snapshot, dict[str, Any]]:
             vectors=vectors,
             ids=[row["i"] for row in rows],
             values=[row["f"] for row in rows],
-            graph=data["graph.usearch"] or None,
+            graph_file=(generation / "graph.hnsw") if data["graph.hnsw"] else None,
+            graph_nodes=int(manifest.get("graphNodes", 0)),
         )
     except IndexDamaged:
         raise
@@ -171,8 +190,14 @@ def remove(directory: Path) -> None:
 
 
 def save_index(directory: Path, index: LocalIndex, state: Mapping[str, Any]) -> None:
-    """Save a local index (its snapshot is taken under its lock, then written)."""
-    save(directory, index.snapshot(), state)
+    """Save a local index (its rows copied and its graph saved under its lock, the
+    rest written without it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    graph = directory / "graph.tmp"
+    try:
+        save(directory, index.snapshot(graph), state)
+    finally:
+        graph.unlink(missing_ok=True)
 
 
 def load_index(directory: Path, *, threads: int = 1) -> tuple[LocalIndex, dict[str, Any]]:

@@ -278,10 +278,10 @@ def test_damage_is_detected(tmp_path: Path, damage: str) -> None:
     elif damage == "CURRENT":
         (directory / "CURRENT").write_text("g000001 0000\n")
     elif damage == "cut":
-        graph = generation / "graph.usearch"
+        graph = generation / "graph.hnsw"
         graph.write_bytes(graph.read_bytes()[:100])
     else:
-        name = {"vectors": "vectors.npy", "rows": "rows.bson", "graph": "graph.usearch"}.get(
+        name = {"vectors": "vectors.npy", "rows": "rows.bson", "graph": "graph.hnsw"}.get(
             damage, "manifest.bson"
         )
         _flip_a_byte(generation / name)
@@ -298,7 +298,8 @@ def test_a_checksummed_file_of_another_format_is_refused(tmp_path: Path) -> None
     # A graph whose checksum is right but which is no graph of these rows.
     other = LocalIndex(4, "euclidean")
     other.upsert_many([(1, np.ones(4), {}), (2, np.zeros(4), {})])
-    snapshot.graph = other.snapshot().graph
+    other.snapshot(tmp_path / "other.hnsw")
+    snapshot.graph_file = tmp_path / "other.hnsw"
     persist.save(directory, snapshot, {})
     with pytest.raises(persist.IndexDamaged, match="graph"):
         persist.load_index(directory)
