@@ -27,6 +27,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "bench.connections",
         "ping latency with 500 idle and 20 slow-byte connections; proxy RSS per connection",
     ),
+    "search": (
+        "bench.search",
+        "vector search: ANN libraries' recall@10, p50/p99, build time, memory (100k x 384)",
+    ),
 }
 
 
