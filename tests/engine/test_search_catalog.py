@@ -395,3 +395,22 @@ def test_derived_model_names() -> None:
 def test_search_type_error_is_bad_value() -> None:
     assert issubclass(SearchIndexTypeNotServed, BadValue)
     assert issubclass(IndexNotFound, ModelgateError)
+
+
+async def test_update_follows_a_new_version_of_the_model(
+    direct: Client, meta_db: str, data_db: str
+) -> None:
+    models = await _models(direct, meta_db)
+    catalog = SearchCatalog(direct, meta_db, models=models)
+    namespace = f"{data_db}.movies"
+    definition = {"fields": [auto_field()]}
+    await catalog.create(namespace, "plots", definition)
+    name = derived_model_name(namespace, "plots")
+    assert models.records[name].spec.metadata["autoEmbed"]["modelVersion"] == 1  # type: ignore[index]
+    # The named model is registered again: the same definition, updated, takes it up.
+    record = models.records["embedder"]
+    onnx = await trio.to_thread.run_sync(models.registry.onnx_bytes, record)
+    await models.register(record.spec, onnx)
+    await catalog.update(namespace, "plots", definition)
+    assert models.records[name].version == 2
+    assert models.records[name].spec.metadata["autoEmbed"]["modelVersion"] == 2  # type: ignore[index]
