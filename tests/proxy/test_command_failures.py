@@ -20,6 +20,9 @@ from proxy.commands import COMMANDS
 from proxy.session import CommandContext, Session
 from proxy.settings import ModelSourceSettings
 
+VECTOR_DEFINITION = {
+    "fields": [{"type": "vector", "path": "e", "numDimensions": 2, "similarity": "cosine"}]
+}
 # A valid call of each command, up to the point where it needs the model set.
 CALLS: dict[str, dict[str, Any]] = {
     "registerModel": {"registerModel": "m", "collection": "a.b", "input": "x", "onnx": b"-"},
@@ -29,6 +32,18 @@ CALLS: dict[str, dict[str, Any]] = {
     "backfillModel": {"backfillModel": "m"},
     "retryFailed": {"retryFailed": "m"},
     "cacheStatus": {"cacheStatus": 1},
+    "createSearchIndexes": {
+        "createSearchIndexes": "c",
+        "indexes": [{"name": "v", "type": "vectorSearch", "definition": VECTOR_DEFINITION}],
+        "$db": "shop",
+    },
+    "updateSearchIndex": {
+        "updateSearchIndex": "c",
+        "name": "v",
+        "definition": VECTOR_DEFINITION,
+        "$db": "shop",
+    },
+    "dropSearchIndex": {"dropSearchIndex": "c", "name": "v", "$db": "shop"},
 }
 
 REFUSAL = pymongo.errors.OperationFailure(
@@ -44,7 +59,7 @@ REFUSAL = pymongo.errors.OperationFailure(
 
 
 class FailingModels:
-    """A model set whose every attribute raises `error`."""
+    """A model set (or search index catalog) whose every attribute raises `error`."""
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
@@ -61,7 +76,10 @@ class FakeSession:
         self.connection_id = 1
         self.log = logging.LoggerAdapter(logging.getLogger("test.session"), {})
         self.services = SimpleNamespace(
-            models=models, deferred=None, model_sources=ModelSourceSettings()
+            models=models,
+            deferred=None,
+            model_sources=ModelSourceSettings(),
+            search_catalog=models,
         )
 
     async def upstream_command(self, document: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +88,7 @@ class FakeSession:
 
 async def run(name: str, error: BaseException, **command: Any) -> None:
     context = CommandContext(cast(Session, FakeSession(FailingModels(error))))
-    await COMMANDS[name](context, {**CALLS[name], "$db": "admin", **command})
+    await COMMANDS[name](context, {"$db": "admin", **CALLS[name], **command})
 
 
 def test_every_command_is_covered() -> None:
