@@ -320,7 +320,10 @@ def ann_part(args: argparse.Namespace) -> dict[str, Any]:
             for name in args.libraries:
                 print(f"  {kind}: {name} ...", file=sys.stderr, flush=True)
                 with context.Pool(1) as pool:
-                    rows[name] = pool.apply(_measure_library, (name, *paths, k, candidates))
+                    try:
+                        rows[name] = pool.apply(_measure_library, (name, *paths, k, candidates))
+                    except ImportError as exc:  # usearch and faiss are not dependencies
+                        print(f"  {name} skipped: {exc}", file=sys.stderr)
         section["results"][kind] = rows
     return section
 
@@ -377,6 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="5,000 vectors, 200 queries")
     parser.add_argument("--json", metavar="PATH", help="write every number as JSON to PATH")
+    parser.add_argument(
+        "--upstream", metavar="URI", help="MongoDB for the end-to-end parts (ann uses none)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.count, args.queries = min(args.count, 5000), min(args.queries, 200)
