@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from dataclasses import replace
 from typing import Any
 
 import pymongo
@@ -18,6 +19,7 @@ from engine.metrics import EngineMetrics
 from engine.models import ModelSet
 from engine.registry import ModelRegistry
 from engine.search.catalog import SearchCatalog
+from engine.search.upkeep import SearchIndexes
 from proxy.commands import COMMANDS
 from proxy.inline import InlineWrites
 from proxy.metrics import ProxyMetrics
@@ -26,6 +28,7 @@ from proxy.server import ProxyServer, listener_tls_context
 from proxy.session import SessionServices
 from proxy.settings import Settings, masked_uri
 from proxy.upstream import UpstreamTarget
+from proxy.vector_search import SearchWrites, VectorSearchStages
 
 __all__ = ["run_proxy"]
 
@@ -57,9 +60,20 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
     )
     deferred = DeferredWorkers(models, own_client, settings.deferred)
     # --search passthrough: no catalog, and the search commands and stages go upstream.
-    catalog = None
+    catalog = search_indexes = search_stages = search_writes = None
     if settings.search_mode == "serve":
         catalog = SearchCatalog(own_client, models=models, prepare=deferred.prepare)
+        # --no-change-streams holds for the vector indexes too.
+        change_streams = settings.search.change_streams and settings.deferred.change_streams
+        search_indexes = SearchIndexes(
+            catalog,
+            own_client,
+            settings.search_index_dir,
+            replace(settings.search, change_streams=change_streams),
+            metrics=engine_metrics,
+        )
+        search_stages = VectorSearchStages(catalog, search_indexes, models)
+        search_writes = SearchWrites(catalog, search_indexes)
     services = SessionServices(
         upstream=target,
         commands=COMMANDS,
@@ -70,6 +84,9 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
         slow_ms=settings.slow_ms,
         model_sources=settings.model_sources,
         search_catalog=catalog,
+        search_indexes=search_indexes,
+        search=search_stages,
+        search_writes=search_writes,
     )
     readiness = Readiness(own_client, models)
     tls_context = None
@@ -88,8 +105,9 @@ async def run_proxy(settings: Settings, upstream_uri: str) -> None:
         async with fetcher, trio.open_nursery() as nursery:
             nursery.start_soon(models.refresh_forever, settings.registry_refresh)
             nursery.start_soon(deferred.run)
-            if catalog is not None:
+            if catalog is not None and search_indexes is not None:
                 nursery.start_soon(catalog.refresh_forever, settings.registry_refresh)
+                await nursery.start(search_indexes.run)
             addresses = await nursery.start(server.run)
             for address in addresses:
                 log.info("modelgate listening on %s:%d", *address)

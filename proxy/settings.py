@@ -1,14 +1,14 @@
 """The one settings object, and the one table that declares how each setting is given.
 
-Each `Option` names a field of `Settings` (or of its runtime/deferred/fetch parts), how its
-text is read and checked, its flag, its MODELGATE_* variable, its key in a settings file and
-its help. Defaults are never written here: they are the dataclass defaults, read through the
-field path. Where values come from (flag, variable, file) is `proxy.settings_sources`.
+Each `Option` names a field of `Settings` (or of its parts), how its text is read, its
+flag, MODELGATE_* variable, settings-file key and help. Defaults are the dataclass
+defaults, read through the field path. Where values come from: `proxy.settings_sources`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +18,7 @@ from typing import Any
 from engine.deferred import DeferredSettings
 from engine.fetch import FetchSettings
 from engine.runtime import RuntimeSettings
+from engine.search.keeper import SearchSettings
 
 __all__ = [
     "CONFIG_VARIABLE",
@@ -55,9 +56,8 @@ class Settings:
     tls_key: Path | None = None
     grace_period: float = 10.0
     connect_timeout: float = 5.0
-    # Each client connection also holds one upstream connection and two sockets: the bound
-    # keeps a flood of clients from exhausting file descriptors, memory and the upstream's
-    # own connection limit (see README "Limits" for why 10,000).
+    # Bounds the sockets, memory and upstream connections a flood of clients takes (README
+    # "Limits" says why 10,000).
     max_connections: int = 10_000
     frame_timeout: float = 30.0
     log_level: str = "INFO"
@@ -73,6 +73,7 @@ class Settings:
     model_sources: ModelSourceSettings = field(default_factory=ModelSourceSettings)
     search_mode: str = "serve"  # or "passthrough" (see the option)
     search_dir: Path | None = None  # None: <data_dir>/search-indexes
+    search: SearchSettings = field(default_factory=SearchSettings)
 
     @property
     def image_cache_dir(self) -> Path:
@@ -87,11 +88,7 @@ _DEFAULTS = Settings()
 
 
 class InvalidSetting(ValueError):
-    """A flag or variable whose value cannot mean anything; worded like argparse's own
-    refusals ("argument --FLAG: ...")."""
-
-
-# Readers of a setting's text: each returns the value or raises ArgumentTypeError.
+    """A value that cannot mean anything, worded as argparse refuses ("argument --FLAG: ...")."""
 
 
 @dataclass(frozen=True)
@@ -112,12 +109,8 @@ class _Number:
         return value
 
 
-def positive(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    return _Number(convert, allow_zero=False)
-
-
-def non_negative(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    return _Number(convert, allow_zero=True)
+positive = functools.partial(_Number, allow_zero=False)
+non_negative = functools.partial(_Number, allow_zero=True)
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -490,6 +483,13 @@ GROUPS: dict[str | None, tuple[Option, ...]] = {
             Path,
             "DIR",
             shown_default="<data-dir>/search-indexes",
+        ),
+        Option(
+            "search-sweep-interval",
+            "search.sweep_interval",
+            "how often each vector index rereads its collection to see writes around the proxy",
+            positive(float),
+            "SECONDS",
         ),
     ),
     "image URLs": (
