@@ -14,6 +14,8 @@ __all__ = [
     "FailedToParse",
     "HostUnreachable",
     "ImageFetchError",
+    "IndexAlreadyExists",
+    "IndexNotFound",
     "InvalidModel",
     "ModelNotFound",
     "ModelgateError",
@@ -34,6 +36,8 @@ MONGODB_CODES: dict[str, int] = {
     "Unauthorized": 13,
     "TypeMismatch": 14,
     "NamespaceNotFound": 26,
+    "IndexNotFound": 27,
+    "IndexAlreadyExists": 68,
     "DocumentValidationFailure": 121,
     "BSONObjectTooLarge": 10334,
 }
@@ -71,6 +75,18 @@ class Unauthorized(ModelgateError):
 
 class NamespaceNotFound(ModelgateError):
     code_name = "NamespaceNotFound"
+
+
+class IndexNotFound(ModelgateError):
+    """No search index of that name or id on the collection."""
+
+    code_name = "IndexNotFound"
+
+
+class IndexAlreadyExists(ModelgateError):
+    """A search index of that name already exists on the collection."""
+
+    code_name = "IndexAlreadyExists"
 
 
 class HostUnreachable(ModelgateError):

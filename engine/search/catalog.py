@@ -28,14 +28,12 @@ import trio
 from bson import ObjectId
 
 from engine.batching import ModelServer
-from engine.errors import BadValue, ModelgateError
+from engine.errors import BadValue, IndexAlreadyExists, IndexNotFound, ModelgateError
 from engine.models import ModelSet
 from engine.registry import DATABASE
 from engine.search.auto_embed import AutoEmbedder, AutoEmbedSource, derived_model_name
 from engine.search.definitions import (
     AutoEmbedField,
-    IndexAlreadyExists,
-    IndexNotFound,
     SearchIndex,
     SearchIndexDefinition,
     check_index_name,

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from engine.errors import BadValue, ModelgateError, TypeMismatch
+from engine.errors import BadValue, TypeMismatch
 
 __all__ = [
     "AUTO_EMBED_ROOT",
@@ -32,8 +32,6 @@ __all__ = [
     "SIMILARITIES",
     "AutoEmbedField",
     "FilterField",
-    "IndexAlreadyExists",
-    "IndexNotFound",
     "SearchIndex",
     "SearchIndexDefinition",
     "SearchIndexTypeNotServed",
@@ -53,26 +51,6 @@ AUTO_EMBED_ROOT = "_autoEmbed"
 # hnswOptions, as MongoDB bounds them.
 _MAX_EDGES = (16, 64)
 _NUM_EDGE_CANDIDATES = (100, 3200)
-
-
-class IndexNotFound(ModelgateError):
-    """No search index of that name or id on the collection (MongoDB's code 27)."""
-
-    code_name = "IndexNotFound"
-
-    @property
-    def code(self) -> int:
-        return 27
-
-
-class IndexAlreadyExists(ModelgateError):
-    """A search index of that name already exists on the collection (MongoDB's code 68)."""
-
-    code_name = "IndexAlreadyExists"
-
-    @property
-    def code(self) -> int:
-        return 68
 
 
 class SearchIndexTypeNotServed(BadValue):

@@ -21,12 +21,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from engine.errors import BadValue, NamespaceNotFound, TypeMismatch
+from engine.errors import (
+    BadValue,
+    IndexAlreadyExists,
+    IndexNotFound,
+    NamespaceNotFound,
+    TypeMismatch,
+)
 from engine.registry import DATABASE
 from engine.search.catalog import SearchCatalog
 from engine.search.definitions import (
-    IndexAlreadyExists,
-    IndexNotFound,
     SearchIndexDefinition,
     check_index_name,
     index_type,

@@ -26,9 +26,15 @@ from pymongo.operations import SearchIndexModel
 
 from bench.support import text_models
 from bench.support.processes import ROOT, ProxyProcess
-from engine.errors import BadValue, ModelgateError, NamespaceNotFound, TypeMismatch
+from engine.errors import (
+    BadValue,
+    IndexAlreadyExists,
+    IndexNotFound,
+    ModelgateError,
+    NamespaceNotFound,
+    TypeMismatch,
+)
 from engine.search.catalog import SearchCatalog
-from engine.search.definitions import IndexAlreadyExists, IndexNotFound
 from proxy.commands import COMMANDS
 from proxy.session import CommandContext, Session
 from tests.e2e.test_deferred import wait_for

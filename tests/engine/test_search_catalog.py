@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from bench.support import onnx_models, text_models
-from engine.errors import BadValue, ModelgateError, TypeMismatch
+from engine.errors import BadValue, IndexAlreadyExists, IndexNotFound, ModelgateError, TypeMismatch
 from engine.models import ModelSet
 from engine.registry import ModelRegistry
 from engine.runtime import RuntimeSettings
@@ -25,8 +25,6 @@ from engine.search.auto_embed import derived_model_name
 from engine.search.catalog import SearchCatalog
 from engine.search.definitions import (
     AutoEmbedField,
-    IndexAlreadyExists,
-    IndexNotFound,
     SearchIndexTypeNotServed,
     VectorField,
 )

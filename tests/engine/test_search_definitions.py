@@ -8,12 +8,10 @@ from typing import Any
 
 import pytest
 
-from engine.errors import BadValue, ModelgateError, TypeMismatch
+from engine.errors import BadValue, IndexAlreadyExists, IndexNotFound, ModelgateError, TypeMismatch
 from engine.search.definitions import (
     AutoEmbedField,
     FilterField,
-    IndexAlreadyExists,
-    IndexNotFound,
     SearchIndex,
     SearchIndexDefinition,
     SearchIndexTypeNotServed,
