@@ -29,6 +29,7 @@ __all__ = [
 #: MongoDB's codes (src/mongo/base/error_codes.yml) for the codeNames modelgate replies with.
 MONGODB_CODES: dict[str, int] = {
     "InternalError": 1,
+    "UnknownError": 8,
     "BadValue": 2,
     "NoSuchKey": 4,
     "HostUnreachable": 6,

@@ -164,9 +164,8 @@ class CommandContext:
         self.models = session.services.models
         self.deferred = session.services.deferred
         self.model_sources = session.services.model_sources
-        # getattr: stand-in services of tests may predate these.
-        self.search_catalog = getattr(session.services, "search_catalog", None)
-        self.search_indexes = getattr(session.services, "search_indexes", None)
+        self.search_catalog = session.services.search_catalog
+        self.search_indexes = session.services.search_indexes
         # Time spent waiting for model predictions for this request (a write interceptor
         # adds to it), reported by the slow-operation log.
         self.inference_ns = 0

@@ -57,10 +57,6 @@ class VectorSearchQueryError(ModelgateError):
     def __init__(self, message: str) -> None:
         super().__init__(_PLAN_EXECUTOR + message)
 
-    @property
-    def code(self) -> int:
-        return 8
-
 
 Values = Mapping[str, Any]
 Predicate = Callable[[Values], bool]

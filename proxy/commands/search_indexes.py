@@ -50,8 +50,7 @@ _ENTRY_FIELDS = frozenset({"name", "type", "definition"})
 def search_catalog_of(context: CommandContext) -> SearchCatalog | None:
     """The proxy's search index catalog (`context.search_catalog`), or None when the
     upstream serves search itself (--search passthrough)."""
-    catalog: SearchCatalog | None = getattr(context, "search_catalog", None)
-    return catalog
+    return context.search_catalog
 
 
 async def create(context: CommandContext, command: dict[str, Any]) -> dict[str, Any]:

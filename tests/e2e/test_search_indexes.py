@@ -57,7 +57,11 @@ class _Session:
         self.connection_id = 1
         self.log = logging.LoggerAdapter(logging.getLogger("test.session"), {})
         self.services = SimpleNamespace(
-            models=None, deferred=None, model_sources=None, search_catalog=catalog
+            models=None,
+            deferred=None,
+            model_sources=None,
+            search_catalog=catalog,
+            search_indexes=None,
         )
         self.direct = direct
 

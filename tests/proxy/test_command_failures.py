@@ -80,6 +80,7 @@ class FakeSession:
             deferred=None,
             model_sources=ModelSourceSettings(),
             search_catalog=models,
+            search_indexes=None,
         )
 
     async def upstream_command(self, document: dict[str, Any]) -> dict[str, Any]:
