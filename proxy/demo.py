@@ -1,9 +1,12 @@
 """`modelgate demo`: the whole story on one machine, with nothing to set up by hand.
 
 This module starts what a user would run: an upstream (the embedded SecantusDB, or
-`--upstream URI`), modelgate in front of it, and a local image server. The story itself,
-what a user does from Python against those (fill a collection, train from a query,
-attach, insert and read predictions), is the client's: `modelgate.demo.tell_story`."""
+`--upstream URI`), modelgate in front of it, and a local image server. The stories
+themselves, what a user does from Python against those, are the client's:
+`modelgate.demo.tell_story` (images: fill a collection, train from a query, attach,
+insert and read predictions) and `modelgate.demo_search.tell_search_story` (text:
+register MiniLM, an autoEmbed vector search index on a product catalogue, questions
+asked with `$vectorSearch`). `--story` picks one; both by default."""
 
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ from typing import Any
 
 from modelgate.demo import DATABASE, SIZES, Size, Step, say, tell_story
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["STORIES", "add_arguments", "run"]
+
+STORIES = ("all", "images", "search")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="small: 800 users, 40 to backfill, 5 new (for CI); full: 1,200 users, "
         "200 to backfill, 10 new; 10 epochs at most "
         "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--story",
+        choices=STORIES,
+        default="all",
+        help="images: classify users' digit images; search: search products by meaning "
+        "with MiniLM (needs the train and minilm extras); all: both (default %(default)s)",
     )
     parser.add_argument("--users", type=int, metavar="N", help="labelled users to train on")
     parser.add_argument("--new-users", type=int, metavar="N", help="users inserted at the end")
@@ -162,11 +174,21 @@ def _modelgate(upstream: str, data_dir: Path) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from modelgate.demo_search import missing
+
     try:
         import torch  # noqa: F401
     except ImportError:
         say("modelgate demo trains a model and needs torch: pip install 'modelgate[train]'")
         return 2
+    search_needs = missing()
+    if search_needs is not None:
+        if args.story == "search":
+            say(f"the search story exports all-MiniLM-L6-v2: {search_needs}")
+            return 2
+        if args.story == "all":
+            say(f"the search story is skipped: {search_needs}")
+            args.story = "images"
     size = SIZES[args.size]
     size = Size(
         args.users or size.users,
@@ -225,11 +247,19 @@ def _run_processes_and_story(
     image_base = stack.enter_context(_image_server(images))
     where = "embedded SecantusDB" if args.upstream is None else upstream
     step.done(f"{where}; modelgate {uri}; images at {image_base}")
-    return tell_story(
-        uri,
-        images=images,
-        image_base=image_base,
-        size=size,
-        cache_dir=str(data_dir / "modelgate" / "image-cache"),  # modelgate's own cache
-        timeout=args.timeout,
-    )
+    ok = True
+    if args.story in ("all", "images"):
+        ok = tell_story(
+            uri,
+            images=images,
+            image_base=image_base,
+            size=size,
+            cache_dir=str(data_dir / "modelgate" / "image-cache"),  # modelgate's own cache
+            timeout=args.timeout,
+        )
+    if args.story in ("all", "search"):
+        from modelgate.demo_search import tell_search_story
+
+        first_step = 7 if args.story == "all" else 2
+        ok = tell_search_story(uri, timeout=args.timeout, first_step=first_step) and ok
+    return ok
