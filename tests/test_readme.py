@@ -1,14 +1,20 @@
 """Every runnable example in README.md is run here, against modelgate, so it cannot rot.
 
-Python blocks run as written, with the URI replaced by the test proxy's; mongosh blocks
-run through mongosh. Shell blocks are the set-up commands CI itself runs."""
+Python blocks run as written, with the URI replaced by the test proxy's; a block that
+makes no client of its own continues the block before it, as the README's text says, and
+runs after it in the same namespace. mongosh blocks run through mongosh. Shell blocks are
+the set-up commands CI itself runs. The text model story (MiniLM exported, an autoEmbed
+index, queries from pymongo and mongosh) runs when its packages are there: the train and
+minilm extras, as in CI."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import bson
 import numpy as np
@@ -27,11 +33,37 @@ MONGOSH_BIN = ROOT / "node_modules" / ".bin" / "mongosh"
 README_URI = "mongodb://localhost:27017/"
 
 
+def _groups(blocks: list[str]) -> list[str]:
+    """The python blocks as they run: one that makes no client continues the one before."""
+    groups: list[str] = []
+    for code in blocks:
+        if groups and "MongoClient(" not in code:
+            groups[-1] += "\n" + code
+        else:
+            groups.append(code)
+    return groups
+
+
+GROUPS = _groups(PYTHON)
+TEXT_STORY = "register_text_model("
+#: What the text story needs beyond the base install: the train and minilm extras.
+TEXT_PACKAGES = ("torch", "transformers", "all_minilm_l6_v2")
+
+
+def _drop_search_indexes(client: Any, direct: Any) -> None:
+    """The shop's search indexes, dropped through modelgate (with their autoEmbed models)."""
+    for index in direct.modelgate.searchIndexes.find({"namespace": {"$regex": "^shop[.]"}}):
+        collection = index["namespace"].split(".", 1)[1]
+        client.shop[collection].drop_search_index(index["name"])
+
+
 @pytest.fixture
 def clean_shop(direct, client):  # type: ignore[no-untyped-def]
     """The README's examples use the `shop` database; start and end with it empty."""
+    _drop_search_indexes(client, direct)
     direct.drop_database("shop")
     yield
+    _drop_search_indexes(client, direct)
     for model in client.admin.command("listModels")["models"]:
         if model["namespace"].startswith("shop."):
             client.admin.command("dropModel", model["name"])
@@ -62,18 +94,50 @@ def digits_sized_model() -> bytes:
 def test_readme_has_examples() -> None:
     assert len(PYTHON) >= 3
     assert len(MONGOSH) >= 2
+    assert len([code for code in GROUPS if TEXT_STORY in code]) == 1
 
 
-@pytest.mark.parametrize("index", range(len(PYTHON)))
+def _run_python(code: str, uri: str, name: str) -> dict[str, Any]:
+    namespace: dict[str, Any] = {"__name__": "readme_example"}
+    exec(compile(code.replace(README_URI, uri), name, "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("index", [i for i, code in enumerate(GROUPS) if TEXT_STORY not in code])
 def test_python_example(index: int, proxy, clean_shop) -> None:  # type: ignore[no-untyped-def]
-    code = PYTHON[index]
+    code = GROUPS[index]
     if "import torch" in code:
         pytest.importorskip("torch", reason="the train extra is not installed")
-    namespace: dict[str, object] = {"__name__": "readme_example"}
-    exec(
-        compile(code.replace(README_URI, proxy.uri), f"README python block {index}", "exec"),
-        namespace,
+    _run_python(code, proxy.uri, f"README python block {index}")
+
+
+@pytest.mark.slow
+def test_text_story(proxy, client, clean_shop, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The section on text models, as a reader follows it: MiniLM exported and registered,
+    the catalogue and its autoEmbed index, the questions (pymongo), the index dropped and
+    made again from mongosh, which asks its own question."""
+    absent = [name for name in TEXT_PACKAGES if importlib.util.find_spec(name) is None]
+    if absent:
+        pytest.skip(f"the train and minilm extras are not installed ({', '.join(absent)})")
+    (code,) = [code for code in GROUPS if TEXT_STORY in code]
+    namespace = _run_python(code, proxy.uri, "README text story")
+    printed = capsys.readouterr().out
+    assert "READY True {'indexed': 246, 'pending': 0, 'failed': 0}" in printed, printed
+    assert "travel mug" in printed and "noise cancelling headphones" in printed, printed
+    toys = namespace["search"](
+        "a present for a small child",
+        filter={"category": "toys", "price": {"$lt": 30}},
+        exact=True,
     )
+    assert toys and all(p["price"] < 30 for p in toys), toys
+
+    if not MONGOSH_BIN.exists():
+        return
+    client.shop.products.drop_search_index("semantic")
+    result = _mongosh(proxy.uri, _block_with("createSearchIndex"), tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "MongoServerError" not in result.stdout + result.stderr
+    assert "rain jacket" in result.stdout and "score" in result.stdout, result.stdout
 
 
 def _mongosh(proxy_uri: str, script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
