@@ -26,7 +26,8 @@ __all__ = ["CONNECTIVITY", "EXPANSION_ADD", "Graph", "GraphMetric"]
 
 GraphMetric = Literal["ip", "l2"]
 
-#: HNSW's M (edges per node) and efConstruction, as bench/search.py measured them.
+#: HNSW's M (edges per node) and efConstruction, as bench/search.py measured them; a
+#: definition's hnswOptions (maxEdges, numEdgeCandidates) replace them for its index.
 CONNECTIVITY = 16
 EXPANSION_ADD = 128
 
@@ -44,6 +45,8 @@ class Graph:
         capacity: int = 1024,
         index: hnswlib.Index | None = None,
         live: int = 0,
+        connectivity: int = CONNECTIVITY,
+        expansion_add: int = EXPANSION_ADD,
     ) -> None:
         self.dim = dim
         self.metric = metric
@@ -52,8 +55,8 @@ class Graph:
             index = hnswlib.Index(space=metric, dim=dim)
             index.init_index(
                 max_elements=max(capacity, 16),
-                ef_construction=EXPANSION_ADD,
-                M=CONNECTIVITY,
+                ef_construction=expansion_add,
+                M=connectivity,
                 random_seed=100,
             )
         self._index = index
@@ -61,6 +64,16 @@ class Graph:
 
     def __len__(self) -> int:
         return self._live
+
+    @property
+    def connectivity(self) -> int:
+        """HNSW's M: edges per node (a definition's hnswOptions.maxEdges)."""
+        return int(self._index.M)
+
+    @property
+    def expansion_add(self) -> int:
+        """HNSW's efConstruction (a definition's hnswOptions.numEdgeCandidates)."""
+        return int(self._index.ef_construction)
 
     @property
     def nodes(self) -> int:

@@ -55,7 +55,7 @@ from engine.search.local_index import (
     id_key,
 )
 
-__all__ = ["IndexState", "Keeper", "SearchSettings", "layout_of", "projection_of"]
+__all__ = ["IndexState", "Keeper", "Layout", "SearchSettings", "layout_of", "projection_of"]
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,28 @@ class IndexState:
     message: str | None = None
 
 
-def layout_of(index: SearchIndex) -> tuple[tuple[tuple[str, int, str], ...], tuple[str, ...]]:
-    """What the local indexes hold: ((vector path, dimensions, similarity), ...) and the
-    filter paths. Definitions with the same layout share their local indexes."""
-    vectors = tuple(
-        (f.vector_path if isinstance(f, AutoEmbedField) else f.path, f.num_dimensions, f.similarity)
-        for f in index.definition.vector_fields
-    )
-    return vectors, tuple(sorted(index.definition.filter_paths))
+Layout = tuple[
+    tuple[tuple[str, int, str], ...],
+    tuple[str, ...],
+    tuple[tuple[str, int | None, int | None], ...],
+]
+
+
+def layout_of(index: SearchIndex) -> Layout:
+    """What the local indexes hold and how their graphs are built: ((vector path,
+    dimensions, similarity), ...), the filter paths, and ((vector path, maxEdges,
+    numEdgeCandidates), ...) for the vector fields whose hnswOptions set either (None:
+    engine.search.ann's default). Definitions with the same layout share their local
+    indexes; a change of hnswOptions rebuilds the graphs."""
+    vectors, graphs = [], []
+    for f in index.definition.vector_fields:
+        path = f.vector_path if isinstance(f, AutoEmbedField) else f.path
+        vectors.append((path, f.num_dimensions, f.similarity))
+        edges = getattr(f, "max_edges", None)
+        candidates = getattr(f, "num_edge_candidates", None)
+        if edges is not None or candidates is not None:
+            graphs.append((path, edges, candidates))
+    return tuple(vectors), tuple(sorted(index.definition.filter_paths)), tuple(graphs)
 
 
 def projection_of(paths: Iterable[str]) -> dict[str, int]:
@@ -103,8 +117,11 @@ def projection_of(paths: Iterable[str]) -> dict[str, int]:
     return {"_id": 1, **dict.fromkeys(sorted(kept), 1)}
 
 
-def _fingerprint(layout: Any) -> str:
-    return hashlib.sha256(repr(layout).encode()).hexdigest()[:12]
+def _fingerprint(layout: Layout) -> str:
+    # Without hnswOptions, the fingerprint of (vectors, filters) alone: the directory
+    # of an index saved before hnswOptions were honoured stays its own.
+    kept: Any = layout if layout[2] else layout[:2]
+    return hashlib.sha256(repr(kept).encode()).hexdigest()[:12]
 
 
 class Keeper:
@@ -123,6 +140,9 @@ class Keeper:
         self.layout = layout_of(index)
         self.fields = {path: (dim, similarity) for path, dim, similarity in self.layout[0]}
         self.filter_paths = frozenset(self.layout[1])
+        self.graph_options = {
+            path: (edges, candidates) for path, edges, candidates in self.layout[2]
+        }
         self.directory = directory / f"L{_fingerprint(self.layout)}"
         self.settings = settings
         self.metrics = metrics
@@ -313,7 +333,13 @@ class Keeper:
 
     def _build(self) -> dict[str, LocalIndex]:
         locals = {
-            path: LocalIndex(dim, similarity, threads=self.threads)
+            path: LocalIndex(
+                dim,
+                similarity,
+                threads=self.threads,
+                connectivity=self.graph_options.get(path, (None, None))[0],
+                expansion_add=self.graph_options.get(path, (None, None))[1],
+            )
             for path, (dim, similarity) in self.fields.items()
         }
         with self._lock:

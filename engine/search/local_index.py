@@ -41,7 +41,7 @@ import numpy as np
 from bson import ObjectId, encode
 from bson.binary import Binary, BinaryVectorDtype
 
-from engine.search.ann import Graph, GraphMetric
+from engine.search.ann import CONNECTIVITY, EXPANSION_ADD, Graph, GraphMetric
 from engine.search.filters import VectorSearchQueryError
 
 __all__ = [
@@ -128,14 +128,32 @@ def coerce_vector(value: Any, dim: int) -> np.ndarray:
 class LocalIndex:
     """The vectors of one (search index, vector path), by _id (see the module's docstring)."""
 
-    def __init__(self, dim: int, similarity: str, *, threads: int = 1, capacity: int = 1024):
+    def __init__(
+        self,
+        dim: int,
+        similarity: str,
+        *,
+        threads: int = 1,
+        capacity: int = 1024,
+        connectivity: int | None = None,
+        expansion_add: int | None = None,
+    ):
+        """`connectivity` / `expansion_add`: the graph's M and efConstruction (a
+        definition's hnswOptions maxEdges / numEdgeCandidates; None: ann's defaults)."""
         if similarity not in _GRAPH_METRIC:
             raise ValueError(f"unknown similarity {similarity!r}")
         self.dim = dim
         self.similarity = similarity
         self.threads = threads
         self._lock = threading.RLock()
-        self._graph = Graph(dim, _GRAPH_METRIC[similarity], threads=threads, capacity=capacity)
+        self._graph = Graph(
+            dim,
+            _GRAPH_METRIC[similarity],
+            threads=threads,
+            capacity=capacity,
+            connectivity=connectivity or CONNECTIVITY,
+            expansion_add=expansion_add or EXPANSION_ADD,
+        )
         self._vectors = np.zeros((max(capacity, 16), dim), dtype=np.float32)
         self._live = np.zeros(len(self._vectors), dtype=bool)
         self._ids: list[Any] = []  # by slot, up to the high-water mark
@@ -150,6 +168,11 @@ class LocalIndex:
 
     def __contains__(self, doc_id: Any) -> bool:
         return id_key(doc_id) in self._slots
+
+    @property
+    def graph_options(self) -> tuple[int, int]:
+        """(M, efConstruction) of the graph."""
+        return self._graph.connectivity, self._graph.expansion_add
 
     def ids(self) -> list[Any]:
         """Every indexed _id (a copy)."""
@@ -180,6 +203,8 @@ class LocalIndex:
                 values=[self._values[s] for s in slots],
                 graph_file=graph_file,
                 graph_nodes=self._graph.nodes,
+                connectivity=self._graph.connectivity,
+                expansion_add=self._graph.expansion_add,
             )
 
     # ----------------------------------------------------------------- changes
@@ -362,7 +387,14 @@ class LocalIndex:
         if count and (slots.min() < 0 or len(np.unique(slots)) != count):
             raise ValueError("the stored slots are not distinct")
         high = int(slots.max()) + 1 if count else 0
-        index = cls(snapshot.dim, snapshot.similarity, threads=threads, capacity=high)
+        index = cls(
+            snapshot.dim,
+            snapshot.similarity,
+            threads=threads,
+            capacity=high,
+            connectivity=snapshot.connectivity,
+            expansion_add=snapshot.expansion_add,
+        )
         index._vectors[slots] = snapshot.vectors
         index._live[slots] = True
         index._ids = [None] * high
@@ -392,7 +424,7 @@ class LocalIndex:
 class Snapshot:
     """An index's content, as persist writes and reads it: the live rows by slot, and
     the file the graph is saved in (None: build it from the rows) with its node count
-    (live keys and deleted ones)."""
+    (live keys and deleted ones), and the graph's parameters."""
 
     dim: int
     similarity: str
@@ -402,6 +434,8 @@ class Snapshot:
     values: list[Mapping[str, Any]]
     graph_file: Path | None
     graph_nodes: int = 0
+    connectivity: int = CONNECTIVITY  # the graph's M and efConstruction (a saved graph
+    expansion_add: int = EXPANSION_ADD  # file holds its own; these rebuild one without)
 
 
 def default_threads() -> int:

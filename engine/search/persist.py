@@ -4,6 +4,7 @@ A directory per local index holds generations, each complete in its own folder:
 
     CURRENT            "g000042 <sha256 of g000042/manifest.bson>"
     g000042/manifest.bson   {format, dim, similarity, count, graphNodes,
+                             connectivity, expansionAdd (the graph's M, efConstruction),
                              files: {name: {size, sha256}},
                              state: {...the upkeep's (resume token, definition, ...)}}
     g000042/vectors.npy     float32 [count, dim], the stored rows
@@ -33,6 +34,7 @@ from bson import decode, decode_file_iter, encode
 from bson.errors import BSONError
 
 from engine.documents import FAITHFUL
+from engine.search.ann import CONNECTIVITY, EXPANSION_ADD
 from engine.search.local_index import LocalIndex, Snapshot
 
 __all__ = ["FORMAT", "IndexDamaged", "load", "load_index", "remove", "save", "save_index"]
@@ -112,6 +114,8 @@ def save(directory: Path, snapshot: Snapshot, state: Mapping[str, Any]) -> None:
             "similarity": snapshot.similarity,
             "count": len(snapshot.ids),
             "graphNodes": snapshot.graph_nodes,
+            "connectivity": snapshot.connectivity,
+            "expansionAdd": snapshot.expansion_add,
             "files": files,
             "state": dict(state),
         },
@@ -176,6 +180,8 @@ def load(directory: Path) -> tuple[Snapshot, dict[str, Any]]:
             values=[row["f"] for row in rows],
             graph_file=(generation / "graph.hnsw") if data["graph.hnsw"] else None,
             graph_nodes=int(manifest.get("graphNodes", 0)),
+            connectivity=int(manifest.get("connectivity", CONNECTIVITY)),
+            expansion_add=int(manifest.get("expansionAdd", EXPANSION_ADD)),
         )
     except IndexDamaged:
         raise

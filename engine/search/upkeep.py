@@ -6,12 +6,12 @@ index per vector path; engine.search.persist): the index directory is named afte
 index's key ("db.coll/name") made safe for a file name, the layout subdirectory after
 what the local indexes hold (vector paths, dimensions, similarities, filter paths).
 
-An update of a definition that keeps the layout (hnswOptions, say) changes nothing
-here. One that changes it starts a new keeper beside the old one: the old keeps
-answering queries (the index stays queryable, status BUILDING) until the new one is
-READY, then it stops and its files go. A dropped index's keeper stops and its directory
-is removed; directories of indexes the catalog no longer has are removed once the
-catalog has been read.
+An update of a definition that keeps the layout changes nothing here (hnswOptions
+are part of the layout: the graphs are built with them). One that changes it starts a
+new keeper beside the old one: the old keeps answering queries (the index stays
+queryable, status BUILDING) until the new one is READY, then it stops and its files
+go. A dropped index's keeper stops and its directory is removed; directories of
+indexes the catalog no longer has are removed once the catalog has been read.
 """
 
 from __future__ import annotations

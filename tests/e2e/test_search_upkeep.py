@@ -271,3 +271,38 @@ async def test_damaged_files_are_rebuilt_and_a_dropped_index_leaves_no_files(
         await wait_for(lambda: not directory.exists(), "files removed")
         assert served.indexes.state(served.index).status == "BUILDING"
         assert served.metric("modelgate_search_documents_indexed") == 0
+
+
+async def test_hnsw_options_build_the_graph_and_a_change_rebuilds_it(
+    direct: Client, meta_db: str, data: Any, tmp_path: Path
+) -> None:
+    await trio.to_thread.run_sync(data.insert_many, documents(50))
+    fields: list[dict[str, Any]] = [dict(field) for field in DEFINITION["fields"]]
+    fields[0]["hnswOptions"] = {"maxEdges": 32, "numEdgeCandidates": 200}
+    catalog = SearchCatalog(direct, meta_db)
+    await catalog.create(data.full_name, "vi", {"fields": fields})
+    async with serving(direct, meta_db, tmp_path) as served:
+        assert served.local().graph_options == (32, 200)
+        assert (await served.ids(vector(7), limit=1)) == [7]
+        fields[0]["hnswOptions"] = {"maxEdges": 24}
+        await served.indexes.catalog.update(data.full_name, "vi", {"fields": fields})
+
+        def rebuilt() -> bool:
+            local = served.indexes._keepers[served.index.key].locals.get("v")
+            return served.ready() and local is not None and local.graph_options == (24, 128)
+
+        await wait_for(rebuilt, "rebuilt with M=24, READY")
+        assert (await served.ids(vector(7), limit=1)) == [7]
+
+        def saved() -> bool:
+            directories = list((tmp_path / index_directory_name(served.index.key)).glob("L*/v0"))
+            with contextlib.suppress(persist.IndexDamaged):
+                snapshot = persist.load(directories[0])[0] if len(directories) == 1 else None
+                return snapshot is not None and snapshot.connectivity == 24
+            return False
+
+        await wait_for(saved, "saved, the older layout's files gone")
+    # Saved with its options, loaded with them.
+    async with serving(direct, meta_db, tmp_path) as served:
+        assert served.local().graph_options == (24, 128)
+        assert served.metric("modelgate_search_build_seconds_count") == 0

@@ -311,3 +311,25 @@ def test_filter_values_of_any_type_are_kept(tmp_path: Path) -> None:
     index.upsert("x", np.zeros(2), values)
     persist.save_index(tmp_path / "i", index, {})
     assert persist.load_index(tmp_path / "i")[0].get("x")[1] == values  # type: ignore[index]
+
+
+def test_hnsw_options_build_the_graph_and_survive_saving(tmp_path: Path) -> None:
+    data = clustered(300, seed=1)
+    default = LocalIndex(DIM, "cosine")
+    assert default.graph_options == (16, 128)  # engine.search.ann's defaults
+    index = LocalIndex(DIM, "cosine", connectivity=32, expansion_add=400)
+    assert index.graph_options == (32, 400)
+    index.upsert_many((i, data[i], {}) for i in range(len(data)))
+    persist.save_index(tmp_path / "idx", index, {})
+    loaded, _ = persist.load_index(tmp_path / "idx")
+    assert loaded.graph_options == (32, 400)  # hnswlib's file keeps them
+    # Rows without a graph file are rebuilt into a graph with the same options.
+    snapshot, _ = persist.load(tmp_path / "idx")
+    assert (snapshot.connectivity, snapshot.expansion_add) == (32, 400)
+    snapshot.graph_file = None
+    rebuilt = LocalIndex.from_snapshot(snapshot)
+    assert rebuilt.graph_options == (32, 400)
+    q = clustered(1, seed=8)[0]
+    assert rebuilt.search(q, limit=5, num_candidates=50) == index.search(
+        q, limit=5, num_candidates=50
+    )
