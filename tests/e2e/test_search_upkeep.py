@@ -277,7 +277,10 @@ async def test_hnsw_options_build_the_graph_and_a_change_rebuilds_it(
     direct: Client, meta_db: str, data: Any, tmp_path: Path
 ) -> None:
     await trio.to_thread.run_sync(data.insert_many, documents(50))
-    fields: list[dict[str, Any]] = [dict(field) for field in DEFINITION["fields"]]
+    fields: list[dict[str, Any]] = [
+        {"type": "vector", "path": "v", "numDimensions": DIM, "similarity": "euclidean"},
+        {"type": "filter", "path": "genre"},
+    ]
     fields[0]["hnswOptions"] = {"maxEdges": 32, "numEdgeCandidates": 200}
     catalog = SearchCatalog(direct, meta_db)
     await catalog.create(data.full_name, "vi", {"fields": fields})
