@@ -147,55 +147,52 @@ class ModelWorker:
                 )
 
     async def _drain(self, server: ModelServer, queue: WorkQueue, gauges: DeferredMetrics) -> None:
-        """Claim and predict until nothing is pending (or the model was replaced)."""
+        """Claim and predict until nothing is pending (or the model was replaced).
+
+        While a full batch is predicted and written, the next one is claimed beside it:
+        the claim's round trips to the upstream overlap the model's run and the writes
+        instead of following them. (After a batch that was not full there is little
+        left, and claiming early would only keep it from other processes.)"""
         settings = self.workers.settings
         started = time.monotonic()
         last_progress = started
         reported = False  # a drain that showed progress also says when it caught up
         done = 0
-        after = None  # how far this drain has come, in _id order
-        claimed_in_pass = False  # whether this pass through the collection won anything
-        while self.workers.models.get(self.name) is server:
-            batch_started = time.monotonic()
-            claimed = await trio.to_thread.run_sync(
-                queue.claim, self.claim_limit, settings.lease_seconds, after
-            )
-            if claimed.taken_over:
-                gauges.lease_takeovers.inc(claimed.taken_over)
-                log.warning(
-                    "deferred model '%s': %d expired leases taken over (their holder died "
-                    "or did not renew them in time); those documents may be done twice",
-                    self.name,
-                    claimed.taken_over,
-                )
+        claimed = await self._claim(queue, gauges)
+        while True:
+            if self.workers.models.get(self.name) is not server:
+                await trio.to_thread.run_sync(queue.release, claimed)
+                return
             if claimed.scanned_to is None:
-                if after is None:
-                    gauges.pending.set(0)  # the scan found nothing pending at all
-                    if reported:
-                        self._log_rate(server, done, started, prefix="caught up, ")
-                    break
-                if not claimed_in_pass:
-                    # Whatever is pending, other processes hold: leave it to them until
-                    # the next wake-up (a write, or the sweep, which takes over the
-                    # leases of a process that died) instead of asking again at once.
-                    break
-                # The end of the collection: once more from the start, for documents
-                # behind us that became pending meanwhile (updates, failures retried).
-                after, claimed_in_pass = None, False
-                continue
-            after = claimed.scanned_to
+                gauges.pending.set(0)  # the scan found nothing pending at all
+                if reported:
+                    self._log_rate(server, done, started, prefix="caught up, ")
+                return
             if not claimed.documents:
-                continue  # others hold these: move on
-            claimed_in_pass = True
+                # Whatever is pending, other processes hold (or waits for its retry):
+                # leave it to them until the next wake-up (a write, or the sweep, which
+                # takes over the leases of a process that died).
+                return
+            batch_started = time.monotonic()
+            held = [claimed]  # the leases to renew: this batch's, and the next one's
+            ahead = len(claimed.documents) >= self.claim_limit
             gauges.in_progress.set(len(claimed.documents))
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._keep_leases, queue, claimed)
+                    nursery.start_soon(self._keep_leases, queue, held)
+                    claiming = trio.Event()
+                    if ahead:
+                        nursery.start_soon(self._claim_ahead, queue, gauges, held, claiming)
                     written = await self._predict_batch(server, queue, claimed, gauges)
+                    if ahead:
+                        await claiming.wait()
                     nursery.cancel_scope.cancel()
             finally:
                 gauges.in_progress.set(0)
+            upcoming = held[1] if len(held) > 1 else None
             if written is None:
+                if upcoming is not None:
+                    await trio.to_thread.run_sync(queue.release, upcoming)
                 return
             took = time.monotonic() - batch_started
             if took > settings.lease_seconds / 2:
@@ -211,19 +208,43 @@ class ModelWorker:
                 self._log_rate(server, done, started, suffix=f", {pending} pending")
                 last_progress = time.monotonic()
                 reported = True
+            claimed = upcoming if upcoming is not None else await self._claim(queue, gauges)
 
-    async def _keep_leases(self, queue: WorkQueue, claimed: Claimed) -> None:
-        """Renew the batch's leases while it is worked on: a batch that outlasts its
-        lease (a big model, a busy machine) would otherwise be taken over and done twice."""
+    async def _claim(self, queue: WorkQueue, gauges: DeferredMetrics) -> Claimed:
+        claimed = await trio.to_thread.run_sync(
+            queue.claim, self.claim_limit, self.workers.settings.lease_seconds
+        )
+        if claimed.taken_over:
+            gauges.lease_takeovers.inc(claimed.taken_over)
+            log.warning(
+                "deferred model '%s': %d expired leases taken over (their holder died "
+                "or did not renew them in time); those documents may be done twice",
+                self.name,
+                claimed.taken_over,
+            )
+        return claimed
+
+    async def _claim_ahead(
+        self, queue: WorkQueue, gauges: DeferredMetrics, held: list[Claimed], done: trio.Event
+    ) -> None:
+        """Claim the next batch into `held`, where its lease is renewed from then on."""
+        held.append(await self._claim(queue, gauges))
+        done.set()
+
+    async def _keep_leases(self, queue: WorkQueue, held: list[Claimed]) -> None:
+        """Renew the leases in `held` while they are worked on: a batch that outlasts
+        its lease (a big model, a busy machine) would otherwise be taken over and done
+        twice."""
         lease_seconds = self.workers.settings.lease_seconds
         while True:
             await trio.sleep(lease_seconds / 3)
-            try:
-                await trio.to_thread.run_sync(
-                    queue.renew, claimed, lease_seconds, abandon_on_cancel=True
-                )
-            except pymongo.errors.PyMongoError as exc:
-                log.warning("deferred model '%s': cannot renew leases: %s", self.name, exc)
+            for claimed in list(held):
+                try:
+                    await trio.to_thread.run_sync(
+                        queue.renew, claimed, lease_seconds, abandon_on_cancel=True
+                    )
+                except pymongo.errors.PyMongoError as exc:
+                    log.warning("deferred model '%s': cannot renew leases: %s", self.name, exc)
 
     def _log_rate(
         self, server: ModelServer, done: int, started: float, prefix: str = "", suffix: str = ""

@@ -3,8 +3,14 @@ could lose.
 
 The queue itself is the documents: a document in the model's namespace that lacks an
 output of the model's current version is pending. Beside them, in database `modelgate`:
-  deferred_leases    {_id: {model, doc}, owner, expires}: who is working on a document;
-                     a lease that expires (its holder died) is taken over by another
+  deferred_leases    {_id: {model, claim}, model, claim, owner, expires, docs, hi}: who
+                     works on which documents, one lease per claimed batch. A model's
+                     claims are numbered and each is made by inserting the number after
+                     the newest, so of two claims made at once one fails; the newest
+                     one's `hi` is where the next claim scans from. A lease that expires
+                     (its holder died) is taken over by another process. A released
+                     lease (expires long past, no docs, `released_at`) stays a while, so
+                     that its number is not used again by a claim that read before it
   deferred_failures  {_id: {model, doc}, attempts, retry_at, error}: failed attempts
   deferred_stats     {_id: model, done, duplicates, failed}: counters kept by all processes
 
@@ -14,8 +20,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pymongo
@@ -31,6 +38,21 @@ from engine.spec import ModelSpec
 __all__ = ["Claimed", "WorkQueue"]
 
 log = logging.getLogger(__name__)
+
+# Claims in a row that come second to another process's, before this one gives up
+# until the next wake-up (a claim that comes second goes on without a new scan).
+_CLAIM_ATTEMPTS = 8
+
+# The expiry of a released lease: long past, so that no query for live leases counts it.
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+# A claim whose lease is not inserted within this many seconds of its read of the
+# leases reads them again; released leases are deleted once every _CLEANUP_EVERY claims,
+# those released more than _RELEASED_KEPT seconds ago. See WorkQueue.claim for why; the
+# margin between the two is for clocks that disagree.
+_CLAIM_GIVES_UP = 30.0
+_RELEASED_KEPT = 120.0
+_CLEANUP_EVERY = 16
 
 # Documents retried per round trip: bounds the $in lists (upstreams that scan answer
 # long ones slowly) while many failed documents still take few round trips.
@@ -56,8 +78,56 @@ class Claimed:
     retried: frozenset[Any] = frozenset()
     # The last _id the claim looked at (None: it found no candidates at all).
     scanned_to: Any = None
-    # Expired leases this claim removed: a holder died, or stopped renewing in time.
+    # Documents of expired leases this claim took over: their holder died, or stopped
+    # renewing in time.
     taken_over: int = 0
+    # The batch's lease (its _id in deferred_leases); None when nothing was claimed.
+    lease: Any = None
+
+
+@dataclass
+class _LeaseState:
+    """A model's leases and retry waits, as one claim read them."""
+
+    read_at: float  # time.monotonic() of the read
+    newest: int = 0  # the newest claim's number (0: none yet)
+    cursor: Any = None  # where the newest claim ended
+    busy: set[Any] = field(default_factory=set)  # documents held, or waiting for a retry
+    failed: set[Any] = field(default_factory=set)  # documents with failed attempts
+    claims: dict[int, list[Any]] = field(default_factory=dict)  # unreleased: number -> docs
+    taken_over: int = 0  # documents of the expired leases this read took over
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """Pending documents one scan found free, under the newest claim it knew of."""
+
+    candidates: list[dict[str, Any]]
+    scanned_to: Any  # None: nothing pending at all
+    newest: int
+    wrapped: bool  # read from the beginning of the collection
+
+    def without_claims_since(self, state: _LeaseState) -> _Scan | None:
+        """The candidates that the claims made since this scan (as read in `state`)
+        left free; None when one of those claims is released already (its documents
+        are no longer known) or when nothing is left."""
+        taken: set[Any] = set(state.busy)
+        for number in range(self.newest + 1, state.newest + 1):
+            if number not in state.claims:
+                return None
+            taken.update(state.claims[number])
+        candidates = [doc for doc in self.candidates if doc["_id"] not in taken]
+        if not candidates:
+            return None
+        return _Scan(candidates, self.scanned_to, state.newest, self.wrapped)
+
+
+def _later(first: Any, second: Any) -> Any:
+    """The later of two _ids (`first` when they do not compare, or `second` is None)."""
+    try:
+        return second if second is not None and second > first else first
+    except TypeError:
+        return first
 
 
 class WorkQueue:
@@ -122,83 +192,175 @@ class WorkQueue:
         # The sweep asks for documents by their output's version: keep that cheap.
         self.collection.create_index(f"{self.spec.output_field}.version")
         self.leases.create_index([("model", 1), ("expires", 1)])
-        self.leases.create_index("batch")
+        self.leases.create_index([("model", 1), ("claim", -1)])
         self.failures.create_index("model")
 
     def claim(self, limit: int, lease_seconds: float, after: Any = None) -> Claimed:
-        """Lease up to `limit` pending documents that nobody else holds (with `_id`
-        greater than `after`, when given: a drain moves forward through the collection
-        instead of rescanning the documents it has already done).
+        """Lease up to `limit` pending documents that nobody else holds, in `_id` order:
+        past `after` when given, else from where the model's newest claim (of any
+        process) ended, starting over from the beginning of the collection when nothing
+        is pending past it or when expired leases were just taken over.
 
         Written for few round trips, since each costs (SecantusDB, which plans a
         filter of several clauses as a collection scan, answers any query on the model's
-        collection in time that grows with the collection): live leases and retry waits
-        are read whole (they are small) and skipped here rather than in the query; the
-        one read of the model's collection takes the input too; leases are inserted in
-        one unordered batch whose duplicate-key errors are the documents others hold.
-        A document another process finished between that read and our lease is done
-        twice (at-least-once): the write is conditioned on the version, so it is counted
-        as a duplicate and never overwrites; it needs a whole batch of theirs to fit
-        between two of our round trips."""
+        collection in time that grows with the collection): the model's leases (one per
+        batch in flight) and retry waits are read whole and skipped here rather than in
+        the query; the one read of the model's collection takes the input too; the lease
+        is one insert, of the claim number after the newest one read. Its duplicate-key
+        error says that other claims were made since that read: their documents are
+        left to them and the rest is claimed without scanning again (when a claim made
+        meanwhile was released already, the scan is made again). So two live processes
+        do not work on the same document: one that another process finished between our
+        scan and our lease was claimed by a claim made meanwhile.
+
+        That holds because a number, once used, is not free again while a claim that
+        read before it was used can still insert it: a claim gives its insert up 30 s
+        after its read (and reads again), and released leases are deleted only two
+        minutes after their release."""
+        name = self.spec.name
+        taken_over = 0
+        scan: _Scan | None = None
+        for _ in range(_CLAIM_ATTEMPTS):
+            state = self._read_leases()
+            taken_over += state.taken_over
+            if scan is not None:
+                scan = scan.without_claims_since(state)
+            if scan is None:
+                scan = self._scan(state, limit, after)
+            if not scan.candidates:
+                return Claimed(
+                    uuid.uuid4().hex, [], scanned_to=scan.scanned_to, taken_over=taken_over
+                )
+            if time.monotonic() - state.read_at > _CLAIM_GIVES_UP:
+                scan = None  # too long since the read (see above): read and scan again
+                continue
+            number = state.newest + 1
+            lease_id = {"model": name, "claim": number}
+            batch = uuid.uuid4().hex
+            # From now, not from the start of the claim: its reads may have taken a while.
+            now = _now()
+            lease = {
+                "_id": lease_id,
+                "model": name,
+                "claim": number,
+                "owner": self.owner,
+                "batch": batch,
+                "expires": now + datetime.timedelta(seconds=lease_seconds),
+                "docs": [doc["_id"] for doc in scan.candidates],
+                # Where the next claim starts: after a wrap, back where this one ended.
+                "hi": scan.scanned_to if scan.wrapped else _later(scan.scanned_to, state.cursor),
+            }
+            try:
+                self.leases.insert_many([lease])
+            except pymongo.errors.BulkWriteError as exc:
+                if any(error.get("code") != 11000 for error in exc.details["writeErrors"]):
+                    raise
+                continue  # another claim came first: see what it took
+            if number % _CLEANUP_EVERY == 0:
+                self.leases.delete_many(
+                    {
+                        "model": name,
+                        "released_at": {"$lte": now - datetime.timedelta(seconds=_RELEASED_KEPT)},
+                    }
+                )
+            documents = scan.candidates
+            retried = frozenset(state.failed & {doc["_id"] for doc in documents})
+            return Claimed(batch, documents, retried, scan.scanned_to, taken_over, lease_id)
+        log.info("deferred model '%s': %d claims in a row came second", name, _CLAIM_ATTEMPTS)
+        scanned_to = scan.scanned_to if scan is not None else after
+        return Claimed(uuid.uuid4().hex, [], scanned_to=scanned_to, taken_over=taken_over)
+
+    def _read_leases(self) -> _LeaseState:
+        """The model's leases and retry waits as they are now, expired leases taken over."""
+        state = _LeaseState(read_at=time.monotonic())
         now = _now()
         name = self.spec.name
-        leases = list(self.leases.find({"model": name}, {"doc": 1, "expires": 1}))
-        expired = [lease["_id"] for lease in leases if _aware(lease["expires"]) <= now]
-        taken_over = 0
-        if expired:
-            # By _id and expiry both: a lease renewed since it was read stays.
-            taken_over = self.leases.delete_many(
-                {"_id": {"$in": expired}, "expires": {"$lte": now}}
-            ).deleted_count
-        busy = {lease["doc"] for lease in leases if _aware(lease["expires"]) > now}
-        failures = list(self.failures.find({"model": name}, {"doc": 1, "retry_at": 1}))
-        busy |= {f["doc"] for f in failures if f.get("retry_at") and _aware(f["retry_at"]) > now}
-        query = self.pending_filter()
-        if after is not None:
-            query = {"$and": [query, {"_id": {"$gt": after}}]}
-        scanned = list(
-            self.collection.find(query, {self.spec.input_field: 1})
-            .sort("_id", 1)
-            .limit(limit + len(busy))
+        newest = self.leases.find_one(
+            {"model": name, "claim": {"$gt": 0}}, {"claim": 1, "hi": 1}, sort=[("claim", -1)]
         )
-        batch = uuid.uuid4().hex
-        if not scanned:
-            return Claimed(batch, [], taken_over=taken_over)
-        candidates = [doc for doc in scanned if doc["_id"] not in busy][:limit]
-        scanned_to = candidates[-1]["_id"] if len(candidates) == limit else scanned[-1]["_id"]
-        if not candidates:
-            return Claimed(batch, [], scanned_to=scanned_to, taken_over=taken_over)
-        # From now, not from the start of the claim: its reads may have taken a while.
-        expires = _now() + datetime.timedelta(seconds=lease_seconds)
-        documents = candidates
-        try:
-            self.leases.insert_many(
-                [
-                    {
-                        "_id": {"model": name, "doc": doc["_id"]},
-                        "model": name,
-                        "doc": doc["_id"],
-                        "owner": self.owner,
-                        "batch": batch,
-                        "expires": expires,
-                    }
-                    for doc in candidates
-                ],
-                ordered=False,
+        if newest is not None:
+            state.newest, state.cursor = int(newest["claim"]), newest.get("hi")
+        legacy_expired = []
+        # Unreleased leases: live, or expired and not yet taken over.
+        for lease in self.leases.find({"model": name, "expires": {"$gt": _EPOCH}}):
+            if "claim" not in lease:
+                # A lease of one document, as modelgate wrote them before leases by batch.
+                if _aware(lease["expires"]) > now:
+                    state.busy.add(lease["doc"])
+                else:
+                    legacy_expired.append(lease["_id"])
+                continue
+            number = int(lease["claim"])
+            state.claims[number] = list(lease["docs"])
+            if number > state.newest:  # inserted between the two reads
+                state.newest, state.cursor = number, lease.get("hi")
+            if _aware(lease["expires"]) > now:
+                state.busy.update(lease["docs"])
+            elif self._release(lease["_id"], expired_by=now):
+                state.taken_over += len(lease["docs"])
+                del state.claims[number]
+            else:
+                state.busy.update(lease["docs"])  # renewed since it was read: still held
+        if legacy_expired:
+            # By _id and expiry both: a lease renewed since it was read stays.
+            state.taken_over += self.leases.delete_many(
+                {"_id": {"$in": legacy_expired}, "expires": {"$lte": now}}
+            ).deleted_count
+        for failure in self.failures.find({"model": name}, {"doc": 1, "retry_at": 1}):
+            state.failed.add(failure["doc"])
+            if failure.get("retry_at") and _aware(failure["retry_at"]) > now:
+                state.busy.add(failure["doc"])
+        return state
+
+    def _scan(self, state: _LeaseState, limit: int, after: Any) -> _Scan:
+        """Read the next pending documents that `state` leaves free (with their input)."""
+        start = after
+        if after is None and not state.taken_over:
+            start = state.cursor  # else from the beginning: the expired leases' documents
+        while True:
+            query = self.pending_filter()
+            if start is not None:
+                query = {"$and": [query, {"_id": {"$gt": start}}]}
+            # Enough to fill the batch even when the documents others hold come first.
+            scanned = list(
+                self.collection.find(query, {self.spec.input_field: 1})
+                .sort("_id", 1)
+                .limit(limit + len(state.busy))
             )
-        except pymongo.errors.BulkWriteError as exc:
-            lost = {e["index"] for e in exc.details["writeErrors"]}
-            documents = [doc for index, doc in enumerate(candidates) if index not in lost]
-        retried = frozenset(f["doc"] for f in failures) & {doc["_id"] for doc in documents}
-        return Claimed(batch, documents, retried, scanned_to, taken_over)
+            candidates = [doc for doc in scanned if doc["_id"] not in state.busy][:limit]
+            if candidates or after is not None or start is None:
+                break
+            start = None  # nothing free past the newest claim: from the beginning again
+        if not scanned:
+            return _Scan([], None, state.newest, wrapped=start is None)
+        last = candidates[-1] if len(candidates) == limit else scanned[-1]
+        return _Scan(candidates, last["_id"], state.newest, wrapped=start is None)
 
     def renew(self, claimed: Claimed, lease_seconds: float) -> None:
-        """Extend the batch's leases (those still ours) from now."""
+        """Extend the batch's lease (if it is still ours: not taken over) from now."""
+        if claimed.lease is None:
+            return
         expires = _now() + datetime.timedelta(seconds=lease_seconds)
-        self.leases.update_many({"batch": claimed.batch}, {"$set": {"expires": expires}})
+        self.leases.update_one(
+            {"_id": claimed.lease, "owner": self.owner, "expires": {"$gt": _EPOCH}},
+            {"$set": {"expires": expires}},
+        )
 
     def release(self, claimed: Claimed) -> None:
-        self.leases.delete_many({"batch": claimed.batch})
+        if claimed.lease is not None:
+            self._release(claimed.lease)
+
+    def _release(self, lease_id: Any, expired_by: datetime.datetime | None = None) -> bool:
+        """Release a lease unless released already (or, with `expired_by`, unless it
+        was renewed to a later time): its documents are free. Whether this released it."""
+        expires: dict[str, Any] = {"$gt": _EPOCH}
+        if expired_by is not None:
+            expires["$lte"] = expired_by
+        result = self.leases.update_one(
+            {"_id": lease_id, "expires": expires},
+            {"$set": {"expires": _EPOCH, "docs": [], "released_at": _now()}},
+        )
+        return bool(result.modified_count)
 
     # -- results -----------------------------------------------------------------------
 
@@ -317,15 +479,18 @@ class WorkQueue:
         }
 
     def _in_progress(self, now: datetime.datetime) -> list[dict[str, Any]]:
-        """The live leases whose document still waits for this version's output. A lease
-        on a finished document is not work in progress: its batch was written and is
-        about to be released, or its holder died after writing (it lingers until it
-        expires)."""
-        live = list(
-            self.leases.find(
-                {"model": self.spec.name, "expires": {"$gt": now}}, {"owner": 1, "doc": 1}
+        """The documents of live leases ({owner, doc}) that still wait for this version's
+        output. A leased document that is finished is not work in progress: its batch
+        was written and is about to be released, or its holder died after writing (the
+        lease lingers until it expires)."""
+        live = [
+            {"owner": lease["owner"], "doc": doc}
+            for lease in self.leases.find(
+                {"model": self.spec.name, "expires": {"$gt": now}},
+                {"owner": 1, "doc": 1, "docs": 1},
             )
-        )
+            for doc in (lease["docs"] if "docs" in lease else [lease["doc"]])
+        ]
         if not live:
             return []
         finished = {

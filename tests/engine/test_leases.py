@@ -7,6 +7,7 @@ so no test waits for a clock."""
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,20 @@ def predict(queue: WorkQueue, documents: list[dict[str, Any]], tag: str = "") ->
     return [(doc, {"value": doc["x"], "by": tag, "version": queue.version}) for doc in documents]
 
 
+def live_leases(upstream: Upstream) -> list[dict[str, Any]]:
+    now = datetime.datetime.now(datetime.UTC)
+    return [lease for lease in upstream.leases.documents if lease["expires"] > now]
+
+
+def claim_all(queue: WorkQueue) -> list[Any]:
+    """Claim until nothing is left (claims go on from the newest claim's end and start
+    over from the beginning past the last document); the ids claimed, in order."""
+    claimed: list[Any] = []
+    while more := queue.claim(100, LONG).documents:
+        claimed += ids(more)
+    return claimed
+
+
 def finish(queue: WorkQueue, limit: int = 100) -> list[Any]:
     """Claim and write everything pending; the ids done."""
     claimed = queue.claim(limit, LONG)
@@ -124,7 +139,7 @@ def test_expired_leases_are_taken_over(upstream: Upstream) -> None:
     other = b.claim(10, LONG)
     assert other.taken_over == 4
     assert ids(other.documents) == list(range(10))
-    assert {lease["owner"] for lease in upstream.leases.documents} == {"b"}
+    assert {lease["owner"] for lease in live_leases(upstream)} == {"b"}
 
 
 def test_a_document_waits_for_its_retry_time_then_gets_an_error_record(
@@ -154,10 +169,10 @@ def test_results_are_written_only_where_the_input_is_unchanged(upstream: Upstrea
     assert upstream.output(1) is None
     for doc_id in (0, 2, 3):
         assert upstream.output(doc_id) == {"value": [float(doc_id)], "by": "", "version": 1}
-    assert upstream.leases.documents == []  # the batch is released
+    assert live_leases(upstream) == []  # the batch is released
     assert upstream.counters()["done"] == 3
-    # Still pending, with its new input.
-    assert upstream.queue("b").claim(1, LONG).documents == [{"_id": 1, "x": [100.0]}]
+    # Still pending, with its new input (found when claims start over from the beginning).
+    assert upstream.queue("b").claim(1, LONG, after=0).documents == [{"_id": 1, "x": [100.0]}]
 
 
 def test_work_done_twice_is_counted_and_not_overwritten(upstream: Upstream) -> None:
@@ -191,14 +206,15 @@ def test_mark_changed_makes_one_output_pending_again(upstream: Upstream) -> None
     queue.mark_changed(7)  # no output yet: nothing to make stale
     assert upstream.output(0) == {"value": [0.0], "by": "", "backfillOf": 1}
     assert upstream.output(7) is None
-    assert ids(queue.claim(100, LONG).documents) == [0, 5, 6, 7, 8, 9]
+    # Past the newest claim first, then from the beginning again.
+    assert claim_all(queue) == [5, 6, 7, 8, 9, 0]
 
 
 def test_mark_stale_recomputes_the_outputs_that_match(upstream: Upstream) -> None:
     queue = upstream.queue("a")
     finish(queue, limit=6)  # documents 0..5 have outputs
     assert queue.mark_stale({"group": 0}) == 3  # 0, 2 and 4 (6, 8 had none)
-    assert ids(queue.claim(100, LONG).documents) == [0, 2, 4, 6, 7, 8, 9]
+    assert claim_all(queue) == [6, 7, 8, 9, 0, 2, 4]
     assert upstream.output(1)["version"] == 1
 
 
@@ -228,3 +244,69 @@ def test_status_counts_a_lease_in_progress_only_while_its_document_is_pending(
     status = a.status()
     assert status["inProgress"] == 0
     assert status["leaseHolders"] == []
+
+
+# -- claims made at the same time ------------------------------------------------------
+
+
+def scanning_while(queue: WorkQueue, meanwhile: Any) -> list[int]:
+    """Make `queue`'s scans call `meanwhile()` (other processes' work done while the scan
+    is on its way) the first time; returns a list that counts the scans."""
+    scans: list[int] = []
+    original = queue._scan
+
+    def scan(*args: Any) -> Any:
+        found = original(*args)
+        if not scans:
+            meanwhile()
+        scans.append(1)
+        return found
+
+    queue._scan = scan  # type: ignore[method-assign]
+    return scans
+
+
+def test_a_claim_that_comes_second_leaves_the_first_its_documents(upstream: Upstream) -> None:
+    a, b = upstream.queue("a"), upstream.queue("b")
+    scans = scanning_while(a, lambda: b.claim(2, LONG))
+    claimed = a.claim(4, LONG)
+    assert ids(claimed.documents) == [2, 3]  # 0 and 1 went to b meanwhile
+    assert len(scans) == 1  # without scanning again
+    assert sorted(lease["claim"] for lease in live_leases(upstream)) == [1, 2]
+
+
+def test_work_finished_meanwhile_is_not_claimed_again(upstream: Upstream) -> None:
+    """b claims, finishes and releases documents while a scans, and c's claim then
+    cleans b's lease up: a cannot tell which documents b had, so it scans again."""
+    a, b, c = upstream.queue("a"), upstream.queue("b"), upstream.queue("c")
+
+    def others() -> None:
+        assert finish(b, limit=2) == [0, 1]
+        assert ids(c.claim(1, LONG).documents) == [2]
+
+    scans = scanning_while(a, others)
+    claimed = a.claim(4, LONG)
+    assert ids(claimed.documents) == [3, 4, 5, 6]
+    assert len(scans) == 2
+    assert upstream.counters()["duplicates"] == 0
+
+
+def test_released_leases_are_deleted_some_time_after_their_release(
+    upstream: Upstream,
+) -> None:
+    upstream.collection.documents = [{"_id": i, "x": [float(i)]} for i in range(60)]
+    queue = upstream.queue("a")
+    for _ in range(15):
+        claimed = queue.claim(2, LONG)
+        queue.write_outputs(claimed, predict(queue, claimed.documents))
+    assert len(upstream.leases.documents) == 15
+    assert live_leases(upstream) == []
+    # The 16th claim cleans up, but only leases released more than two minutes ago
+    # (a claim that read before they were released may still use their numbers).
+    queue.claim(2, LONG)
+    assert len(upstream.leases.documents) == 16
+    for lease in upstream.leases.documents[:10]:
+        lease["released_at"] -= datetime.timedelta(minutes=2)
+    for _ in range(16):
+        queue.claim(1, LONG)
+    assert sorted(lease["claim"] for lease in upstream.leases.documents) == list(range(11, 33))
