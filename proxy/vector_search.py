@@ -27,17 +27,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from time import perf_counter_ns
-from typing import Any, Protocol
+from typing import Any
 
 import bson
 from bson.int64 import Int64
 from bson.raw_bson import RawBSONDocument
 
-from engine.batching import ModelServer, Prediction
+from engine.batching import Prediction
 from engine.documents import FAITHFUL
 from engine.errors import BadValue, TypeMismatch
+from engine.models import ModelSet
 from engine.search.auto_embed import derived_model_name
-from engine.search.filters import VectorFilter, VectorSearchQueryError, compile_filter
+from engine.search.catalog import SearchCatalog
+from engine.search.definitions import AutoEmbedField, SearchIndex, VectorField
+from engine.search.filters import VectorSearchQueryError, compile_filter
+from engine.search.upkeep import SearchIndexes
 from proxy.session import (
     AnswerLocally,
     CommandContext,
@@ -63,55 +67,6 @@ _MARKERS = (VECTOR_SEARCH.encode(), LIST_SEARCH_INDEXES.encode())
 _RAW = FAITHFUL.with_options(document_class=RawBSONDocument)
 
 
-# -- what the stage reads of the catalog and the local indexes (engine.search) ----------
-
-
-class IndexState(Protocol):
-    @property
-    def status(self) -> str: ...
-    @property
-    def queryable(self) -> bool: ...
-    @property
-    def indexed(self) -> int: ...
-    @property
-    def pending(self) -> int: ...
-    @property
-    def failed(self) -> int: ...
-    @property
-    def message(self) -> str | None: ...
-
-
-class SearchIndexesLike(Protocol):
-    def state(self, index: Any) -> IndexState: ...
-
-    async def search(
-        self,
-        index: Any,
-        path: str,
-        query_vector: Sequence[float],
-        *,
-        num_candidates: int,
-        limit: int,
-        filter: VectorFilter | None,
-        exact: bool,
-    ) -> list[tuple[Any, float]]: ...
-
-
-class CatalogLike(Protocol):
-    @property
-    def indexes(self) -> Mapping[str, Any]: ...
-
-    def get(self, namespace: str, name: str) -> Any: ...
-
-    def get_by_id(self, namespace: str, index_id: str) -> Any: ...
-
-    def for_namespace(self, namespace: str) -> list[Any]: ...
-
-
-class ModelSetLike(Protocol):
-    def get(self, name: str) -> ModelServer | None: ...
-
-
 # -- the interceptor --------------------------------------------------------------------
 
 
@@ -120,7 +75,7 @@ class VectorSearchStages:
     docstring); `models` embeds `query` text."""
 
     def __init__(
-        self, catalog: CatalogLike, indexes: SearchIndexesLike, models: ModelSetLike | None
+        self, catalog: SearchCatalog, indexes: SearchIndexes, models: ModelSet | None
     ) -> None:
         self.catalog = catalog
         self.indexes = indexes
@@ -196,18 +151,22 @@ class VectorSearchStages:
         )
 
     async def _embed(
-        self, context: CommandContext, index: Any, field: Any, query: VectorSearchQuery
+        self,
+        context: CommandContext,
+        index: SearchIndex,
+        field: VectorField | AutoEmbedField,
+        query: VectorSearchQuery,
     ) -> list[float]:
         """The query text's vector, by the model that embeds the index's documents."""
-        model_name = getattr(field, "model", None)
-        if not isinstance(model_name, str) or not hasattr(field, "vector_path"):
+        if not isinstance(field, AutoEmbedField):
             raise VectorSearchQueryError(
                 f"Path '{query.path}' is indexed as vector, not autoEmbed: a query by text "
                 "needs an autoEmbed field (or give queryVector)"
             )
+        model_name = field.model
         if query.model is not None and query.model != model_name:
             raise VectorSearchQueryError(
-                f"\"model\" '{query.model}' differs from the index's model '{model_name}'"
+                f"\"model\" '{query.model}' differs from the index's model '{field.model}'"
             )
         server = None
         if self.models is not None:
@@ -266,7 +225,7 @@ class VectorSearchStages:
         return listing
 
 
-def _embedding_models(index: Any, model_name: str) -> Iterator[str]:
+def _embedding_models(index: SearchIndex, model_name: str) -> Iterator[str]:
     """The served models that may embed an autoEmbed index's query text, in order of
     preference: the index's derived model (the version that embedded its documents),
     else the model the index names (the same ONNX, unless re-registered since)."""
@@ -279,10 +238,6 @@ def _embedding_models(index: Any, model_name: str) -> Iterator[str]:
 _WRITES = frozenset({"insert", "update", "delete", "findAndModify", "findandmodify", "bulkWrite"})
 
 
-class SearchIndexesWritten(Protocol):
-    def notify_written(self, namespace: str, ids: Sequence[Any] | None) -> None: ...
-
-
 class SearchWrites:
     """Tells the local indexes about writes the proxy forwarded to a namespace that has
     search indexes, so that they refresh those documents promptly. Costs nothing to a
@@ -291,7 +246,7 @@ class SearchWrites:
 
     commands = _WRITES
 
-    def __init__(self, catalog: CatalogLike, indexes: SearchIndexesWritten) -> None:
+    def __init__(self, catalog: SearchCatalog, indexes: SearchIndexes) -> None:
         self.catalog = catalog
         self.indexes = indexes
 
