@@ -1,8 +1,7 @@
 """Vector search: `python -m bench search [--quick] [--json PATH] [--part ann ...]`.
 
-Parts (each a function returning its section of the report; more are added as the
-search path grows, the end-to-end `$vectorSearch` through modelgate and the autoEmbed
-ingest rate among them):
+Parts (each a function returning its section of the report; all run unless --part
+names some):
 
 - `ann`: the approximate-nearest-neighbour libraries alone, and modelgate's
   LocalIndex over the chosen one, at 100,000 vectors of 384 dimensions (--count,
@@ -16,6 +15,29 @@ ingest rate among them):
   uniform random unit vectors (the hard case for graph indexes).
 
 No MongoDB and no proxy are involved in the `ann` part.
+
+- `e2e`: `$vectorSearch` end to end through a `modelgate serve` process at 10,000
+  documents of 384 dimensions (--docs; the same clustered data), written straight to
+  the upstream: the index's build time, p50/p99 and recall@10 (against numpy) of
+  `[{$vectorSearch: {index, path, queryVector, numCandidates: 100, limit: 10}},
+  {$project: {score: {$meta: "vectorSearchScore"}}}]` through modelgate, the same with
+  `exact: true`, and for context the upstream alone fetching the same ten documents
+  (`$match: {_id: {$in}}`) and one document (`find_one`).
+- `autoembed`: --texts generated sentences (2,000) inserted through modelgate, then an
+  autoEmbed index on them with all-MiniLM-L6-v2 (--text-model; exported once to ONNX and
+  cached under ~/.cache/modelgate/bench-search): the time until every document is
+  embedded and indexed, as a rate and as a ratio of onnxruntime alone embedding the
+  same texts in batches of the registered batch size (64); the stored vectors are
+  checked against onnxruntime's.
+- `text-recall`: recall@10 and latency of the local index over REAL sentence
+  embeddings: --recall-texts sentences (20,000) and --recall-queries other sentences
+  (1,000) embedded once by onnxruntime with the text model (cached), at numCandidates
+  = 10 x limit with the default graph and at two alternatives. Recall is given as
+  found-in-the-exact-top-10 and counting ties with the 10th exact score as right (the
+  generated sentences repeat).
+
+--quick: 5,000 vectors for `ann`, 500 documents for `e2e`, 200 texts with the small
+generated text encoder (not MiniLM) for `autoembed` and `text-recall`.
 """
 
 from __future__ import annotations
@@ -37,7 +59,10 @@ from engine.stats import percentile
 
 __all__ = ["ANN_LIBRARIES", "PARTS", "SUMMARY", "main"]
 
-SUMMARY = "vector search: ANN libraries' recall@10, p50/p99, build time, memory (100k x 384)"
+SUMMARY = (
+    "vector search: ANN recall@10, p50/p99, build, memory (100k x 384); $vectorSearch end to "
+    "end (10k docs); autoEmbed ingest vs onnxruntime; recall on MiniLM embeddings"
+)
 
 #: HNSW parameters shared by every library, so that they are compared on equal terms
 #: (and the ones engine.search.local_index uses).
@@ -328,8 +353,31 @@ def ann_part(args: argparse.Namespace) -> dict[str, Any]:
     return section
 
 
+def e2e_part(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.search_e2e import e2e_part as part
+
+    return part(args)
+
+
+def autoembed_part(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.search_e2e import autoembed_part as part
+
+    return part(args)
+
+
+def text_recall_part(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.search_e2e import text_recall_part as part
+
+    return part(args)
+
+
 #: part name -> function(args) -> its section of the report.
-PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"ann": ann_part}
+PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "ann": ann_part,
+    "e2e": e2e_part,
+    "autoembed": autoembed_part,
+    "text-recall": text_recall_part,
+}
 
 
 def _ann_table(section: dict[str, Any]) -> str:
@@ -355,10 +403,15 @@ def _ann_table(section: dict[str, Any]) -> str:
 
 
 def report(payload: dict[str, Any]) -> str:
-    parts = []
-    if "ann" in payload["results"]:
-        parts.append(_ann_table(payload["results"]["ann"]))
-    return "\n\n".join(parts)
+    from bench.search_report import autoembed_table, e2e_table, text_recall_table
+
+    tables = {
+        "ann": _ann_table,
+        "e2e": e2e_table,
+        "autoembed": autoembed_table,
+        "text-recall": text_recall_table,
+    }
+    return "\n\n".join(tables[part](section) for part, section in payload["results"].items())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -378,14 +431,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--library", dest="libraries", action="append", choices=list(ANN_LIBRARIES),
         help="(all)",
     )  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="5,000 vectors, 200 queries")
+    parser.add_argument("--docs", type=int, default=10_000, help="e2e: documents (10,000)")
+    parser.add_argument("--e2e-queries", type=int, default=500, help="e2e: queries (500)")
+    parser.add_argument("--texts", type=int, default=2000, help="autoembed: texts (2,000)")
+    parser.add_argument(
+        "--text-model", choices=["minilm", "small"], help="(minilm; small with --quick)"
+    )
+    parser.add_argument(
+        "--recall-texts", type=int, default=20_000, help="text-recall: sentences (20,000)"
+    )
+    parser.add_argument(
+        "--recall-queries", type=int, default=1000, help="text-recall: queries (1,000)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke-sized run of every part")
     parser.add_argument("--json", metavar="PATH", help="write every number as JSON to PATH")
     parser.add_argument(
-        "--upstream", metavar="URI", help="MongoDB for the end-to-end parts (ann uses none)"
+        "--upstream", metavar="URI", help="MongoDB for e2e and autoembed (embedded SecantusDB)"
     )
     args = parser.parse_args(argv)
     if args.quick:
         args.count, args.queries = min(args.count, 5000), min(args.queries, 200)
+        args.docs, args.e2e_queries = min(args.docs, 500), min(args.e2e_queries, 50)
+        args.texts = min(args.texts, 200)
+        args.recall_texts = min(args.recall_texts, 2000)
+        args.recall_queries = min(args.recall_queries, 100)
+    args.text_model = args.text_model or ("small" if args.quick else "minilm")
     args.data = args.data or ["clustered"]
     args.libraries = args.libraries or list(ANN_LIBRARIES)
     payload: dict[str, Any] = {"benchmark": "search", "machine": machine_info(), "results": {}}
