@@ -19,8 +19,8 @@ DOCKER = ROOT / "docker"
 GRAFANA = DOCKER / "grafana"
 METRICS_PORT = 9216
 
-#: The agreed metric families (issue 11), as Prometheus exposes them: counters with
-#: `_total`, histograms as `_bucket`, `_sum` and `_count`.
+#: The agreed metric families (issue 11, and issue 10's search families), as Prometheus
+#: exposes them: counters with `_total`, histograms as `_bucket`, `_sum` and `_count`.
 COUNTERS = (
     "modelgate_predictions",
     "modelgate_prediction_errors",
@@ -38,6 +38,8 @@ COUNTERS = (
     "modelgate_upstream_connects",
     "modelgate_upstream_errors",
     "modelgate_slow_requests",
+    "modelgate_search_queries",
+    "modelgate_search_upkeep_errors",
 )
 GAUGES = (
     "modelgate_model_info",
@@ -46,6 +48,9 @@ GAUGES = (
     "modelgate_deferred_failed",
     "modelgate_image_cache_bytes",
     "modelgate_connections_open",
+    "modelgate_search_documents_indexed",
+    "modelgate_search_documents_pending",
+    "modelgate_search_documents_failed",
 )
 HISTOGRAMS = (
     "modelgate_batch_size",
@@ -53,6 +58,8 @@ HISTOGRAMS = (
     "modelgate_queue_wait_seconds",
     "modelgate_deferred_lag_seconds",
     "modelgate_added_latency_seconds",
+    "modelgate_search_query_seconds",
+    "modelgate_search_build_seconds",
 )
 AGREED_SERIES = frozenset(
     [f"{name}_total" for name in COUNTERS]

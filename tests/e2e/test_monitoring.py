@@ -58,6 +58,14 @@ FAMILIES = {
     "modelgate_added_latency_seconds",
     "modelgate_upstream_connects",
     "modelgate_upstream_errors",
+    # vector search (issue 10): per search index
+    "modelgate_search_documents_indexed",
+    "modelgate_search_documents_pending",
+    "modelgate_search_documents_failed",
+    "modelgate_search_queries",
+    "modelgate_search_query_seconds",
+    "modelgate_search_build_seconds",
+    "modelgate_search_upkeep_errors",
     "modelgate_slow_requests",
 }
 LABELS = ["a", "b", "c"]
