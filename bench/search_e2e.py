@@ -29,6 +29,7 @@ import numpy as np
 from bench.search_text import OnnxEmbedder, cached_embeddings, load_text_model
 from bench.support.processes import Stack, bench_stack, connect
 from engine.stats import percentile
+from proxy.vector_search_stage import search_pipeline
 
 __all__ = ["autoembed_part", "e2e_part", "text_recall_part"]
 
@@ -160,10 +161,17 @@ def e2e_part(args: argparse.Namespace) -> dict[str, Any]:
             latencies.append(time.perf_counter() - t0)
             found.append([doc["_id"] for doc in result])
         section["proxy"] = {**_latency(latencies), "recall_at_k": recall(found, truth)}
-        # The upstream fetching the same ten documents by _id (what the stage's later
-        # stages cost there), and a plain find of one document: the floor of any query.
-        by_id, one = [], []
+        # The upstream running the pipeline modelgate sends it in place of the client's
+        # (the ten by _id, ranked, scored, projected), the same ten by _id alone, and a
+        # plain find of one document: the floor of any query.
+        by_id, one, sent = [], [], []
+        later = [{"$project": {"score": {"$meta": "vectorSearchScore"}}}]
         for ids in found:
+            scores = [(doc_id, 1.0 - rank / 100) for rank, doc_id in enumerate(ids)]
+            rewritten = search_pipeline(scores, later)
+            t0 = time.perf_counter()
+            list(direct.aggregate(rewritten))
+            sent.append(time.perf_counter() - t0)
             match: list[dict[str, Any]] = [
                 {"$match": {"_id": {"$in": ids}}},
                 {"$project": {"_id": 1}},
@@ -174,6 +182,7 @@ def e2e_part(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             direct.find_one({"_id": ids[0]}, {"_id": 1})
             one.append(time.perf_counter() - t0)
+        section["direct_sent_pipeline"] = _latency(sent)
         section["direct_match_in"] = _latency(by_id)
         section["direct_find_one"] = _latency(one)
         exact_latencies, exact_found = [], []

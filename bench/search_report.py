@@ -18,6 +18,7 @@ def e2e_table(section: dict[str, Any]) -> str:
     rows = [
         ["modelgate: $vectorSearch + $project score", section["proxy"]],
         ["modelgate: same, exact: true", section["proxy_exact"]],
+        ["upstream alone: the pipeline modelgate sends", section["direct_sent_pipeline"]],
         ["upstream alone: $match {_id: {$in: the 10}}", section["direct_match_in"]],
         ["upstream alone: find_one by _id", section["direct_find_one"]],
     ]
