@@ -313,8 +313,10 @@ class LocalIndex:
         with self._lock:
             if limit <= 0 or not self._slots:
                 return []
+            if exact and filter is None:
+                return self._rank_all(q, limit)
             if exact:
-                slots = self._live_slots() if filter is None else self._matching(filter)
+                slots = self._matching(filter)
             elif filter is None:
                 slots, _ = self._graph.search(q, num_candidates, num_candidates)
             else:
@@ -353,6 +355,18 @@ class LocalIndex:
             wanted *= 4
             if wanted > count // 4:
                 return self._matching(filter)
+
+    def _rank_all(self, q: np.ndarray, limit: int) -> list[tuple[Any, float]]:
+        """Exact search without a filter: every row scored in place (no copy of the
+        matrix), removed slots never chosen."""
+        high = len(self._ids)
+        scores = self.scores(q, self._vectors[:high])
+        scores[~self._live[:high]] = -np.inf
+        count = min(limit, len(self._slots))
+        top = np.argpartition(-scores, count - 1)[:count] if count < high else np.arange(high)
+        top = top[np.isfinite(scores[top])]
+        order = np.lexsort((top, -scores[top]))
+        return [(self._ids[top[i]], float(scores[top[i]])) for i in order]
 
     def _rank(self, q: np.ndarray, slots: np.ndarray, limit: int) -> list[tuple[Any, float]]:
         if len(slots) == 0:
