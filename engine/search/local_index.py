@@ -313,12 +313,12 @@ class LocalIndex:
         with self._lock:
             if limit <= 0 or not self._slots:
                 return []
-            if exact and filter is None:
+            if filter is None and exact:
                 return self._rank_all(q, limit)
-            if exact:
-                slots = self._matching(filter)
-            elif filter is None:
+            if filter is None:
                 slots, _ = self._graph.search(q, num_candidates, num_candidates)
+            elif exact:
+                slots = self._matching(filter)
             else:
                 slots = self._filtered_candidates(q, num_candidates, filter)
             return self._rank(q, slots, limit)
