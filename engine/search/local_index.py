@@ -323,6 +323,23 @@ class LocalIndex:
                 slots = self._filtered_candidates(q, num_candidates, filter)
             return self._rank(q, slots, limit)
 
+    def search_now(
+        self,
+        query: Sequence[float] | np.ndarray,
+        *,
+        limit: int,
+        num_candidates: int,
+        exact: bool = False,
+    ) -> list[tuple[Any, float]] | None:
+        """`search` without a filter if the index's lock is free now; None if a writer
+        holds it (a caller on an event loop must not wait for one)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self.search(query, limit=limit, num_candidates=num_candidates, exact=exact)
+        finally:
+            self._lock.release()
+
     def _live_slots(self) -> np.ndarray:
         return np.flatnonzero(self._live[: len(self._ids)])
 
@@ -384,7 +401,10 @@ class LocalIndex:
         if self.similarity == "euclidean":
             distances = np.sqrt(np.maximum(((vectors - q) ** 2).sum(axis=1), 0.0))
             return np.asarray(1.0 / (1.0 + distances), dtype=np.float64)
-        return np.asarray((1.0 + vectors @ q) / 2.0, dtype=np.float64)
+        # einsum, not BLAS: one thread, steady; BLAS's threads for a large matrix-vector
+        # product stall when the host's cores are busy (10,000 x 384: 0.6 ms here, and
+        # up to 10 ms with BLAS on a loaded 2-core host).
+        return np.asarray((1.0 + np.einsum("ij,j->i", vectors, q)) / 2.0, dtype=np.float64)
 
     # ----------------------------------------------------------------- loading
 

@@ -333,3 +333,32 @@ def test_hnsw_options_build_the_graph_and_survive_saving(tmp_path: Path) -> None
     assert rebuilt.search(q, limit=5, num_candidates=50) == index.search(
         q, limit=5, num_candidates=50
     )
+
+
+def test_search_now_answers_unless_a_writer_holds_the_index() -> None:
+    import threading
+
+    index, _ = filled("cosine", count=300)
+    q = clustered(1, seed=3)[0]
+    assert index.search_now(q, limit=5, num_candidates=50) == index.search(
+        q, limit=5, num_candidates=50
+    )
+    assert index.search_now(q, limit=5, num_candidates=0, exact=True) == index.search(
+        q, limit=5, num_candidates=0, exact=True
+    )
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with index._lock:  # white box: a writer in the middle of a change
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    held.wait()
+    try:
+        assert index.search_now(q, limit=5, num_candidates=50) is None
+    finally:
+        release.set()
+        thread.join()
+    assert index.search_now(q, limit=5, num_candidates=50) is not None
