@@ -9,21 +9,26 @@ minilm extras, as in CI."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import bson
 import numpy as np
 import onnx
+import pymongo
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bench.support.onnx_models import image_classifier
-from bench.support.processes import ROOT
+from bench.support.processes import ROOT, ProxyProcess
+from proxy.embedded import EmbeddedUpstream
+from tests.conftest import REAL_UPSTREAM
 
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.DOTALL)
@@ -31,6 +36,7 @@ PYTHON = [code for lang, code in BLOCKS if lang == "python"]
 MONGOSH = [code for lang, code in BLOCKS if lang == "js"]
 MONGOSH_BIN = ROOT / "node_modules" / ".bin" / "mongosh"
 README_URI = "mongodb://localhost:27017/"
+Client = pymongo.MongoClient[dict[str, Any]]
 
 
 def _groups(blocks: list[str]) -> list[str]:
@@ -60,6 +66,12 @@ def _drop_search_indexes(client: Any, direct: Any) -> None:
 @pytest.fixture
 def clean_shop(direct, client):  # type: ignore[no-untyped-def]
     """The README's examples use the `shop` database; start and end with it empty."""
+    with _empty_shop(client, direct):
+        yield
+
+
+@contextlib.contextmanager
+def _empty_shop(client: Client, direct: Client) -> Iterator[None]:
     _drop_search_indexes(client, direct)
     direct.drop_database("shop")
     yield
@@ -111,14 +123,34 @@ def test_python_example(index: int, proxy, clean_shop) -> None:  # type: ignore[
     _run_python(code, proxy.uri, f"README python block {index}")
 
 
+@pytest.fixture
+def own_stack(upstream_uri: str, tmp_path: Path) -> Iterator[tuple[ProxyProcess, Client]]:
+    """A proxy and its client on an upstream of the text story's own (unless a real one is
+    given): MiniLM is 90 MB, stored twice (the upload and the registry's copy), and late in
+    a full run the session's shared SecantusDB, holding every other test's data, once
+    answered it with InternalError."""
+    with contextlib.ExitStack() as stack:
+        if not REAL_UPSTREAM:
+            upstream = EmbeddedUpstream(":memory:", log_path=tmp_path / "secantus.log")
+            upstream_uri = stack.enter_context(upstream).uri
+        args = ("--data-dir", str(tmp_path / "proxy"))
+        proxy = ProxyProcess(upstream_uri, tmp_path / "modelgate.log", args=args)
+        stack.enter_context(proxy)
+        client: Client = stack.enter_context(pymongo.MongoClient(proxy.uri))
+        direct: Client = stack.enter_context(pymongo.MongoClient(upstream_uri))
+        stack.enter_context(_empty_shop(client, direct))
+        yield proxy, client
+
+
 @pytest.mark.slow
-def test_text_story(proxy, client, clean_shop, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_text_story(own_stack, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """The section on text models, as a reader follows it: MiniLM exported and registered,
     the catalogue and its autoEmbed index, the questions (pymongo), the index dropped and
     made again from mongosh, which asks its own question."""
     absent = [name for name in TEXT_PACKAGES if importlib.util.find_spec(name) is None]
     if absent:
         pytest.skip(f"the train and minilm extras are not installed ({', '.join(absent)})")
+    proxy, client = own_stack
     (code,) = [code for code in GROUPS if TEXT_STORY in code]
     namespace = _run_python(code, proxy.uri, "README text story")
     printed = capsys.readouterr().out
