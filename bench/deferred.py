@@ -12,6 +12,10 @@ For each model (the digits CNN on 28x28 PNGs; ResNet-18 on 224x224 PNGs unless
              insert time, and a poller (every --poll seconds) attributes the time it first
              sees the prediction: the lag p50/p99 (resolution: the poll interval).
 
+Each catch-up (the loop's too) also gives the upstream's CPU seconds it took, inserts
+included, read from /proc where the upstream is a SecantusDB process on this machine: on a
+busy machine rates move with the load, the upstream's CPU much less.
+
 Each (model, processes) cell gets a fresh upstream, so the cells do not share load.
 The upstream's bookkeeping (leases, conditional writes) bounds the rate on SecantusDB;
 point --upstream at a real MongoDB for that database's numbers."""
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 import threading
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import bson
+import pymongo.uri_parser
 
 from bench.deferred_loop import run_loop
 from bench.harness import add_common_arguments, finish, format_table, machine_info
@@ -104,6 +110,31 @@ def insert_all(
     return first
 
 
+def upstream_cpu_seconds(uri: str) -> float | None:
+    """CPU seconds (user + system) the upstream process serving `uri` has used so far,
+    read from /proc: a SecantusDB this machine runs (the embedded one, or one started by
+    hand); None where there is no such process to read (a remote MongoDB, no /proc)."""
+    port = str(pymongo.uri_parser.parse_uri(uri)["nodelist"][0][1])
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            if not any(b"secantusd" in part for part in command[:2]):
+                continue
+            if port.encode() not in command[command.index(b"--port") + 1 :][:1]:
+                continue
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except (OSError, ValueError):
+            continue
+        return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return None
+
+
+def _cpu_since(uri: str, before: float | None) -> float | None:
+    after = upstream_cpu_seconds(uri)
+    return None if before is None or after is None else after - before
+
+
 def _predicted(raw: Any) -> int:
     return int(raw.count_documents({f"{OUTPUT}.version": {"$exists": True}}))
 
@@ -170,9 +201,11 @@ def catch_up(
             if time.time() - first - progress[-1][0] >= poll:
                 progress.append([time.time() - first, written()])
 
+        cpu_before = upstream_cpu_seconds(direct_uri)
         first = insert_all(coll, images, total, count)
         inserted = time.time()
         last = _wait_all(written, raw, total, timeout, poll, first, progress)
+        upstream_cpu = _cpu_since(direct_uri, cpu_before)
         errors = raw.count_documents({f"{OUTPUT}.error": {"$exists": True}})
     seconds = last - first
     return {
@@ -181,6 +214,8 @@ def catch_up(
         "catch_up_s": seconds,
         "documents_per_s": total / seconds,
         "errors": errors,
+        # The upstream's CPU seconds over the catch-up, inserts included (None: unknown).
+        "upstream_cpu_s": upstream_cpu,
         "progress": progress,
     }
 
@@ -250,7 +285,8 @@ def steady(
 def _loop(args: argparse.Namespace, model: Any, images: Sequence[bytes], docs: int) -> Any:
     """The hand-written loop's catch-up, on a fresh upstream (unless one was given)."""
     with upstream(args.upstream) as uri:
-        return run_loop(
+        cpu_before = upstream_cpu_seconds(uri)
+        result = run_loop(
             uri,
             DB_NAME,
             model,
@@ -260,6 +296,8 @@ def _loop(args: argparse.Namespace, model: Any, images: Sequence[bytes], docs: i
             partial(insert_all, images=images, total=docs),
             args.timeout,
         )
+        result["upstream_cpu_s"] = _cpu_since(uri, cpu_before)
+        return result
 
 
 def _cell(
@@ -304,6 +342,11 @@ def _cell(
     }
 
 
+def _seconds(result: dict[str, Any]) -> str:
+    cpu = result.get("upstream_cpu_s")
+    return "unknown" if cpu is None else f"{cpu:.2f} s"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.models import build_model, noise_pngs
     from bench.onnx_baseline import measure_baseline
@@ -331,7 +374,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 loop = _loop(args, model, images, docs)
                 print(
                     f"{name}, round {number + 1}, hand-written loop: {docs} docs caught up at "
-                    f"{loop['documents_per_s']:.1f}/s",
+                    f"{loop['documents_per_s']:.1f}/s; upstream CPU {_seconds(loop)}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -345,6 +388,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"{name}, round {number + 1}, {processes} process(es): {docs} docs "
                         f"caught up at {cell['catch_up']['documents_per_s']:.1f}/s "
                         f"({cell['ratio_to_loop']:.2f} of the loop; onnxruntime {best:.0f}/s); "
+                        f"upstream CPU {_seconds(cell['catch_up'])}; "
                         f"steady lag {(cell['steady'] or {}).get('lag_s')}",
                         file=sys.stderr,
                         flush=True,
@@ -403,6 +447,8 @@ def table(payload: dict[str, Any]) -> str:
                         best["batch"],
                         cell["ratio_to_baseline"],
                         one_round["loop"]["documents_per_s"],
+                        one_round["loop"].get("upstream_cpu_s"),
+                        fast.get("upstream_cpu_s"),
                         cell["ratio_to_loop"],
                         cell["ratio_to_one_process"],
                         slow.get("rate_per_s"),
@@ -421,6 +467,8 @@ def table(payload: dict[str, Any]) -> str:
         "ORT batch",
         "ratio",
         "loop docs/s",
+        "loop up CPU s",
+        "up CPU s",
         "/loop",
         "/1 proc",
         "steady /s",
@@ -433,7 +481,7 @@ def table(payload: dict[str, Any]) -> str:
         rows,
         floatfmt=[
             *("", "", "", "", ".1f", ".0f", "", ".4f"),
-            *(".1f", ".2f", ".2f", ".1f", ".2f", ".2f", ""),
+            *(".1f", ".2f", ".2f", ".2f", ".2f", ".1f", ".2f", ".2f", ""),
         ],
     )
     return text + "".join(_spread(result) for result in payload["models"])
