@@ -47,26 +47,29 @@ class FramedStream:
 
         A peer that closes in the middle of a frame, or does not complete it within
         `frame_timeout`, is a protocol error."""
+        reader = self._reader
         deadline = math.inf
         while True:
-            frame = self._reader.next_frame()
-            if frame is not None:
-                self._frames_unchecked += 1
-                if self._frames_unchecked >= _CHECKPOINT_EVERY:
-                    self._frames_unchecked = 0
-                    await trio.lowlevel.checkpoint()
-                return frame
-            if self._reader.buffered and deadline == math.inf:
-                deadline = trio.current_time() + self.frame_timeout
+            # Nothing buffered (between requests, nearly always): straight to the socket.
+            if reader.buffered:
+                frame = reader.next_frame()
+                if frame is not None:
+                    self._frames_unchecked += 1
+                    if self._frames_unchecked >= _CHECKPOINT_EVERY:
+                        self._frames_unchecked = 0
+                        await trio.lowlevel.checkpoint()
+                    return frame
+                if deadline == math.inf:
+                    deadline = trio.current_time() + self.frame_timeout
             data = await self._receive_some(deadline)
             if not data:
-                if self._reader.buffered:
+                if reader.buffered:
                     raise RemoteProtocolError(
                         f"connection closed in the middle of a frame "
-                        f"({self._reader.buffered} bytes of it received)"
+                        f"({reader.buffered} bytes of it received)"
                     )
                 return None
-            self._reader.feed(data)
+            reader.feed(data)
 
     async def _receive_some(self, deadline: float) -> bytes | bytearray:
         raw = self._raw

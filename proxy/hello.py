@@ -7,13 +7,20 @@ and wire versions are kept: they are what the upstream will accept."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.replies import ReplyHook, decode_document
 from proxy.wire.compression import SUPPORTED_COMPRESSORS
 
-__all__ = ["HELLO_COMMANDS", "UpstreamLimits", "limits_from_hello", "rewrite_hello_reply"]
+__all__ = [
+    "HELLO_COMMANDS",
+    "UpstreamLimits",
+    "hello_reply_hook",
+    "limits_from_hello",
+    "rewrite_hello_reply",
+]
 
 HELLO_COMMANDS = frozenset({"hello", "isMaster", "ismaster"})
 
@@ -79,3 +86,16 @@ def rewrite_hello_reply(reply: dict[str, Any], offered: Sequence[str]) -> dict[s
     else:
         rewritten.pop("compression", None)
     return rewritten
+
+
+def hello_reply_hook(request_body: bytes, learn: Callable[[dict[str, Any]], None]) -> ReplyHook:
+    """The hook that rewrites the reply to the hello `request_body` (for the compressors
+    the client offered in it), after `learn` has seen the upstream's own reply."""
+    offered = decode_document(request_body).get("compression")
+    offered_names = [name for name in offered if isinstance(name, str)] if offered else []
+
+    def hook(reply: dict[str, Any]) -> dict[str, Any]:
+        learn(reply)
+        return rewrite_hello_reply(reply, offered_names)
+
+    return hook

@@ -1,6 +1,6 @@
 """What the proxy sends back to a client that it did not forward byte for byte: MongoDB's
 error replies, replies it makes up, and upstream replies it rewrites (a reply hook, the
-client's compressor)."""
+client's compressor); and what it reads of the requests it acts on."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ from proxy.wire.opquery import OpReply, decode_op_reply, encode_op_reply
 
 __all__ = [
     "ReplyHook",
+    "client_reply",
+    "command_namespace",
+    "decode_command",
     "decode_document",
     "encode_local_reply",
     "error_reply",
@@ -48,6 +51,27 @@ def decode_document(data: bytes) -> dict[str, Any]:
         raise RemoteProtocolError(f"invalid BSON document: {exc}") from exc
 
 
+def decode_command(message: OpMsg) -> dict[str, Any]:
+    """The whole command: body fields plus each document sequence as an array field."""
+    command = decode_document(message.body)
+    for sequence in message.sequences:
+        command[sequence.identifier] = [decode_document(doc) for doc in sequence.documents]
+    return command
+
+
+def command_namespace(name: str, body: bytes) -> str:
+    """`db.collection` (or just `db`) a command is about, for logs; never the contents.
+    A body that is not BSON past its command name is forwarded for the upstream to
+    refuse: a log line must not end the connection over it."""
+    try:
+        command = decode_document(body)
+    except RemoteProtocolError:
+        return "?"
+    target = command.get("collection" if name == "getMore" else name)
+    database = str(command.get("$db", "?"))
+    return f"{database}.{target}" if isinstance(target, str) and target else database
+
+
 def error_reply(error: ModelgateError) -> dict[str, Any]:
     """MongoDB's shape for a failed command, so that drivers raise their usual exception."""
     return {"ok": 0.0, "errmsg": error.message, "code": error.code, "codeName": error.code_name}
@@ -69,6 +93,21 @@ def is_last_reply(header: MsgHeader, payload: bytes) -> bool:
     """False for a reply of an exhaust stream (a cursor, a streaming hello) that more
     replies to the same request follow: an OP_MSG with moreToCome."""
     return header.op_code != OpCode.OP_MSG or not decode_op_msg(header, payload).more_to_come
+
+
+def client_reply(
+    frame: Frame, hook: ReplyHook | None, compressor_id: int | None, may_stream: bool
+) -> tuple[bytes, bool]:
+    """What the client gets of this upstream reply: its bytes as they came, or rewritten
+    (`hook`, `compressor_id`: see `rewrite_reply`); and whether it is the last reply to
+    its request (only a request with exhaustAllowed, `may_stream`, may get several)."""
+    if hook is not None or compressor_id is not None:
+        header, payload = uncompressed(frame)
+        last = is_last_reply(header, payload)
+        return rewrite_reply(header, payload, hook, compressor_id), last
+    if may_stream:
+        return frame.raw, is_last_reply(*uncompressed(frame))
+    return frame.raw, True
 
 
 def rewrite_reply(

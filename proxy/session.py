@@ -27,18 +27,18 @@ from engine.deferred import DeferredWorkers
 from engine.errors import ModelgateError, first_exception
 from engine.models import ModelSet
 from proxy.framed import FramedStream
-from proxy.hello import HELLO_COMMANDS, UpstreamLimits, limits_from_hello, rewrite_hello_reply
+from proxy.hello import HELLO_COMMANDS, UpstreamLimits, hello_reply_hook, limits_from_hello
 from proxy.logs import ConnectionLog
 from proxy.metrics import CommandCounts, ProxyMetrics
 from proxy.replies import (
     ReplyHook,
+    client_reply,
+    command_namespace,
+    decode_command,
     decode_document,
     encode_local_reply,
     error_reply,
-    is_last_reply,
     next_request_id,
-    rewrite_reply,
-    uncompressed,
 )
 from proxy.settings import ModelSourceSettings, Settings
 from proxy.split_writes import ForwardInParts
@@ -46,8 +46,17 @@ from proxy.upstream import UpstreamError, UpstreamTarget, open_upstream
 from proxy.wire.compression import Compressor, decode_compressed, decompress
 from proxy.wire.errors import ProtocolError
 from proxy.wire.framing import Frame
-from proxy.wire.header import OpCode
-from proxy.wire.opmsg import OpMsg, command_name, decode_op_msg, encode_op_msg
+from proxy.wire.header import HEADER_SIZE, OpCode
+from proxy.wire.opmsg import (
+    BODY_OFFSET,
+    EXHAUST_ALLOWED,
+    MORE_TO_COME,
+    OpMsg,
+    command_name,
+    decode_op_msg,
+    encode_op_msg,
+    peek_command,
+)
 from proxy.wire.opquery import decode_op_query
 
 __all__ = [
@@ -66,6 +75,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 slow_log = logging.getLogger("proxy.slow")
+
+# A plain int: comparing with the IntEnum member costs a call on every request.
+_OP_MSG = int(OpCode.OP_MSG)
 
 CommandHandler = Callable[["CommandContext", dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -125,12 +137,6 @@ class SearchWriteNotifier(Protocol):
     def after_write(self, command: str, message: OpMsg) -> Callable[[], None] | None: ...
 
 
-class _Interceptor(Protocol):
-    async def intercept(
-        self, context: CommandContext, command: str, message: OpMsg
-    ) -> WriteDecision: ...
-
-
 @dataclass
 class SessionServices:
     """What every session shares: where the upstream is and what the proxy acts on."""
@@ -181,14 +187,16 @@ class CommandContext:
         return await self._session.upstream_command(document)
 
 
-@dataclass(eq=False, slots=True)
 class _InFlight:
-    """One request owed a reply, kept until its last reply has gone through."""
+    """One request owed a reply, kept until its last reply has gone through. Not a
+    dataclass: one is made per request, and sets only the fields that differ."""
 
-    # What it counts on, and its command document (for the slow log's namespace).
+    # What it counts on, and its command document (for the slow log's namespace):
+    # message[body_at:], sliced only for a log line (most requests never need it).
     command: CommandCounts | None = None
     name: str = ""
-    body: bytes = b""
+    message: bytes = b""
+    body_at: int = 0
     # perf_counter_ns when it was read from the client (0: no round trip to time: one of
     # the proxy's own commands, or a stream past its first reply), when it was sent
     # upstream, and how long it waited for models.
@@ -206,31 +214,15 @@ class _InFlight:
     # Shutdown waits for work in flight, but not for a hello: drivers' monitors keep an
     # awaitable hello waiting upstream (maxAwaitTimeMS, 10 s).
     is_work: bool = True
-    # The responseTo values under which its next reply may come (see _pass_reply).
+    # The responseTo values under which its next reply may come (see _reply_passed).
     reply_keys: tuple[int, ...] = ()
     # Called once the upstream has answered (a write the search indexes must hear of).
     after_reply: Callable[[], None] | None = None
+    # False for a moreToCome request (w:0): no reply comes, its round trip ends once sent.
+    owes_reply: bool = True
 
-
-def decode_command(message: OpMsg) -> dict[str, Any]:
-    """The whole command: body fields plus each document sequence as an array field."""
-    command = decode_document(message.body)
-    for sequence in message.sequences:
-        command[sequence.identifier] = [decode_document(doc) for doc in sequence.documents]
-    return command
-
-
-def _namespace(name: str, body: bytes) -> str:
-    """`db.collection` (or just `db`) a command is about, for logs; never the contents.
-    A body that is not BSON past its command name is forwarded for the upstream to
-    refuse: a log line must not end the connection over it."""
-    try:
-        command = decode_document(body)
-    except ProtocolError:
-        return "?"
-    target = command.get("collection" if name == "getMore" else name)
-    database = str(command.get("$db", "?"))
-    return f"{database}.{target}" if isinstance(target, str) and target else database
+    def __init__(self, started_ns: int = 0) -> None:
+        self.started_ns = started_ns
 
 
 class Session:
@@ -332,17 +324,49 @@ class Session:
             if self._draining:
                 self.log.info("shutting down: closing the connection instead of a new request")
                 return
-            await self._handle_request(frame, received_ns)
+            request = _InFlight(received_ns)
+            self._metrics.received_bytes += len(frame.raw)
+            # No coroutine between receive and send for a plain request: one costs about
+            # as much as its routing.
+            if self._took_plain(request, frame):
+                await self._send_upstream(request, frame.raw)
+            else:
+                await self._handle_in_full(request, frame)
 
-    async def _handle_request(self, frame: Frame, received_ns: int) -> None:
-        assert self.upstream is not None
-        metrics = self._metrics
+    def _took_plain(self, request: _InFlight, frame: Frame) -> bool:
+        """Take a plain OP_MSG the proxy only forwards (ping, find, getMore: nearly all),
+        routed by its command name as read from the bytes; False for any other."""
+        if frame.header.op_code != _OP_MSG:
+            return False
+        peeked = peek_command(frame.raw, HEADER_SIZE)
+        if peeked is None or self._acts_on(peeked[1]):
+            return False
+        flags, name = peeked
+        self._note_command(request, name, frame.raw, HEADER_SIZE + BODY_OFFSET)
+        request.may_stream = bool(flags & EXHAUST_ALLOWED)
+        if flags & MORE_TO_COME:
+            request.owes_reply = False
+        else:
+            self._await_replies(request, frame.header.request_id)
+        return True
+
+    def _acts_on(self, name: str) -> bool:
+        """Whether the proxy may do more than forward a command so named (and decodes it)."""
+        services = self.services
+        return (
+            name in HELLO_COMMANDS
+            or name in services.commands
+            or (name == "aggregate" and services.search is not None)
+            or (services.writes is not None and services.writes.wants(name))
+            or (services.search_writes is not None and name in services.search_writes.commands)
+        )
+
+    async def _handle_in_full(self, request: _InFlight, frame: Frame) -> None:
+        """A request the proxy may act on, or one that is not a plain OP_MSG: compressed,
+        with a checksum or document sequences, legacy OP_QUERY, another opcode."""
         header, payload = frame.header, frame.payload
         request_id = header.request_id
-        request = _InFlight(started_ns=received_ns)
-        forward = frame.to_bytes()
-        metrics.received_bytes += len(forward)
-        awaits_reply = True
+        forward = frame.raw
         if header.op_code == OpCode.OP_COMPRESSED:
             compressor_id = decode_compressed(payload).compressor_id
             header, payload = decompress(header, payload)
@@ -354,15 +378,13 @@ class Session:
         if header.op_code == OpCode.OP_MSG:
             message = decode_op_msg(header, payload)
             name = command_name(message.body)
-            if self.log.isEnabledFor(logging.DEBUG):
-                self.log.debug("command %s on %s", name, _namespace(name, message.body))
-            self._count_request(request, name, message.body)
+            self._note_command(request, name, message.body, 0)
             request.may_stream = message.exhaust_allowed
             if name in HELLO_COMMANDS:
-                request.reply_hook = self._hello_hook(message.body)
+                request.reply_hook = hello_reply_hook(message.body, self._learn_from_hello)
                 request.is_work = False
-            awaits_reply = not message.more_to_come
-            if awaits_reply:
+            request.owes_reply = not message.more_to_come
+            if request.owes_reply:
                 self._await_replies(request, request_id)
             services = self.services
             if name in services.commands:
@@ -397,28 +419,37 @@ class Session:
             query = decode_op_query(payload)
             is_command = query.full_collection_name.endswith(".$cmd")
             name = command_name(query.query) if is_command else ""
-            self._count_request(request, name, query.query)
+            self._note_command(request, name, query.query, 0)
             if name in HELLO_COMMANDS:
-                request.reply_hook = self._hello_hook(query.query)
+                request.reply_hook = hello_reply_hook(query.query, self._learn_from_hello)
                 request.is_work = False
             self._await_replies(request, request_id)
         else:
-            self._count_request(request, "", b"")
+            self._note_command(request, "", b"", 0)
+        await self._send_upstream(request, forward)
+
+    async def _send_upstream(self, request: _InFlight, data: bytes) -> None:
+        assert self.upstream is not None
         request.forwarded_ns = perf_counter_ns()
         try:
-            await self.upstream.send(forward)
+            await self.upstream.send(data)
         except (trio.BrokenResourceError, OSError):
-            metrics.upstream_lost += 1
+            self._metrics.upstream_lost += 1
             raise
-        if not awaits_reply:
+        if not request.owes_reply:
             _replied(request)
             self._finish_round_trip(request, 0)
 
-    def _count_request(self, request: _InFlight, name: str, body: bytes) -> None:
-        request.command = self._metrics.for_command(name)
-        request.command.requests += 1
+    def _note_command(self, request: _InFlight, name: str, message: bytes, body_at: int) -> None:
+        """Count the request under its command, and keep where its command document is
+        (`message[body_at:]`), for the log lines that name its namespace."""
+        if name and log.isEnabledFor(logging.DEBUG):
+            self.log.debug("command %s on %s", name, command_namespace(name, message[body_at:]))
+        request.command = counts = self._metrics.for_command(name)
+        counts.requests += 1
         request.name = name
-        request.body = body
+        request.message = message
+        request.body_at = body_at
 
     def _finish_round_trip(self, request: _InFlight, upstream_ns: int) -> None:
         """The request's round trip is over (its first reply has gone to the client, or
@@ -433,7 +464,8 @@ class Session:
     def _log_slow(self, request: _InFlight, total_ns: int) -> None:
         assert request.command is not None
         request.command.slow += 1
-        namespace = _namespace(request.name, request.body) if request.body else "?"
+        body = request.message[request.body_at :]
+        namespace = command_namespace(request.name, body) if body else "?"
         duration_ms = round(total_ns / 1e6, 3)
         inference_ms = round(request.inference_ns / 1e6, 3)
         self._slow_log.warning(
@@ -450,18 +482,11 @@ class Session:
             },
         )
 
-    def _hello_hook(self, request_body: bytes) -> ReplyHook:
-        """Rewrites the hello reply (see proxy.hello), and notes which compressors the
-        upstream takes, so that the proxy compresses replies only where it does not."""
-        offered = decode_document(request_body).get("compression")
-        offered_names = [name for name in offered if isinstance(name, str)] if offered else []
-
-        def hook(reply: dict[str, Any]) -> dict[str, Any]:
-            self._upstream_compressors = frozenset(reply.get("compression") or ())
-            self.upstream_limits = limits_from_hello(reply, self.upstream_limits)
-            return rewrite_hello_reply(reply, offered_names)
-
-        return hook
+    def _learn_from_hello(self, reply: dict[str, Any]) -> None:
+        # Which compressors the upstream takes: the proxy compresses replies only where
+        # it does not.
+        self._upstream_compressors = frozenset(reply.get("compression") or ())
+        self.upstream_limits = limits_from_hello(reply, self.upstream_limits)
 
     async def _run_local_command(self, name: str, message: OpMsg) -> dict[str, Any]:
         command = decode_command(message)
@@ -473,7 +498,11 @@ class Session:
             return error_reply(exc)
 
     async def _intercept(
-        self, request: _InFlight, interceptor: _Interceptor, name: str, message: OpMsg
+        self,
+        request: _InFlight,
+        interceptor: WriteInterceptor | AggregateInterceptor,
+        name: str,
+        message: OpMsg,
     ) -> WriteDecision:
         context = CommandContext(self)
         try:
@@ -505,7 +534,8 @@ class Session:
         while request_id in self._in_flight:
             request_id = next_request_id()
         send_channel, receive_channel = trio.open_memory_channel[Frame](1)
-        request = _InFlight(internal=send_channel)
+        request = _InFlight()
+        request.internal = send_channel
         self._await_replies(request, request_id)
         try:
             await self.upstream.send(encode_op_msg(message, request_id, 0))
@@ -533,28 +563,23 @@ class Session:
                 cancel_scope.cancel()
                 return
             request = self._in_flight.get(frame.header.response_to)
-            if request is None:
-                await self.client.send(frame.raw)
-                metrics.sent_bytes += len(frame.raw)
-            elif request.internal is not None:
+            if request is not None and request.internal is not None:
                 request.internal.send_nowait(frame)
                 self._await_replies(request)
-            else:
-                await self._pass_reply(request, frame, arrived_ns)
+                continue
+            # Sent here, not in a coroutine of its own: that costs as much as the rest.
+            data, last = frame.raw, True
+            if request is not None:
+                hook, compressor_id = request.reply_hook, request.compressor_id
+                data, last = client_reply(frame, hook, compressor_id, request.may_stream)
+            await self.client.send(data)
+            metrics.sent_bytes += len(data)
+            if request is not None:
+                self._reply_passed(request, frame, arrived_ns, last)
 
-    async def _pass_reply(self, request: _InFlight, frame: Frame, arrived_ns: int) -> None:
-        """Send one reply of `request` to the client, rewritten as the request needs;
-        the request is finished after its last reply."""
-        data = frame.to_bytes()
-        last = True
-        if request.reply_hook is not None or request.compressor_id is not None:
-            header, payload = uncompressed(frame)
-            last = is_last_reply(header, payload)
-            data = rewrite_reply(header, payload, request.reply_hook, request.compressor_id)
-        elif request.may_stream:
-            last = is_last_reply(*uncompressed(frame))
-        await self.client.send(data)
-        self._metrics.sent_bytes += len(data)
+    def _reply_passed(self, request: _InFlight, frame: Frame, arrived_ns: int, last: bool) -> None:
+        """A reply of `request` has gone to the client; after its last, nothing of the
+        request remains."""
         if request.after_reply is not None:
             _replied(request)
         if request.started_ns:

@@ -12,8 +12,9 @@ from .compression import (
 )
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .framing import Frame, FrameReader
-from .header import HEADER_SIZE, MAX_MESSAGE_SIZE, MsgHeader, OpCode, parse_header
+from .header import HEADER_SIZE, MAX_MESSAGE_SIZE, MsgHeader, OpCode, parse_header, unpack_header
 from .opmsg import (
+    BODY_OFFSET,
     CHECKSUM_PRESENT,
     EXHAUST_ALLOWED,
     MORE_TO_COME,
@@ -22,6 +23,7 @@ from .opmsg import (
     command_name,
     decode_op_msg,
     encode_op_msg,
+    peek_command,
 )
 from .opquery import (
     OpQuery,
@@ -33,6 +35,7 @@ from .opquery import (
 )
 
 __all__ = [
+    "BODY_OFFSET",
     "CHECKSUM_PRESENT",
     "EXHAUST_ALLOWED",
     "HEADER_SIZE",
@@ -65,4 +68,6 @@ __all__ = [
     "encode_op_query",
     "encode_op_reply",
     "parse_header",
+    "peek_command",
+    "unpack_header",
 ]

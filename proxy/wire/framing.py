@@ -9,22 +9,22 @@ buffered.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
 
-from .header import HEADER_SIZE, MAX_MESSAGE_SIZE, MsgHeader, check_message_length, parse_header
+from .header import HEADER_SIZE, MAX_MESSAGE_SIZE, MsgHeader, check_message_length, unpack_header
 
 __all__ = ["Frame", "FrameReader"]
 
 _LENGTH = struct.Struct("<i")
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
     """One whole message, exactly as received, and its parsed header.
 
     Most frames are forwarded untouched, so the bytes after the header (`payload`) are
-    only copied out of `raw` for frames that are looked into (once each: a property,
-    as functools.cached_property takes a lock on every first access)."""
+    only copied out of `raw` for frames that are looked into. A tuple, as MsgHeader is:
+    one is built for every message in either direction."""
 
     header: MsgHeader
     raw: bytes
@@ -46,13 +46,22 @@ class FrameReader:
         # Bytes before _start are consumed; compacting lazily keeps many small
         # frames in one feed from costing a memmove each.
         self._start = 0
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet returned as a frame (non-zero at EOF: truncated)."""
-        return len(self._buffer) - self._start
+        # What was fed while nothing was buffered, kept as it came: when it is one
+        # whole frame (one recv, one request: the common case) that frame is these very
+        # bytes, with no copy into the buffer and out again.
+        self._whole: bytes | None = None
+        #: Bytes received but not yet returned as a frame (non-zero at EOF: truncated).
+        #: A plain attribute, kept up to date: a stream reads it for every frame.
+        self.buffered = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self.buffered += len(data)
+        if self._whole is not None:
+            self._buffer += self._whole
+            self._whole = None
+        elif not self._buffer and type(data) is bytes:
+            self._whole = data
+            return
         if self._start and self._start >= len(self._buffer) // 2:
             self._compact()
         self._buffer += data
@@ -69,6 +78,17 @@ class FrameReader:
         Raises RemoteProtocolError as soon as a length prefix is out of bounds;
         the stream cannot be resynchronised after that.
         """
+        whole = self._whole
+        if whole is not None:
+            self._whole = None
+            if len(whole) >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(whole)
+                if not HEADER_SIZE <= length <= self._max_message_size:
+                    check_message_length(length, self._max_message_size)  # raises
+                if length == len(whole):
+                    self.buffered = 0
+                    return _new_frame((unpack_header(whole), whole))
+            self._buffer += whole  # part of a frame, or more than one: the general case
         start = self._start
         available = len(self._buffer) - start
         if available >= _LENGTH.size:
@@ -83,7 +103,7 @@ class FrameReader:
         return None
 
     def _take_frame(self, start: int, length: int) -> Frame:
-        header = parse_header(self._buffer[start : start + HEADER_SIZE], self._max_message_size)
+        header = unpack_header(self._buffer, start)  # its length was checked by next_frame
         if start == 0 and length == len(self._buffer):
             # The common case, one whole frame per read: no views to set up.
             raw = bytes(self._buffer)
@@ -91,7 +111,13 @@ class FrameReader:
             with memoryview(self._buffer) as view, view[start : start + length] as message:
                 raw = bytes(message)  # the one copy of a possibly 48 MB message
         self._start = start + length
+        self.buffered -= length
         if self._start == len(self._buffer):
             self._buffer.clear()
             self._start = 0
-        return Frame(header, raw)
+        return _new_frame((header, raw))
+
+
+# tuple.__new__ builds a Frame from its two fields with no Python-level call (which
+# `Frame(header, raw)`, a NamedTuple's generated __new__, costs).
+_new_frame = partial(tuple.__new__, Frame)

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
+from functools import partial
+from typing import NamedTuple
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
-__all__ = ["HEADER_SIZE", "MAX_MESSAGE_SIZE", "MsgHeader", "OpCode", "parse_header"]
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_MESSAGE_SIZE",
+    "MsgHeader",
+    "OpCode",
+    "parse_header",
+    "unpack_header",
+]
 
 HEADER_SIZE = 16
 # maxMessageSizeBytes of every MongoDB server since 2.6.
@@ -31,12 +39,15 @@ class OpCode(IntEnum):
     OP_MSG = 2013
 
 
-@dataclass(frozen=True)
-class MsgHeader:
+class MsgHeader(NamedTuple):
     """messageLength, requestID, responseTo, opCode: four little-endian int32s.
 
     ``op_code`` stays a plain int: a message with an opcode we do not know is
     still forwarded untouched.
+
+    An immutable record like the codec's dataclasses, but a tuple: every frame in
+    either direction has one, and a tuple is built straight from what the struct
+    unpacks (about 0.2 µs, where a frozen dataclass's __init__ takes 1.5 µs).
     """
 
     message_length: int
@@ -75,3 +86,14 @@ def parse_header(
     length, request_id, response_to, op_code = _HEADER.unpack_from(data, 0)
     check_message_length(length, max_message_size)
     return MsgHeader(length, request_id, response_to, op_code)
+
+
+def unpack_header(data: bytes | bytearray, offset: int = 0) -> MsgHeader:
+    """The header at ``data[offset:]`` as it is, unchecked: for a frame whose length a
+    reader has already checked (`FrameReader`)."""
+    # tuple.__new__ straight from the unpacked ints: MsgHeader(...) and _make add a
+    # Python-level call each.
+    return _new_header(_HEADER.unpack_from(data, offset))
+
+
+_new_header = partial(tuple.__new__, MsgHeader)

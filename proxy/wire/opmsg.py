@@ -17,6 +17,7 @@ from .errors import LocalProtocolError, RemoteProtocolError
 from .header import HEADER_SIZE, MsgHeader, OpCode
 
 __all__ = [
+    "BODY_OFFSET",
     "CHECKSUM_PRESENT",
     "EXHAUST_ALLOWED",
     "MORE_TO_COME",
@@ -25,6 +26,7 @@ __all__ = [
     "command_name",
     "decode_op_msg",
     "encode_op_msg",
+    "peek_command",
 ]
 
 CHECKSUM_PRESENT = 1 << 0
@@ -39,6 +41,10 @@ _UINT32 = struct.Struct("<I")
 _INT32 = struct.Struct("<i")
 _KIND_BODY = 0
 _KIND_SEQUENCE = 1
+# flagBits, the first section's kind and, for a body, its document's length.
+_FIRST_SECTION = struct.Struct("<IBi")
+#: Where the body document starts in an OP_MSG whose first section is its body.
+BODY_OFFSET = _UINT32.size + 1
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,37 @@ def encode_op_msg(msg: OpMsg, request_id: int, response_to: int) -> bytes:
     if msg.checksum_present:
         return header + payload + _UINT32.pack(crc32c(payload, crc32c(header)))
     return header + payload
+
+
+def peek_command(data: bytes, offset: int = 0) -> tuple[int, str] | None:
+    """flagBits and command name of the OP_MSG whose payload (the bytes after the
+    header) is `data[offset:]`, read without copying or decoding its body, when that
+    message is the shape of nearly every command drivers send: one body section and
+    nothing else, no checksum, no unknown required flag, a body that is framed as BSON
+    and starts with a UTF-8 key. None for any other message: `decode_op_msg` reads it
+    (and raises the protocol error, if there is one)."""
+    end = len(data)
+    body_at = offset + BODY_OFFSET
+    if end - body_at < 7:  # the smallest body with a key: length, type, 1-byte key, NULs
+        return None
+    flags, kind, length = _FIRST_SECTION.unpack_from(data, offset)
+    if (
+        flags & _REQUIRED_BITS & ~MORE_TO_COME
+        or kind != _KIND_BODY
+        or length != end - body_at
+        or data[end - 1] != 0
+        or data[body_at + 4] == 0  # an empty document
+    ):
+        return None
+    # The first element: its type byte, then its key as a cstring.
+    key_at = body_at + 5
+    nul = data.find(b"\x00", key_at, end - 1)
+    if nul < 0:
+        return None
+    try:
+        return flags, data[key_at:nul].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def command_name(body: bytes) -> str:

@@ -128,3 +128,30 @@ def test_arbitrary_bytes(chunks: list[bytes]) -> None:
             _drain(reader)
     except ProtocolError:
         return
+
+
+def test_a_whole_frame_fed_as_bytes_comes_back_without_a_copy() -> None:
+    reader = FrameReader()
+    reader.feed(FIRST)
+    assert reader.buffered == len(FIRST)
+    frame = reader.next_frame()
+    assert frame is not None and frame.raw is FIRST
+    assert reader.buffered == 0
+    assert reader.next_frame() is None
+
+
+def test_bytes_fed_twice_before_reading_keep_their_order() -> None:
+    reader = FrameReader()
+    reader.feed(FIRST[:10])
+    reader.feed(FIRST[10:] + SECOND[:3])
+    assert reader.buffered == len(FIRST) + 3
+    assert _drain(reader) == [Frame(MsgHeader(len(FIRST), 1, 0, 2013), FIRST)]
+    reader.feed(SECOND[3:])
+    assert [f.raw for f in _drain(reader)] == [SECOND]
+
+
+def test_oversized_length_in_a_whole_feed_is_refused() -> None:
+    reader = FrameReader(max_message_size=100)
+    reader.feed(struct.pack("<iiii", 101, 1, 0, 2013))
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        reader.next_frame()

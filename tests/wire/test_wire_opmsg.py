@@ -23,6 +23,7 @@ from proxy.wire import (
     decode_op_msg,
     encode_op_msg,
     parse_header,
+    peek_command,
 )
 from tests.wire.wire_strategies import command_documents, op_msgs
 
@@ -249,3 +250,58 @@ def test_arbitrary_payload(payload: bytes) -> None:
 def test_command_name_arbitrary_bytes(body: bytes) -> None:
     with contextlib.suppress(ProtocolError):
         command_name(body)
+
+
+# -- peek_command: the session's fast path ------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [0, MORE_TO_COME, EXHAUST_ALLOWED, MORE_TO_COME | 1 << 20])
+def test_peek_reads_flags_and_name_of_a_body_only_message(flags: int) -> None:
+    raw = _by_hand(flags, bson.encode({"ping": 1, "$db": "admin"}))
+    assert peek_command(raw, 16) == (flags, "ping")
+    assert peek_command(raw[16:]) == (flags, "ping")
+
+
+@pytest.mark.parametrize(
+    ("why", "raw"),
+    [
+        ("checksum", encode_op_msg(OpMsg(CHECKSUM_PRESENT, BODY), 1, 0)),
+        ("sequence", _by_hand(0, BODY, _sequence_section(b"documents", DOCS))),
+        ("unknown required bit", _by_hand(1 << 4, BODY)),
+        ("empty body", _by_hand(0, b"\x05\x00\x00\x00\x00")),
+        ("body overruns", _by_hand(0, struct.pack("<i", len(BODY) + 1) + BODY[4:])),
+        ("no final NUL", _by_hand(0, BODY[:-1] + b"\x01")),
+        ("key not UTF-8", _by_hand(0, BODY[:5] + b"\xff\xfe" + BODY[7:])),
+        (
+            "sequence first",
+            _by_hand(0, b"")[:20] + _sequence_section(b"documents", DOCS) + b"\x00" + BODY,
+        ),
+        ("too short", _by_hand(0, b"")),
+    ],
+)
+def test_peek_leaves_every_other_message_to_the_decoder(why: str, raw: bytes) -> None:
+    assert peek_command(raw, 16) is None, why
+
+
+@given(op_msgs)
+def test_peek_agrees_with_the_decoder(msg: OpMsg) -> None:
+    raw = encode_op_msg(msg, 1, 0)
+    peeked = peek_command(raw, 16)
+    if msg.sequences or msg.checksum_present:
+        assert peeked is None
+    else:
+        assert peeked == (msg.flags, command_name(msg.body))
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=60), st.sampled_from([0, MORE_TO_COME, EXHAUST_ALLOWED, 1]))
+def test_peek_accepts_only_what_the_decoder_accepts(tail: bytes, flags: int) -> None:
+    """Whatever the fast path forwards unread, the full path would have forwarded too:
+    same flags, same command name; it never raises."""
+    payload = struct.pack("<I", flags) + b"\x00" + struct.pack("<i", len(tail) + 4) + tail
+    for candidate in (payload, payload[:5] + tail):
+        peeked = peek_command(candidate)
+        if peeked is None:
+            continue
+        msg = decode_op_msg(MsgHeader(16 + len(candidate), 1, 0, 2013), candidate)
+        assert peeked == (msg.flags, command_name(msg.body))
