@@ -27,8 +27,9 @@ No MongoDB and no proxy are involved in the `ann` part.
   autoEmbed index on them with all-MiniLM-L6-v2 (--text-model; exported once to ONNX and
   cached under ~/.cache/modelgate/bench-search): the time until every document is
   embedded and indexed, as a rate and as a ratio of onnxruntime alone embedding the
-  same texts in batches of the registered batch size (64); the stored vectors are
-  checked against onnxruntime's.
+  same texts in batches of the registered batch size (64; run before and after
+  modelgate, the faster run counts); the stored vectors are checked against
+  onnxruntime's.
 - `text-recall`: recall@10 and latency of the local index over REAL sentence
   embeddings: --recall-texts sentences (20,000) and --recall-queries other sentences
   (1,000) embedded once by onnxruntime with the text model (cached), at numCandidates

@@ -8,7 +8,7 @@ text embeddings (see bench.search's docstring for what each part measures).
 - `autoembed`: texts inserted through modelgate, then an autoEmbed index created on
   them with a registered text model: the time until every document is embedded and
   indexed, against onnxruntime alone embedding the same texts in batches of the
-  model's batch size.
+  model's batch size (run before and after modelgate; the faster run counts).
 - `text-recall`: the local index (engine.search.local_index, the one `$vectorSearch`
   uses) over real sentence embeddings made by onnxruntime and kept on disk.
 """
@@ -212,14 +212,11 @@ def autoembed_part(args: argparse.Namespace) -> dict[str, Any]:
     embedder.embed(texts[:TEXT_BATCH])  # warm-up
     print(f"  autoembed: onnxruntime alone on {len(texts):,} texts ...", file=sys.stderr)
     reference, alone_s = embedder.embed_all(texts, TEXT_BATCH)
-    del embedder
     section: dict[str, Any] = {
         "model": setup.name,
         "dim": setup.dim,
         "texts": len(texts),
         "batch": TEXT_BATCH,
-        "onnxruntime_s": alone_s,
-        "onnxruntime_per_s": len(texts) / alone_s,
     }
     with _stack(args) as stack:
         client = connect(stack.proxy_uri)
@@ -264,7 +261,6 @@ def autoembed_part(args: argparse.Namespace) -> dict[str, Any]:
         section["indexed_s"] = time.perf_counter() - started
         section["embedded_after_s"] = embedded
         section["proxy_per_s"] = len(texts) / section["indexed_s"]
-        section["ratio"] = section["proxy_per_s"] / section["onnxruntime_per_s"]
         # What modelgate stored, against onnxruntime's vectors for the same texts.
         sample = list(direct.find({}, {vector_path: 1}).sort("_id", 1).limit(200))
         stored = np.array([doc["_autoEmbed"][INDEX]["vector"] for doc in sample], np.float32)
@@ -274,6 +270,14 @@ def autoembed_part(args: argparse.Namespace) -> dict[str, Any]:
         stage = {"index": INDEX, "path": "text", "query": texts[7], "numCandidates": 100}
         result = list(proxy.aggregate([{"$vectorSearch": {**stage, "limit": 3}}]))
         section["query_by_text_top"] = result[0]["_id"] if result else None
+    # onnxruntime alone again, after modelgate: the better of the two runs is the
+    # baseline, so that a busy moment of a shared host does not flatter modelgate.
+    print("  autoembed: onnxruntime alone again ...", file=sys.stderr)
+    again_s = embedder.embed_all(texts, TEXT_BATCH)[1]
+    section["onnxruntime_runs_s"] = [alone_s, again_s]
+    section["onnxruntime_s"] = min(alone_s, again_s)
+    section["onnxruntime_per_s"] = len(texts) / section["onnxruntime_s"]
+    section["ratio"] = section["proxy_per_s"] / section["onnxruntime_per_s"]
     return section
 
 
