@@ -29,7 +29,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "search": (
         "bench.search",
-        "vector search: ANN libraries' recall@10, p50/p99, build time, memory (100k x 384)",
+        "vector search: ANN recall@10, p50/p99, build, memory (100k x 384); $vectorSearch "
+        "end to end (10k docs); autoEmbed ingest vs onnxruntime; recall on MiniLM embeddings",
     ),
 }
 
