@@ -24,8 +24,8 @@ import pymongo
 import pymongo.errors
 import trio
 
-from engine.batching import Failure, ModelServer
-from engine.documents import get_path, path_touches
+from engine.batching import Failure, ModelServer, Outcome
+from engine.documents import array_on_path, get_path, path_touches, through_array_message
 from engine.errors import first_exception
 from engine.leases import Claimed, WorkQueue
 from engine.metrics import DeferredMetrics
@@ -145,6 +145,22 @@ class ModelWorker:
                     self.name,
                     first_exception(group),
                 )
+            # Anything else is a bug (such as a value the output write cannot encode): it
+            # must not end the process and every model's work with it, nor spin. Pause
+            # this model's version, as a model that fails for every document is paused;
+            # its leases expire, and modelStatus says why.
+            except* Exception as group:
+                error = first_exception(group)
+                log.error(
+                    "deferred model '%s' v%d: unexpected error; pausing %gs",
+                    self.name,
+                    server.version,
+                    settings.pause_seconds,
+                    exc_info=error,
+                )
+                self.paused_until = time.monotonic() + settings.pause_seconds
+                self.paused_version = server.version
+                self.pause_reason = f"unexpected error: {type(error).__name__}: {error}"
 
     async def _drain(self, server: ModelServer, queue: WorkQueue, gauges: DeferredMetrics) -> None:
         """Claim and predict until nothing is pending (or the model was replaced).
@@ -267,20 +283,33 @@ class ModelWorker:
         """Predict and store one claimed batch; None when the model itself is failing."""
         spec = server.model.spec
         documents = claimed.documents
-        values = [get_path(doc, spec.input_field) for doc in documents]
+        # An input path that goes through an array (`items.x`, items an array of
+        # sub-documents) names one value per element, not one input: such a document
+        # fails alone, without a run, and gets an error record like any bad input.
+        blocked = {
+            index: Failure(through_array_message(spec.input_field, through))
+            for index, doc in enumerate(documents)
+            if (through := array_on_path(doc, spec.input_field)) is not None
+        }
+        runnable = [index for index in range(len(documents)) if index not in blocked]
+        values = [get_path(documents[index], spec.input_field) for index in runnable]
         image_source = self.workers.models.image_source
         runs_failed = server.stats.batch_errors
-        outcomes = await server.predict_values(values, image_source=image_source)
-        if server.stats.batch_errors > runs_failed and len(documents) > 1:
+        predicted = await server.predict_values(values, image_source=image_source) if values else []
+        if server.stats.batch_errors > runs_failed and len(values) > 1:
             # A failed run fails its whole batch: try each document alone, so one
             # poisonous document does not take the others down with it.
-            outcomes = []
+            predicted = []
             for value in values:
-                outcomes += await server.predict_values([value], image_source=image_source)
-        failures = [o for o in outcomes if isinstance(o, Failure)]
-        if failures and len(failures) == len(outcomes) and server.stats.batch_errors > runs_failed:
+                predicted += await server.predict_values([value], image_source=image_source)
+        failures = [o for o in predicted if isinstance(o, Failure)]
+        if failures and len(failures) == len(predicted) and server.stats.batch_errors > runs_failed:
             await self._pause(server, queue, claimed, failures[0].message)
             return None
+        ran = dict(zip(runnable, predicted, strict=True))
+        outcomes: list[Outcome] = [
+            blocked[index] if index in blocked else ran[index] for index in range(len(documents))
+        ]
         results = [
             (doc, o.value)
             for doc, o in zip(documents, outcomes, strict=True)

@@ -9,7 +9,16 @@ from typing import Any
 from bson.binary import UuidRepresentation
 from bson.codec_options import CodecOptions, DatetimeConversion
 
-__all__ = ["FAITHFUL", "MISSING", "get_path", "path_touches", "set_path", "unset_path"]
+__all__ = [
+    "FAITHFUL",
+    "MISSING",
+    "array_on_path",
+    "get_path",
+    "path_touches",
+    "set_path",
+    "through_array_message",
+    "unset_path",
+]
 
 # Dates outside Python's range and UUIDs of any subtype survive decode + encode unchanged.
 FAITHFUL: CodecOptions[dict[str, Any]] = CodecOptions(
@@ -34,6 +43,30 @@ def get_path(document: Mapping[str, Any], path: str) -> Any:
             return MISSING
         value = value[part]
     return value
+
+
+def array_on_path(document: Mapping[str, Any], path: str) -> str | None:
+    """The first array a dotted path goes through before its end (as a path prefix), or
+    None. Where there is one, get_path gives MISSING although MongoDB's queries see the
+    field (`{"items.x": {"$exists": true}}` matches `{items: [{x: 1}]}`): the path names
+    one value per element, not one value."""
+    value: Any = document
+    parts = path.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+        if isinstance(value, list):
+            return ".".join(parts[: depth + 1])
+    return None
+
+
+def through_array_message(path: str, through: str) -> str:
+    """The error for an input path that goes through an array (at `through`)."""
+    return (
+        f"input '{path}' goes through an array at '{through}': a model's input must "
+        "name one value, not one per element"
+    )
 
 
 def set_path(document: MutableMapping[str, Any], path: str, value: Any) -> None:

@@ -29,7 +29,7 @@ import pymongo
 import pymongo.errors
 from pymongo.collection import Collection
 
-from engine.documents import FAITHFUL, get_path
+from engine.documents import FAITHFUL, MISSING, array_on_path, get_path
 from engine.error_records import error_records_filter
 from engine.outputs import stale_update
 from engine.registry import DATABASE
@@ -378,7 +378,7 @@ class WorkQueue:
                 pymongo.UpdateOne(
                     {
                         "_id": doc["_id"],
-                        self.spec.input_field: get_path(doc, self.spec.input_field),
+                        **self._input_as_read(doc),
                         f"{out}.version": {"$ne": self.version},
                     },
                     {"$set": {out: value}},
@@ -408,6 +408,19 @@ class WorkQueue:
             upsert=True,
         )
         return duplicates
+
+    def _input_as_read(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """The condition that the document's input is still as `doc` (as claimed) has it."""
+        field = self.spec.input_field
+        through = array_on_path(doc, field)
+        if through is not None:
+            # One value per element, which the error record is about: still so while
+            # that array is there (whatever its elements).
+            return {through: {"$type": "array"}}
+        value = get_path(doc, field)
+        if value is MISSING:  # not claimed so (the pending filter wants the input)
+            return {field: {"$exists": False}}
+        return {field: value}
 
     def record_failures(
         self, failed: list[tuple[dict[str, Any], str]], backoff: float, max_attempts: int

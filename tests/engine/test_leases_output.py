@@ -167,3 +167,44 @@ def test_output_fields_at_the_top_and_deeper(
     else:
         assert first["a"] == {"keep": 1, "b": {"m": new, "n": 2}}
         assert second == {"_id": 2, "x": 2, "a": {"b": {"m": new}}}
+
+
+@pytest.mark.parametrize("collections", ["upstream"], indirect=True)  # the fake has no $type
+def test_an_input_through_an_array_gets_its_error_record_while_the_array_is_there(
+    collections: Collections,
+) -> None:
+    """Input `items.x` with `items` an array: no one value to condition the write on
+    (get_path gives MISSING, which BSON cannot encode); the error record is about the
+    array, so it is stored while the array is there, and not once it is gone."""
+    through = ModelSpec(
+        name="m",
+        namespace="db.items",
+        input_field="items.x",
+        output_field="_outputs.m",
+        mode="deferred",
+        preprocess=TensorPreprocess(),
+        postprocess=RawPostprocess(),
+    )
+    queue = WorkQueue(
+        through,
+        1,
+        "owner",
+        collection=collections["items"],
+        leases=collections["leases"],
+        failures=collections["failures"],
+        stats=collections["stats"],
+    )
+    insert(
+        collections,
+        {"_id": 1, "items": [{"x": 1}, {"x": 2}]},
+        {"_id": 2, "items": {"x": 3}},  # an array when read, one value since
+        {"_id": 3, "items": {"x": 4}},
+    )
+    record = {"error": "input 'items.x' goes through an array at 'items'", "version": 1}
+    as_read = {"_id": 2, "items": [{"x": 3}]}
+    value = {"value": [4.0], "version": 1}
+    pairs = [({"_id": 1, "items": [{"x": 1}, {"x": 2}]}, record), (as_read, record)]
+    assert write(queue, [*pairs, ({"_id": 3, "items": {"x": 4}}, value)]) == 0
+    assert stored(collections, 1)["_outputs"]["m"] == record
+    assert "_outputs" not in stored(collections, 2)
+    assert stored(collections, 3)["_outputs"]["m"] == value
