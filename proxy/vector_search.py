@@ -5,7 +5,9 @@ An aggregate is looked at only when its body holds one of the two stage names (a
 search before any decoding). `$vectorSearch` (first stage only, as MongoDB has it) is
 validated, its index found in the catalog (`$db` + the aggregate's collection), its
 filter compiled, its `query` text embedded by the index's model (or its `queryVector`
-taken), and the local index searched. The rest of the pipeline then runs on the upstream,
+taken), and the local index searched. The same goes for a `$vectorSearch` first in a
+`$unionWith`'s sub-pipeline (MongoDB 8.0 on), on the `$unionWith`'s collection, whose
+sub-pipeline becomes the one below. The rest of the pipeline then runs on the upstream,
 on the client's own connection so that the cursor is the upstream's (getMore goes
 straight through), over the matches in score order:
 
@@ -58,6 +60,7 @@ from proxy.vector_search_stage import (
     parse_vector_search,
     search_pipeline,
     stage_name,
+    union_searches,
 )
 from proxy.wire.opmsg import OpMsg
 
@@ -95,6 +98,14 @@ class VectorSearchStages:
         check_stage_positions(pipeline)
         first = stage_name(pipeline[0]) if pipeline else None
         namespace = f"{body.get('$db')}.{collection}"
+        # `$unionWith` sub-pipelines that begin with `$vectorSearch` (MongoDB 8.0 on):
+        # each becomes a pipeline of its own matches, on its own collection.
+        unions = list(union_searches(pipeline))
+        for spec, union_collection in unions:
+            inner = spec["pipeline"]
+            union_namespace = f"{body.get('$db')}.{union_collection}"
+            matches = await self._search(context, union_namespace, inner[0][VECTOR_SEARCH])
+            spec["pipeline"] = search_pipeline(matches, inner[1:])
         if first == VECTOR_SEARCH:
             matches = await self._search(context, namespace, pipeline[0][VECTOR_SEARCH])
             body["pipeline"] = search_pipeline(matches, pipeline[1:])
@@ -106,7 +117,7 @@ class VectorSearchStages:
             # Later stages run on the upstream, over the listing.
             body[command] = 1
             body["pipeline"] = [{"$documents": listing}, *pipeline[1:]]
-        else:
+        elif not unions:
             return ForwardUnchanged()  # the name was only inside a string
         encoded = bson.encode(body, codec_options=FAITHFUL)
         return ForwardRewritten(dataclasses.replace(message, body=encoded))

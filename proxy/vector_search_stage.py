@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from bson.binary import Binary
@@ -28,6 +28,7 @@ __all__ = [
     "rewrite_later_stages",
     "search_pipeline",
     "stage_name",
+    "union_searches",
 ]
 
 VECTOR_SEARCH = "$vectorSearch"
@@ -199,8 +200,10 @@ def stage_name(stage: Any) -> str | None:
 
 def check_stage_positions(pipeline: Sequence[Any], *, nested: str | None = None) -> None:
     """Refuse the search stages where MongoDB refuses them: anywhere but first in the
-    aggregate's own pipeline (sub-pipelines of $lookup, $unionWith and $facet included:
-    modelgate serves them first in the aggregate's own pipeline only)."""
+    aggregate's own pipeline or (`$vectorSearch`, MongoDB 8.0 on) in a `$unionWith`'s
+    sub-pipeline; never within `$lookup` or `$facet`, however deep. `nested` is the
+    sub-pipeline's container: `$lookup` or `$facet` once within one, else `$unionWith`.
+    (modelgate serves `$listSearchIndexes` in the aggregate's own pipeline only.)"""
     for position, stage in enumerate(pipeline):
         name = stage_name(stage)
         if name is None:
@@ -214,7 +217,7 @@ def check_stage_positions(pipeline: Sequence[Any], *, nested: str | None = None)
                 raise StageNotAllowed(
                     f"{name} is not allowed within a $lookup's sub-pipeline", 51047
                 )
-            if nested is not None:
+            if nested is not None and name == LIST_SEARCH_INDEXES:
                 raise BadValue(
                     f"modelgate serves {name} as the first stage of an aggregate's own "
                     f"pipeline only, not within {nested}"
@@ -227,11 +230,31 @@ def check_stage_positions(pipeline: Sequence[Any], *, nested: str | None = None)
         if name in ("$lookup", "$unionWith") and isinstance(spec, Mapping):
             inner = spec.get("pipeline")
             if isinstance(inner, list):
-                check_stage_positions(inner, nested=name)
+                within = (
+                    nested if name == "$unionWith" and nested in ("$lookup", "$facet") else name
+                )
+                check_stage_positions(inner, nested=within)
         elif name == "$facet" and isinstance(spec, Mapping):
             for inner in spec.values():
                 if isinstance(inner, list):
                     check_stage_positions(inner, nested=name)
+
+
+def union_searches(pipeline: Sequence[Any]) -> Iterator[tuple[MutableMapping[str, Any], str]]:
+    """The `$unionWith` stages of `pipeline` (and of their sub-pipelines, innermost first)
+    whose sub-pipeline begins with `$vectorSearch`, with the collection each reads: the
+    spec to give a pipeline of the matches (search_pipeline). A `$unionWith` without a
+    collection needs `$documents` first, which the upstream says."""
+    for stage in pipeline:
+        if stage_name(stage) != "$unionWith":
+            continue
+        spec = stage["$unionWith"]
+        if not isinstance(spec, MutableMapping) or not isinstance(spec.get("pipeline"), list):
+            continue
+        inner = spec["pipeline"]
+        yield from union_searches(inner)
+        if isinstance(spec.get("coll"), str) and inner and stage_name(inner[0]) == VECTOR_SEARCH:
+            yield spec, spec["coll"]
 
 
 # -- the rewritten pipeline -------------------------------------------------------------

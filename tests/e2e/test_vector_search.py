@@ -243,6 +243,73 @@ def test_errors_as_mongodb_gives_them(
     assert message in str(caught.value)
 
 
+OTHERS = vectors(40, seed=11)
+
+
+def test_union_with_of_two_vector_searches_on_two_collections(items: Any, db: Any) -> None:
+    """MongoDB 8.0 takes $vectorSearch first in a $unionWith's sub-pipeline: each search
+    runs on its own collection's index, and each side comes in its own score order."""
+    others = db.others
+    others.insert_many([{"_id": i, "v": OTHERS[i].tolist(), "n": i} for i in range(40)])
+    definition = {
+        "fields": [{"type": "vector", "path": "v", "numDimensions": DIM, "similarity": "cosine"}]
+    }
+    others.create_search_index(SearchIndexModel(definition, name="vi", type="vectorSearch"))
+    wait_ready(others, "vi", 40)
+    try:
+
+        def side(name: str, limit: int) -> list[Any]:
+            return [
+                stage(exact=True, numCandidates=None, limit=limit),
+                {"$project": {"score": SCORE, "side": {"$literal": name}}},
+            ]
+
+        got = list(
+            items.aggregate(
+                [*side("items", 5), {"$unionWith": {"coll": "others", "pipeline": side("o", 4)}}]
+            )
+        )
+        assert [doc["side"] for doc in got] == ["items"] * 5 + ["o"] * 4
+        assert_same_ranking(
+            ids_and_scores(got[:5]), exact_top(QUERY, list(range(COUNT)), VECTORS, 5)
+        )
+        assert_same_ranking(ids_and_scores(got[5:]), exact_top(QUERY, list(range(40)), OTHERS, 4))
+        assert not any(key.startswith("__") for doc in got for key in doc)
+
+        # The outer pipeline need not search; a union within a union is served too.
+        nested = {"coll": "items", "pipeline": side("items", 2)}
+        got = list(
+            items.aggregate(
+                [
+                    {"$match": {"n": {"$lt": 2}}},
+                    {"$project": {"n": 1}},
+                    {
+                        "$unionWith": {
+                            "coll": "others",
+                            "pipeline": [*side("o", 3), {"$unionWith": nested}],
+                        }
+                    },
+                ]
+            )
+        )
+        assert [doc.get("side") for doc in got] == [None, None, "o", "o", "o", "items", "items"]
+        assert_same_ranking(ids_and_scores(got[2:5]), exact_top(QUERY, list(range(40)), OTHERS, 3))
+        assert_same_ranking(
+            ids_and_scores(got[5:]), exact_top(QUERY, list(range(COUNT)), VECTORS, 2)
+        )
+
+        # Still refused where MongoDB refuses it.
+        with pytest.raises(pymongo.errors.OperationFailure) as caught:
+            list(
+                items.aggregate(
+                    [{"$unionWith": {"coll": "others", "pipeline": [{"$match": {}}, stage()]}}]
+                )
+            )
+        assert caught.value.code == 40602
+    finally:
+        others.drop_search_index("vi")
+
+
 def test_list_search_indexes_by_name_and_with_later_stages(items: Any) -> None:
     (index,) = listed(items)
     assert [i["name"] for i in items.list_search_indexes("vi")] == ["vi"]

@@ -19,6 +19,7 @@ from proxy.vector_search_stage import (
     parse_vector_search,
     rewrite_later_stages,
     search_pipeline,
+    union_searches,
 )
 
 SCORE = {"$meta": "vectorSearchScore"}
@@ -138,9 +139,61 @@ def test_stages_out_of_place(pipeline: list[Any], code: int, message: str) -> No
     assert caught.value.message == message
 
 
-def test_union_with_is_refused_with_a_reason() -> None:
+def union(*pipeline: Any, coll: str | None = "x") -> dict[str, Any]:
+    spec: dict[str, Any] = {"pipeline": list(pipeline)}
+    if coll is not None:
+        spec["coll"] = coll
+    return {"$unionWith": spec}
+
+
+def test_vector_search_first_in_a_union_with_is_fine() -> None:
+    """MongoDB 8.0 takes $vectorSearch as the first stage of a $unionWith's sub-pipeline,
+    at any depth of $unionWith."""
+    check_stage_positions([union(VS, {"$project": {"a": 1}})])
+    check_stage_positions([VS, union(VS), union({"$match": {}}, union(VS, coll="y"))])
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "code", "message"),
+    [
+        (
+            [union({"$match": {}}, VS)],
+            40602,
+            "$vectorSearch is only valid as the first stage in a pipeline.",
+        ),
+        (
+            [{"$lookup": {"from": "x", "as": "y", "pipeline": [union(VS)]}}],
+            51047,
+            "$vectorSearch is not allowed within a $lookup's sub-pipeline",
+        ),
+        (
+            [{"$facet": {"a": [union(union(VS))]}}],
+            40600,
+            "$vectorSearch is not allowed to be used within a $facet stage",
+        ),
+    ],
+)
+def test_vector_search_in_a_union_with_out_of_place(
+    pipeline: list[Any], code: int, message: str
+) -> None:
+    with pytest.raises(StageNotAllowed) as caught:
+        check_stage_positions(pipeline)
+    assert (caught.value.code, caught.value.message) == (code, message)
+
+
+def test_list_search_indexes_in_a_union_with_is_refused_with_a_reason() -> None:
     with pytest.raises(BadValue, match="not within \\$unionWith"):
-        check_stage_positions([{"$unionWith": {"coll": "x", "pipeline": [VS]}}])
+        check_stage_positions([union({"$listSearchIndexes": {}})])
+
+
+def test_union_searches_innermost_first_with_their_collections() -> None:
+    inner = union(VS, coll="b")
+    outer = union(VS, inner, coll="a")
+    no_coll = union(VS, coll=None)  # the upstream wants $documents first there
+    pipeline = [VS, outer, union({"$match": {}}), no_coll, {"$unionWith": "c"}]
+    found = [(spec, coll) for spec, coll in union_searches(pipeline)]
+    assert found == [(inner["$unionWith"], "b"), (outer["$unionWith"], "a")]
+    assert found[0][0] is inner["$unionWith"]  # the spec itself, to rewrite in place
 
 
 def test_first_is_fine() -> None:
