@@ -104,7 +104,7 @@ def tell_search_story(uri: str, *, timeout: float, first_step: int = 7) -> bool:
             SearchIndexModel(definition, name=INDEX, type="vectorSearch")
         )
         stack.callback(_drop_index, collection)
-        index = wait_until_ready(collection, INDEX, len(catalogue), timeout)
+        index = wait_until_ready(collection, INDEX, timeout)
         step.done(
             f"index '{INDEX}' {index.get('status')}: "
             f"{index.get('modelgate', {}).get('indexed', 0)} descriptions embedded and indexed"
@@ -133,14 +133,15 @@ def tell_search_story(uri: str, *, timeout: float, first_step: int = 7) -> bool:
         return indexed and right >= len(QUERIES) - 1 and filtered and bool(found)
 
 
-def wait_until_ready(collection: Any, name: str, count: int, timeout: float) -> dict[str, Any]:
-    """The index as list_search_indexes gives it once it is READY with `count` documents
-    (the last state seen when `timeout` passes first)."""
+def wait_until_ready(collection: Any, name: str, timeout: float) -> dict[str, Any]:
+    """The index as list_search_indexes gives it once it is READY: for an autoEmbed
+    index, once every product has been embedded and indexed, as with MongoDB's
+    automated embedding (the last state seen when `timeout` passes first)."""
     deadline = time.monotonic() + timeout
     index: dict[str, Any] = {}
     while time.monotonic() < deadline:
         index = next(iter(collection.list_search_indexes(name)), {})
-        if index.get("status") == "READY" and index["modelgate"]["indexed"] >= count:
+        if index.get("status") == "READY":
             break
         time.sleep(0.2)
     return index

@@ -17,6 +17,12 @@ Life of a keeper:
 A sweep's removals are checked: an _id the scan did not see is looked up again before
 it is removed, since it may have been inserted after the scan passed its place.
 
+An autoEmbed index (engine.search.embed_progress) builds only once its derived model's
+initial sync is done (nothing pending, seen after the keeper started; a saved index of
+this very index loads at once): BUILDING and not queryable until then, like MongoDB's
+automated embedding. Its counts add the derived model's: pending = not embedded yet +
+embedded and not yet in the local index, failed = + its error records.
+
 Statuses (MongoDB's): BUILDING until the first build or load, READY, FAILED (the build
 failed: retried every sweep interval), STALE (the change stream or the sweep failed
 `stale_after` times in a row: still queryable, results may be behind). The MongoDB
@@ -27,12 +33,10 @@ themselves, the keeper's own counters are guarded by its lock.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,10 +46,20 @@ import pymongo.errors
 import trio
 
 from engine.documents import FAITHFUL, MISSING, get_path
+from engine.errors import ModelgateError
 from engine.metrics import SearchIndexMetrics, SearchUpkeepErrorKind
 from engine.search import persist
-from engine.search.definitions import AutoEmbedField, SearchIndex
+from engine.search.definitions import SearchIndex
+from engine.search.embed_progress import EmbedProgress
 from engine.search.filters import filter_values
+from engine.search.layout import (
+    IndexState,
+    Layout,
+    SearchSettings,
+    fingerprint,
+    layout_of,
+    projection_of,
+)
 from engine.search.local_index import (
     LocalIndex,
     RowFilter,
@@ -64,68 +78,6 @@ _LOOKUP_CHUNK = 1000
 INLINE_CANDIDATES, INLINE_EXACT_ROWS = 1000, 20_000
 
 
-@dataclass(frozen=True)
-class SearchSettings:
-    change_streams: bool = True
-    sweep_interval: float = 60.0  # full rescan of each indexed collection
-    save_interval: float = 10.0  # at most this often, when something changed
-    batch_size: int = 1000  # documents read (and applied) per batch
-    stale_after: int = 3  # consecutive upkeep failures before STALE
-    progress_interval: float = 10.0  # build progress in the log
-    build_threads: int = 0  # 0: every CPU this process may use
-
-
-@dataclass(frozen=True)
-class IndexState:
-    status: str  # BUILDING | READY | FAILED | STALE
-    queryable: bool
-    indexed: int
-    pending: int
-    failed: int
-    message: str | None = None
-
-
-Layout = tuple[
-    tuple[tuple[str, int, str], ...],
-    tuple[str, ...],
-    tuple[tuple[str, int | None, int | None], ...],
-]
-
-
-def layout_of(index: SearchIndex) -> Layout:
-    """What the local indexes hold and how their graphs are built: ((vector path,
-    dimensions, similarity), ...), the filter paths, and ((vector path, maxEdges,
-    numEdgeCandidates), ...) for the vector fields whose hnswOptions set either (None:
-    engine.search.ann's default). Definitions with the same layout share their local
-    indexes; a change of hnswOptions rebuilds the graphs."""
-    vectors, graphs = [], []
-    for f in index.definition.vector_fields:
-        path = f.vector_path if isinstance(f, AutoEmbedField) else f.path
-        vectors.append((path, f.num_dimensions, f.similarity))
-        edges = getattr(f, "max_edges", None)
-        candidates = getattr(f, "num_edge_candidates", None)
-        if edges is not None or candidates is not None:
-            graphs.append((path, edges, candidates))
-    return tuple(vectors), tuple(sorted(index.definition.filter_paths)), tuple(graphs)
-
-
-def projection_of(paths: Iterable[str]) -> dict[str, int]:
-    """A projection of _id and `paths`, without a path under another (MongoDB refuses
-    such path collisions; the shorter path brings the longer one along)."""
-    kept: list[str] = []
-    for path in sorted(set(paths), key=len):
-        if not any(path == p or path.startswith(p + ".") for p in kept):
-            kept.append(path)
-    return {"_id": 1, **dict.fromkeys(sorted(kept), 1)}
-
-
-def _fingerprint(layout: Layout) -> str:
-    # Without hnswOptions, the fingerprint of (vectors, filters) alone: the directory
-    # of an index saved before hnswOptions were honoured stays its own.
-    kept: Any = layout if layout[2] else layout[:2]
-    return hashlib.sha256(repr(kept).encode()).hexdigest()[:12]
-
-
 class Keeper:
     """One search index's local indexes and their upkeep (see the module's docstring)."""
 
@@ -138,6 +90,12 @@ class Keeper:
         metrics: SearchIndexMetrics,
         on_ready: Callable[[Keeper], None] | None = None,
     ) -> None:
+        auto_embed = index.definition.auto_embed_fields
+        self.embedding = (
+            EmbedProgress(client, index.namespace, index.name, auto_embed[0])
+            if auto_embed
+            else None
+        )
         self.index = index
         self.layout = layout_of(index)
         self.fields = {path: (dim, similarity) for path, dim, similarity in self.layout[0]}
@@ -145,7 +103,7 @@ class Keeper:
         self.graph_options = {
             path: (edges, candidates) for path, edges, candidates in self.layout[2]
         }
-        self.directory = directory / f"L{_fingerprint(self.layout)}"
+        self.directory = directory / f"L{fingerprint(self.layout)}"
         self.settings = settings
         self.metrics = metrics
         self.on_ready = on_ready
@@ -168,6 +126,19 @@ class Keeper:
         self._wake = trio.Event()
         self._trio_token: trio.lowlevel.TrioToken | None = None
 
+    @property
+    def index(self) -> SearchIndex:
+        return self._index
+
+    @index.setter
+    def index(self, index: SearchIndex) -> None:
+        """The latest definition (of this layout): an autoEmbed field's path or model
+        may have changed, and with it the derived model."""
+        self._index = index
+        auto_embed = index.definition.auto_embed_fields
+        if self.embedding is not None and auto_embed:
+            self.embedding.field = auto_embed[0]
+
     # ----------------------------------------------------------------- reading
 
     def state(self) -> IndexState:
@@ -175,6 +146,11 @@ class Keeper:
             pending = len(self._pending) + self._to_read
             failed = len(self._failed)
         indexed = max((len(local) for local in self.locals.values()), default=0)
+        if self.embedding is not None:
+            # Not embedded yet, or embedded and not yet in the local index.
+            counts = self.embedding.counts
+            pending = counts.pending + max(0, counts.embedded - indexed - failed)
+            failed += counts.failed
         queryable = self.status in {"READY", "STALE"}
         return IndexState(self.status, queryable, indexed, pending, failed, self.message)
 
@@ -428,14 +404,34 @@ class Keeper:
 
     async def _run(self) -> None:
         token = await self._load()
+        if not self.locals and self.embedding is not None:
+            await self._follow_embedding(until_synced=True)
         while not self.locals:
             token = await self._first_build()
         async with trio.open_nursery() as nursery:
+            if self.embedding is not None:
+                nursery.start_soon(self._follow_embedding)
             if self.settings.change_streams:
                 nursery.start_soon(self._watch, token)
             nursery.start_soon(self._sweep_periodically)
             nursery.start_soon(self._save_periodically)
             await self._refresh_forever()
+
+    async def _follow_embedding(self, *, until_synced: bool = False) -> None:
+        """autoEmbed: read the derived model's counts now and then; with `until_synced`,
+        until its initial sync is done (the index BUILDING meanwhile, not queryable)."""
+        assert self.embedding is not None
+        while True:
+            try:
+                await self._thread(self.embedding.read)
+            except (pymongo.errors.PyMongoError, ModelgateError) as exc:
+                log.warning("search index %s: reading the progress of its derived model "
+                            "failed: %s", self.index.key, exc)  # fmt: skip
+            self._publish()
+            if until_synced and self.embedding.synced:
+                return
+            pause = self.settings.embed_poll_interval
+            await trio.sleep(max(pause, 10 * self.embedding.read_seconds))
 
     async def _load(self) -> Mapping[str, Any] | None:
         if not self.directory.exists():
@@ -463,6 +459,9 @@ class Keeper:
                 raise persist.IndexDamaged("saved for another definition")
             if state.get("filterPaths") != sorted(self.filter_paths):
                 raise persist.IndexDamaged("saved with other filter fields")
+            if self.embedding is not None and state.get("indexId") != self.index.id:
+                # An earlier autoEmbed index of this name: its vectors were cleared.
+                raise persist.IndexDamaged("saved for an earlier index of this name")
             locals[path] = local
             tokens.append(state.get("token"))
         if any(token != tokens[0] for token in tokens):

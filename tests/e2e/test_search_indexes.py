@@ -12,6 +12,7 @@ import json
 import logging
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -34,6 +35,8 @@ from engine.errors import (
     NamespaceNotFound,
     TypeMismatch,
 )
+from engine.leases import WorkQueue
+from engine.registry import ModelRegistry
 from engine.search.catalog import SearchCatalog
 from proxy.commands import COMMANDS
 from proxy.session import CommandContext, Session
@@ -325,6 +328,149 @@ def test_auto_embed_through_the_proxy(
     products.drop_search_index("semantic")
     assert derived not in {m["name"] for m in client.admin.command("listModels")["models"]}
     assert direct[db_name].products.count_documents({"_autoEmbed": {"$exists": True}}) == 0
+
+
+def test_auto_embed_is_building_until_its_initial_sync_is_done(
+    client: Client, direct: Client, db_name: str, text_model: tuple[str, int]
+) -> None:
+    """As MongoDB's automated embedding: BUILDING and not queryable until every document
+    there has its embedding, then READY with each of them searchable; a text that cannot
+    be embedded counts as failed. Deterministic: this test holds the deferred lease on
+    every document (as another modelgate process busy with them would) until it lets
+    them go, so the derived model cannot finish before."""
+    model, _ = text_model
+    products = client[db_name].products
+    texts = text_models.sample_texts(7, seed=3)
+    documents: list[dict[str, Any]] = [
+        {"_id": i, "description": t} for i, t in enumerate(texts[:5])
+    ]
+    documents.append({"_id": 5, "description": ""})  # empty: an error record, not a vector
+    products.insert_many(documents)
+    spec = replace(
+        ModelRegistry(direct).get(model).spec,
+        name=f"autoEmbed:{db_name}.products:semantic",
+        namespace=f"{db_name}.products",
+        input_field="description",
+        output_field="_autoEmbed.semantic",
+        mode="deferred",
+        on_error="record",
+    )
+    holder = WorkQueue.on(direct, spec, 1, owner="test-holder")
+    held = holder.claim(len(documents), lease_seconds=600)
+    assert sorted(doc["_id"] for doc in held.documents) == list(range(6))
+    auto = {"type": "autoEmbed", "modality": "text", "path": "description", "model": model}
+    try:
+        products.create_search_index(
+            SearchIndexModel({"fields": [auto]}, name="semantic", type="vectorSearch")
+        )
+
+        def building() -> dict[str, Any] | None:
+            [index] = listed(products, "semantic")
+            assert (index["status"], index["queryable"]) == ("BUILDING", False), index
+            return index if index["modelgate"]["pending"] == len(documents) else None
+
+        index = wait_for(building, what="the derived model's pending documents counted")
+        assert index is not None and index["modelgate"] == {"indexed": 0, "pending": 6, "failed": 0}
+        with pytest.raises(pymongo.errors.OperationFailure) as caught:
+            list(products.aggregate([search(texts[0])]))
+        assert "is not queryable while in state BUILDING" in str(caught.value)
+        assert direct[db_name].products.count_documents({"_autoEmbed": {"$exists": 1}}) == 0
+
+        holder.release(held)  # the proxy's workers take them now
+
+        def ready() -> dict[str, Any] | None:
+            [index] = listed(products, "semantic")
+            if index["status"] != "READY":
+                assert (index["status"], index["queryable"]) == ("BUILDING", False), index
+                return None
+            # Whenever it says READY, every document is embedded and searchable.
+            assert index["queryable"], index
+            assert index["modelgate"] == {"indexed": 5, "pending": 0, "failed": 1}, index
+            return index
+
+        wait_for(ready, timeout=120, what="the index READY")
+        for text in texts[:5]:
+            found = {doc["_id"] for doc in products.aggregate([search(text)])}
+            assert found == set(range(5)), text
+
+        # Later writes are pending until embedded and indexed; the index stays READY.
+        products.insert_one({"_id": 6, "description": texts[5]})
+        direct[db_name].products.insert_one({"_id": 7, "description": texts[6]})
+
+        def caught_up() -> bool:
+            [index] = listed(products, "semantic")
+            assert (index["status"], index["queryable"]) == ("READY", True), index
+            return bool(index["modelgate"] == {"indexed": 7, "pending": 0, "failed": 1})
+
+        wait_for(caught_up, timeout=120, what="the later writes indexed")
+        found = {doc["_id"] for doc in products.aggregate([search(texts[6])])}
+        assert found == set(range(5)) | {6, 7}
+    finally:
+        holder.release(held)
+        products.drop_search_index("semantic")
+
+
+def test_auto_embed_index_in_a_process_started_later(
+    client: Client,
+    direct: Client,
+    db_name: str,
+    text_model: tuple[str, int],
+    upstream_uri: str,
+    tmp_path: Path,
+) -> None:
+    """A modelgate process started after the initial sync finds the derived model caught
+    up: it builds its own local index from the stored vectors (BUILDING meanwhile), then
+    READY with every document; started again, it loads what it saved."""
+    model, _ = text_model
+    products = client[db_name].products
+    texts = text_models.sample_texts(8, seed=5)
+    products.insert_many([{"_id": i, "description": text} for i, text in enumerate(texts)])
+    auto = {"type": "autoEmbed", "modality": "text", "path": "description", "model": model}
+    products.create_search_index(
+        SearchIndexModel({"fields": [auto]}, name="semantic", type="vectorSearch")
+    )
+    try:
+        wait_for(
+            lambda: listed(products, "semantic")[0]["status"] == "READY",
+            timeout=120,
+            what="the index READY in the first process",
+        )
+        for run in range(2):
+            later = ProxyProcess(
+                upstream_uri,
+                tmp_path / f"later{run}.log",
+                args=("--data-dir", str(tmp_path / "later")),
+            )
+            later_client: Client
+            with later, pymongo.MongoClient(later.uri) as later_client:
+                theirs: Any = later_client[db_name].products
+
+                def ready(theirs: Any = theirs) -> bool:
+                    [index] = listed(theirs, "semantic")
+                    if index["status"] != "READY":
+                        assert (index["status"], index["queryable"]) == ("BUILDING", False)
+                        return False
+                    assert index["queryable"], index
+                    assert index["modelgate"] == {"indexed": 8, "pending": 0, "failed": 0}
+                    return True
+
+                wait_for(ready, timeout=120, what=f"the index READY in process {run + 2}")
+                found = {doc["_id"] for doc in theirs.aggregate([search(texts[0])])}
+                assert found == set(range(8))
+    finally:
+        products.drop_search_index("semantic")
+
+
+def search(text: str) -> dict[str, Any]:
+    return {
+        "$vectorSearch": {
+            "index": "semantic",
+            "path": "description",
+            "query": text,
+            "numCandidates": 20,
+            "limit": 10,
+        }
+    }
 
 
 def test_auto_embed_errors_through_the_proxy(
