@@ -18,7 +18,10 @@ import pymongo
 from bench.support.processes import ROOT
 from proxy.embedded import EmbeddedUpstream
 
-__all__ = ["assert_png", "run_benchmark"]
+__all__ = ["MONGOSH", "assert_png", "mongosh", "run_benchmark"]
+
+#: mongosh as `npm ci` installs it (package.json).
+MONGOSH = ROOT / "node_modules" / ".bin" / "mongosh"
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -83,3 +86,14 @@ def upstream_with_users(
         storage, port=port, extra_args=("--auth",), log_path=folder / "secantus.log"
     ) as upstream:
         yield upstream
+
+
+def mongosh(uri: str, script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run `script` in mongosh against `uri` (no rc file), capturing its output."""
+    return subprocess.run(
+        [str(MONGOSH), uri, "--quiet", "--norc", "--eval", script],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

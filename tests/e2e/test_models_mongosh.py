@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pymongo
 import pymongo.errors
@@ -12,23 +10,11 @@ import pytest
 from bson import json_util
 
 from bench.support import onnx_models
-from bench.support.processes import ROOT
-
-MONGOSH = ROOT / "node_modules" / ".bin" / "mongosh"
+from tests.support import MONGOSH, mongosh
 
 pytestmark = pytest.mark.skipif(
     not MONGOSH.exists(), reason=f"mongosh is not installed ({MONGOSH}): run `npm install`"
 )
-
-
-def mongosh(uri: str, script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(MONGOSH), uri, "--quiet", "--norc", "--eval", script],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from bson import json_util
 from pymongo.operations import SearchIndexModel
 
 from bench.support import text_models
-from bench.support.processes import ROOT, ProxyProcess
+from bench.support.processes import ProxyProcess
 from engine.errors import (
     BadValue,
     IndexAlreadyExists,
@@ -41,10 +40,9 @@ from engine.search.catalog import SearchCatalog
 from proxy.commands import COMMANDS
 from proxy.session import CommandContext, Session
 from tests.e2e.test_deferred import wait_for
-from tests.support import upstream_with_users
+from tests.support import MONGOSH, mongosh, upstream_with_users
 
 Client = pymongo.MongoClient[dict[str, Any]]
-MONGOSH = ROOT / "node_modules" / ".bin" / "mongosh"
 VECTOR = {"type": "vector", "path": "embedding", "numDimensions": 3, "similarity": "cosine"}
 DEFINITION = {"fields": [VECTOR, {"type": "filter", "path": "genre"}]}
 
@@ -487,16 +485,6 @@ def test_auto_embed_errors_through_the_proxy(
 
 
 # --------------------------------------------------------------------------- mongosh
-
-
-def mongosh(uri: str, script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(MONGOSH), uri, "--quiet", "--norc", "--eval", script],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.mark.skipif(not MONGOSH.exists(), reason=f"mongosh is not installed ({MONGOSH})")
