@@ -17,8 +17,16 @@ from typing import Any, Protocol
 
 import bson
 
-from engine.batching import Failure, ModelServer
-from engine.documents import FAITHFUL, MISSING, get_path, path_touches, set_path
+from engine.batching import Failure, ModelServer, Outcome
+from engine.documents import (
+    FAITHFUL,
+    MISSING,
+    array_on_path,
+    get_path,
+    path_touches,
+    set_path,
+    through_array_message,
+)
 from engine.errors import DocumentValidationFailure, ModelgateError
 from engine.inputs import ImageSource
 from engine.outputs import error_record, stale_update
@@ -314,20 +322,34 @@ class InlineWrites:
             spec = server.model.spec
             field, out = spec.input_field, spec.output_field
             located = []
+            # A document whose input path goes through an array: get_path sees no value
+            # there, MongoDB's queries see one per element; it fails rather than pass.
+            unusable: list[tuple[_Target, str | None, Failure]] = []
             for target in targets:
                 if target.statement in refusals:
                     continue
                 value, operator = target.locate(field)
                 if value is not MISSING:
                     located.append((target, value, operator))
-            if not located:
+                elif target.document is not None:
+                    through = array_on_path(target.document, field)
+                    if through is not None:
+                        failure = Failure(through_array_message(field, through))
+                        unusable.append((target, operator, failure))
+            if not located and not unusable:
                 continue
-            started_ns = perf_counter_ns()
-            outcomes = await server.predict_values(
-                [value for _, value, _ in located], image_source=self.models.image_source
-            )
-            context.inference_ns += perf_counter_ns() - started_ns
-            for (target, _, operator), outcome in zip(located, outcomes, strict=True):
+            outcomes: list[Outcome] = []
+            if located:
+                started_ns = perf_counter_ns()
+                outcomes = await server.predict_values(
+                    [value for _, value, _ in located], image_source=self.models.image_source
+                )
+                context.inference_ns += perf_counter_ns() - started_ns
+            predicted = [
+                (target, operator, outcome)
+                for (target, _, operator), outcome in zip(located, outcomes, strict=True)
+            ]
+            for target, operator, outcome in predicted + unusable:
                 if not isinstance(outcome, Failure):
                     target.store(out, operator, outcome.value)
                 elif spec.on_error == "record":

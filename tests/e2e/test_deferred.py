@@ -524,39 +524,13 @@ def test_input_through_an_array_gets_an_error_record(stack: Stack, names: tuple[
 
 
 @STREAMS_ONLY
-def test_inline_input_through_an_array_harms_nothing_else(
-    stack: Stack, names: tuple[str, str]
-) -> None:
-    """An inline model whose input goes through an array in a document: that document is
-    stored as written, without an output, and the write's other documents are predicted
-    (proxy.inline treats the path as absent, as get_path gives MISSING there)."""
-    db, model = names
-    out = f"_outputs.{model}"
-    stack.register(
-        model, f"{db}.items", onnx_models.linear_classifier(), input="items.x", mode="inline"
-    )
-    docs = [
-        {"_id": 0, "items": {"x": one_hot(0)}},
-        {"_id": 1, "items": [{"x": one_hot(1)}, {"x": one_hot(2)}]},
-        {"_id": 2, "items": {"x": one_hot(2)}},
-    ]
-    stack.client[db].items.insert_many(docs)
-    raw = stack.up[db].items
-    assert output_of(raw.find_one({"_id": 0}), out)["label"] == "a"
-    assert raw.find_one({"_id": 1}) == docs[1]
-    assert output_of(raw.find_one({"_id": 2}), out)["label"] == "c"
-
-
-@STREAMS_ONLY
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy/inline.py skips an input that goes through an array as if absent; it "
-    "should fail that statement with engine.documents.through_array_message",
-)
 @pytest.mark.parametrize("on_error", ["reject", "record"])
 def test_inline_input_through_an_array_is_refused_or_recorded(
     stack: Stack, names: tuple[str, str], on_error: str
 ) -> None:
+    """An inline model whose input goes through an array in one of a write's documents:
+    that document is refused or gets an error record, as the model says; the others are
+    predicted."""
     db, model = names
     out = f"_outputs.{model}"
     stack.register(
