@@ -372,8 +372,14 @@ class WorkQueue:
         batch. Returns how many were already done by someone else (duplicate work)."""
         out = self.spec.output_field
         duplicates = 0
-        modified = 0
-        if results:
+        # Predictions and error records in two writes (the second only when there are
+        # errors), so that each counter takes only what was stored.
+        stored = {False: 0, True: 0}
+        matched = 0
+        for is_error in (False, True):
+            pairs = [(doc, value) for doc, value in results if ("error" in value) == is_error]
+            if not pairs:
+                continue
             updates = [
                 pymongo.UpdateOne(
                     {
@@ -383,28 +389,28 @@ class WorkQueue:
                     },
                     {"$set": {out: value}},
                 )
-                for doc, value in results
+                for doc, value in pairs
             ]
             result = self.collection.bulk_write(updates, ordered=False)
-            modified = result.modified_count
-            if result.matched_count < len(results):
-                # Not matched: the input changed (it is pending again), or another
-                # process stored this version first: that is duplicate work.
-                done_elsewhere = self.collection.count_documents(
-                    {
-                        "_id": {"$in": [doc["_id"] for doc, _ in results]},
-                        f"{out}.version": self.version,
-                    }
-                )
-                duplicates = max(done_elsewhere - result.matched_count, 0)
+            stored[is_error] = result.modified_count
+            matched += result.matched_count
+        if matched < len(results):
+            # Not matched: the input changed (it is pending again), or another process
+            # stored this version first: that is duplicate work.
+            done_elsewhere = self.collection.count_documents(
+                {
+                    "_id": {"$in": [doc["_id"] for doc, _ in results]},
+                    f"{out}.version": self.version,
+                }
+            )
+            duplicates = max(done_elsewhere - matched, 0)
         done = {doc["_id"] for doc, _ in results} & claimed.retried
         if done:
             self.failures.delete_many({"model": self.spec.name, "doc": {"$in": list(done)}})
         self.release(claimed)
-        errors = sum(1 for _, value in results if "error" in value)
         self.stats.update_one(
             {"_id": self.spec.name},
-            {"$inc": {"done": modified - errors, "failed": errors, "duplicates": duplicates}},
+            {"$inc": {"done": stored[False], "failed": stored[True], "duplicates": duplicates}},
             upsert=True,
         )
         return duplicates

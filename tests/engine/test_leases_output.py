@@ -208,3 +208,6 @@ def test_an_input_through_an_array_gets_its_error_record_while_the_array_is_ther
     assert stored(collections, 1)["_outputs"]["m"] == record
     assert "_outputs" not in stored(collections, 2)
     assert stored(collections, 3)["_outputs"]["m"] == value
+    # Counted as stored: one prediction done, one error record failed (the second record
+    # was not stored: its input changed since it was read).
+    assert (counters(collections)["done"], counters(collections)["failed"]) == (1, 1)
