@@ -16,7 +16,7 @@ from typing import Protocol
 import trio
 
 from engine.batching import ModelServer
-from engine.errors import ModelgateError
+from engine.errors import ModelgateError, ModelNotFound
 from engine.inputs import ImageSource
 from engine.metrics import EngineMetrics
 from engine.registry import ModelRecord
@@ -35,7 +35,7 @@ class Registry(Protocol):
     def register(self, spec: ModelSpec, onnx_bytes: bytes) -> ModelRecord: ...
     def drop(self, name: str) -> ModelRecord: ...
     def get(self, name: str) -> ModelRecord: ...
-    def current(self) -> list[ModelRecord]: ...
+    def current_versions(self) -> dict[str, int]: ...
     def onnx_bytes(self, record: ModelRecord) -> bytes: ...
 
 
@@ -128,16 +128,19 @@ class ModelSet:
     async def refresh(self) -> None:
         """Bring the served models in step with the registry."""
         async with self._refresh_lock:
-            records = await trio.to_thread.run_sync(self.registry.current)
-            current = {record.spec.name: record for record in records}
+            versions = await trio.to_thread.run_sync(self.registry.current_versions)
             for name in list(self.servers):
-                if name not in current:
+                if name not in versions:
                     log.info("model '%s' was dropped", name)
                     self._remove(name)
-            for name, record in current.items():
+            for name, version in versions.items():
                 served = self.records.get(name)
-                if served is not None and served.version >= record.version:
+                if served is not None and served.version >= version:
                     continue
+                try:
+                    record = await trio.to_thread.run_sync(self.registry.get, name)
+                except ModelNotFound:
+                    continue  # dropped since the versions were read
                 try:
                     model = await trio.to_thread.run_sync(self._load, record)
                 except ModelgateError as exc:

@@ -113,14 +113,16 @@ class ModelRegistry:
             "created": record.created,
         }
 
-    def current(self) -> list[ModelRecord]:
-        """Every model's current version (models whose registration is half done, with a
-        counter but no version yet, are left out)."""
+    def current_versions(self) -> dict[str, int]:
+        """Every model's current version by name (models whose registration is half done,
+        with a counter but no version yet, are left out). Read without the specs: a text
+        model's spec carries its tokenizer, hundreds of kB, and this is read every few
+        seconds by every process."""
         try:
-            documents = list(self.models.find({"version": {"$exists": True}}))
+            documents = list(self.models.find({"version": {"$exists": True}}, {"version": 1}))
         except pymongo.errors.PyMongoError as exc:
             raise upstream_failure(exc, "reading the model registry") from exc
-        return [self._record(doc) for doc in documents]
+        return {document["_id"]: int(document["version"]) for document in documents}
 
     def get(self, name: str) -> ModelRecord:
         try:

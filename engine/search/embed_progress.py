@@ -20,7 +20,7 @@ import pymongo
 
 from engine.errors import ModelNotFound
 from engine.leases import WorkQueue
-from engine.registry import ModelRegistry
+from engine.registry import ModelRecord, ModelRegistry
 from engine.search.auto_embed import derived_model_name
 from engine.search.definitions import AutoEmbedField
 
@@ -57,14 +57,14 @@ class EmbedProgress:
         self.counts = EmbedCounts()
         self.synced = False  # the initial sync was seen done
         self.read_seconds = 0.0  # how long the last reading took
+        self._registered: ModelRecord | None = None
 
     def read(self) -> EmbedCounts:
         """Read the counts now (synchronous pymongo: a worker thread). Raises
         ModelgateError / PyMongoError when the upstream fails."""
         started = time.monotonic()
-        try:
-            record = self.registry.get(self.name)
-        except ModelNotFound:
+        record = self._record()
+        if record is None:
             counts = EmbedCounts()
         else:
             if not self._derived_for_this_index(record.spec.metadata):
@@ -82,6 +82,19 @@ class EmbedProgress:
         if counts.version is not None and counts.pending == 0:
             self.synced = True
         return counts
+
+    def _record(self) -> ModelRecord | None:
+        """The derived model's current registration; its spec (with the tokenizer, hundreds
+        of kB) is read again only when its version changed."""
+        version = self.registry.current_versions().get(self.name)
+        if version is None:
+            self._registered = None
+        elif self._registered is None or self._registered.version != version:
+            try:
+                self._registered = self.registry.get(self.name)
+            except ModelNotFound:  # dropped since the versions were read
+                self._registered = None
+        return self._registered
 
     def _derived_for_this_index(self, metadata: Mapping[str, Any] | None) -> bool:
         about = (metadata or {}).get("autoEmbed")

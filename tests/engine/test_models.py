@@ -78,9 +78,9 @@ class InMemoryRegistry:
             raise ModelNotFound(f"no model named '{name}'")
         return record
 
-    def current(self) -> list[ModelRecord]:
+    def current_versions(self) -> dict[str, int]:
         with self._lock:
-            snapshot = list(self.records.values())
+            snapshot = {name: record.version for name, record in self.records.items()}
         self.reading.set()
         self._reads_open.wait()
         return snapshot

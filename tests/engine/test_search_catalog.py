@@ -351,8 +351,8 @@ async def test_auto_embed_registers_a_derived_deferred_model(
     direct[data_db].movies.update_one({"_id": 1}, {"$set": {"_autoEmbed.plots": {"version": 1}}})
     await catalog.drop(namespace, "plots")
     assert models.get(name) is None
-    current = await trio.to_thread.run_sync(models.registry.current)
-    assert sorted(record.spec.name for record in current) == ["classifier", "embedder", "vectors"]
+    current = await trio.to_thread.run_sync(models.registry.current_versions)
+    assert sorted(current) == ["classifier", "embedder", "vectors"]
     assert direct[data_db].movies.find_one({"_id": 1}) == {"_id": 1, "plot": "x"}
 
 
