@@ -48,6 +48,21 @@ class FramedStream:
         A peer that closes in the middle of a frame, or does not complete it within
         `frame_timeout`, is a protocol error."""
         reader = self._reader
+        raw = self._raw
+        if raw is not None and not reader.buffered:
+            # Between frames with nothing buffered (nearly always): _receive_some's wait
+            # with no deadline, inlined, as it is a coroutine call per frame.
+            while True:
+                try:
+                    first: bytes = raw.recv(_RECEIVE_CHUNK)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(raw)
+                except OSError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
+            if not first:
+                return None
+            reader.feed(first)
         deadline = math.inf
         while True:
             # Nothing buffered (between requests, nearly always): straight to the socket.

@@ -1,6 +1,7 @@
 """What the proxy sends back to a client that it did not forward byte for byte: MongoDB's
 error replies, replies it makes up, and upstream replies it rewrites (a reply hook, the
-client's compressor); and what it reads of the requests it acts on."""
+client's compressor); what it reads of the requests it acts on; and the record
+of a request owed replies (InFlight)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Any
 
 import bson
 import bson.errors
+import trio
 
 from engine.errors import ModelgateError
+from proxy.metrics import CommandCounts
 from proxy.wire.compression import compress, decompress
 from proxy.wire.errors import RemoteProtocolError
 from proxy.wire.framing import Frame
@@ -20,6 +23,7 @@ from proxy.wire.opmsg import OpMsg, decode_op_msg, encode_op_msg
 from proxy.wire.opquery import OpReply, decode_op_reply, encode_op_reply
 
 __all__ = [
+    "InFlight",
     "ReplyHook",
     "client_reply",
     "command_namespace",
@@ -144,3 +148,44 @@ def _apply_hook(header: MsgHeader, payload: bytes, hook: ReplyHook) -> bytes:
     body = bson.encode(hook(decode_document(message.body)))
     rewritten = OpMsg(flags=message.flags, body=body, sequences=message.sequences)
     return encode_op_msg(rewritten, header.request_id, header.response_to)[HEADER_SIZE:]
+
+
+class InFlight:
+    """One request owed a reply, kept until its last reply has gone through. Not a
+    dataclass: one is made per request, and sets only the fields that differ."""
+
+    # What it counts on, and its command document (for the slow log's namespace):
+    # message[body_at:], sliced only for a log line (most requests never need it).
+    command: CommandCounts | None = None
+    name: str = ""
+    message: bytes = b""
+    body_at: int = 0
+    # perf_counter_ns when it was read from the client (0: no round trip to time: one of
+    # the proxy's own commands, or a stream past its first reply), when it was sent
+    # upstream, and how long it waited for models.
+    started_ns: int = 0
+    forwarded_ns: int = 0
+    inference_ns: int = 0
+    reply_hook: ReplyHook | None = None
+    # The client's compressor, for replies the proxy compresses itself because the
+    # upstream does not take it.
+    compressor_id: int | None = None
+    # Where the reply to one of the proxy's own upstream commands goes.
+    internal: trio.MemorySendChannel[Frame] | None = None
+    # exhaustAllowed: the upstream may answer with a stream of replies (moreToCome).
+    may_stream: bool = False
+    # Its one reply goes to the client as it came, with nothing to do after it: no hook,
+    # no compressor, no stream, not internal, nothing to hear of it (most requests).
+    plain: bool = False
+    # Shutdown waits for work in flight, but not for a hello: drivers' monitors keep an
+    # awaitable hello waiting upstream (maxAwaitTimeMS, 10 s).
+    is_work: bool = True
+    # The responseTo values under which its next reply may come (see Session._reply_passed).
+    reply_keys: tuple[int, ...] = ()
+    # Called once the upstream has answered (a write the search indexes must hear of).
+    after_reply: Callable[[], None] | None = None
+    # False for a moreToCome request (w:0): no reply comes, its round trip ends once sent.
+    owes_reply: bool = True
+
+    def __init__(self, started_ns: int = 0) -> None:
+        self.started_ns = started_ns

@@ -7,7 +7,7 @@ untouched unless the proxy must act on a message: a hello (its reply is rewritte
 modelgate admin command (answered here), a write to a namespace with inline models (the
 predictions are added before it is forwarded).
 
-Each request owed a reply has one record (`_InFlight`) from the moment it is read until
+Each request owed a reply has one record (`InFlight`) from the moment it is read until
 its last reply has gone through to the client: what to do to its replies, whether
 shutdown waits for it, and when it came, for the latency modelgate adds and the
 slow-operation log (logger proxy.slow)."""
@@ -29,8 +29,9 @@ from engine.models import ModelSet
 from proxy.framed import FramedStream
 from proxy.hello import HELLO_COMMANDS, UpstreamLimits, hello_reply_hook, limits_from_hello
 from proxy.logs import ConnectionLog
-from proxy.metrics import CommandCounts, ProxyMetrics
+from proxy.metrics import ProxyMetrics
 from proxy.replies import (
+    InFlight,
     ReplyHook,
     client_reply,
     command_namespace,
@@ -187,44 +188,6 @@ class CommandContext:
         return await self._session.upstream_command(document)
 
 
-class _InFlight:
-    """One request owed a reply, kept until its last reply has gone through. Not a
-    dataclass: one is made per request, and sets only the fields that differ."""
-
-    # What it counts on, and its command document (for the slow log's namespace):
-    # message[body_at:], sliced only for a log line (most requests never need it).
-    command: CommandCounts | None = None
-    name: str = ""
-    message: bytes = b""
-    body_at: int = 0
-    # perf_counter_ns when it was read from the client (0: no round trip to time: one of
-    # the proxy's own commands, or a stream past its first reply), when it was sent
-    # upstream, and how long it waited for models.
-    started_ns: int = 0
-    forwarded_ns: int = 0
-    inference_ns: int = 0
-    reply_hook: ReplyHook | None = None
-    # The client's compressor, for replies the proxy compresses itself because the
-    # upstream does not take it.
-    compressor_id: int | None = None
-    # Where the reply to one of the proxy's own upstream commands goes.
-    internal: trio.MemorySendChannel[Frame] | None = None
-    # exhaustAllowed: the upstream may answer with a stream of replies (moreToCome).
-    may_stream: bool = False
-    # Shutdown waits for work in flight, but not for a hello: drivers' monitors keep an
-    # awaitable hello waiting upstream (maxAwaitTimeMS, 10 s).
-    is_work: bool = True
-    # The responseTo values under which its next reply may come (see _reply_passed).
-    reply_keys: tuple[int, ...] = ()
-    # Called once the upstream has answered (a write the search indexes must hear of).
-    after_reply: Callable[[], None] | None = None
-    # False for a moreToCome request (w:0): no reply comes, its round trip ends once sent.
-    owes_reply: bool = True
-
-    def __init__(self, started_ns: int = 0) -> None:
-        self.started_ns = started_ns
-
-
 class Session:
     def __init__(self, connection_id: int, client: FramedStream, services: SessionServices) -> None:
         self.connection_id = connection_id
@@ -236,12 +199,20 @@ class Session:
         self._slow_ns = int(services.slow_ms * 1_000_000)
         self.upstream: FramedStream | None = None
         # responseTo -> the request a reply answers; a stream's request is under two keys.
-        self._in_flight: dict[int, _InFlight] = {}
+        self._in_flight: dict[int, InFlight] = {}
         self._request_finished = trio.lowlevel.ParkingLot()
         self._upstream_compressors: frozenset[str] = frozenset()
         self.upstream_limits = UpstreamLimits()
         self._draining = False
         self._cancel_scope = trio.CancelScope()
+        # The commands the proxy may act on whatever its models (see _acts_on), one set
+        # lookup per request; the write interceptor's depend on the models of the moment.
+        search_writes = services.search_writes
+        self._acted_on = frozenset(
+            (*HELLO_COMMANDS, *services.commands)
+            + (("aggregate",) if services.search is not None else ())
+            + (tuple(search_writes.commands) if search_writes is not None else ())
+        )
 
     @property
     def requests_in_flight(self) -> int:
@@ -300,7 +271,7 @@ class Session:
     def cancel(self) -> None:
         self._cancel_scope.cancel()
 
-    def _await_replies(self, request: _InFlight, *response_tos: int) -> None:
+    def _await_replies(self, request: InFlight, *response_tos: int) -> None:
         """Route the replies that answer any of `response_tos` to `request`; with none,
         the request is finished and nothing of it remains."""
         for key in request.reply_keys:
@@ -316,54 +287,70 @@ class Session:
     # -- client -> upstream ----------------------------------------------------------
 
     async def _pump_requests(self) -> None:
+        # Locals: this loop runs once per request, and attribute lookups add up.
+        receive_frame = self.client.receive_frame
+        metrics = self._metrics
         while True:
-            frame = await self.client.receive_frame()
+            frame = await receive_frame()
             received_ns = perf_counter_ns()
             if frame is None:
                 return
             if self._draining:
                 self.log.info("shutting down: closing the connection instead of a new request")
                 return
-            request = _InFlight(received_ns)
-            self._metrics.received_bytes += len(frame.raw)
+            request = InFlight(received_ns)
+            forward = frame.raw
+            metrics.received_bytes += len(forward)
             # No coroutine between receive and send for a plain request: one costs about
             # as much as its routing.
-            if self._took_plain(request, frame):
-                await self._send_upstream(request, frame.raw)
-            else:
-                await self._handle_in_full(request, frame)
+            if not self._took_plain(request, frame):
+                rewritten = await self._handle_in_full(request, frame)
+                if rewritten is None:
+                    continue  # answered here
+                forward = rewritten
+            request.forwarded_ns = perf_counter_ns()
+            try:
+                await self.upstream.send(forward)  # type: ignore[union-attr]
+            except (trio.BrokenResourceError, OSError):
+                metrics.upstream_lost += 1
+                raise
+            if not request.owes_reply:
+                _replied(request)
+                self._finish_round_trip(request, 0)
 
-    def _took_plain(self, request: _InFlight, frame: Frame) -> bool:
+    def _took_plain(self, request: InFlight, frame: Frame) -> bool:
         """Take a plain OP_MSG the proxy only forwards (ping, find, getMore: nearly all),
         routed by its command name as read from the bytes; False for any other."""
-        if frame.header.op_code != _OP_MSG:
+        header, raw = frame
+        if header.op_code != _OP_MSG:
             return False
-        peeked = peek_command(frame.raw, HEADER_SIZE)
+        peeked = peek_command(raw, HEADER_SIZE)
         if peeked is None or self._acts_on(peeked[1]):
             return False
         flags, name = peeked
-        self._note_command(request, name, frame.raw, HEADER_SIZE + BODY_OFFSET)
-        request.may_stream = bool(flags & EXHAUST_ALLOWED)
+        self._note_command(request, name, raw, HEADER_SIZE + BODY_OFFSET)
         if flags & MORE_TO_COME:
             request.owes_reply = False
+        elif flags & EXHAUST_ALLOWED:
+            request.may_stream = True
+            self._await_replies(request, header.request_id)
         else:
-            self._await_replies(request, frame.header.request_id)
+            # Registered here rather than by _await_replies: a new request has no keys
+            # yet, and this is every plain request.
+            request.plain = True
+            request.reply_keys = (header.request_id,)
+            self._in_flight[header.request_id] = request
         return True
 
     def _acts_on(self, name: str) -> bool:
         """Whether the proxy may do more than forward a command so named (and decodes it)."""
-        services = self.services
-        return (
-            name in HELLO_COMMANDS
-            or name in services.commands
-            or (name == "aggregate" and services.search is not None)
-            or (services.writes is not None and services.writes.wants(name))
-            or (services.search_writes is not None and name in services.search_writes.commands)
-        )
+        writes = self.services.writes
+        return name in self._acted_on or (writes is not None and writes.wants(name))
 
-    async def _handle_in_full(self, request: _InFlight, frame: Frame) -> None:
+    async def _handle_in_full(self, request: InFlight, frame: Frame) -> bytes | None:
         """A request the proxy may act on, or one that is not a plain OP_MSG: compressed,
-        with a checksum or document sequences, legacy OP_QUERY, another opcode."""
+        with a checksum or document sequences, legacy OP_QUERY, another opcode. Returns
+        what to forward upstream, or None when it was answered here."""
         header, payload = frame.header, frame.payload
         request_id = header.request_id
         forward = frame.raw
@@ -390,7 +377,7 @@ class Session:
             if name in services.commands:
                 reply = await self._run_local_command(name, message)
                 await self._answer(request, request_id, message, reply)
-                return
+                return None
             decision: WriteDecision | None = None
             if name == "aggregate":
                 if services.search is not None and services.search.wants(message.body):
@@ -403,7 +390,7 @@ class Session:
                 match decision:
                     case AnswerLocally(reply):
                         await self._answer(request, request_id, message, reply)
-                        return
+                        return None
                     case ForwardRewritten(rewritten, hook):
                         forward = encode_op_msg(rewritten, request_id, 0)
                         request.reply_hook = hook
@@ -414,7 +401,7 @@ class Session:
                         reply = await in_parts.run(self.upstream_message)
                         _replied(request)
                         await self._answer(request, request_id, message, reply)
-                        return
+                        return None
         elif header.op_code == OpCode.OP_QUERY:
             query = decode_op_query(payload)
             is_command = query.full_collection_name.endswith(".$cmd")
@@ -426,21 +413,9 @@ class Session:
             self._await_replies(request, request_id)
         else:
             self._note_command(request, "", b"", 0)
-        await self._send_upstream(request, forward)
+        return forward
 
-    async def _send_upstream(self, request: _InFlight, data: bytes) -> None:
-        assert self.upstream is not None
-        request.forwarded_ns = perf_counter_ns()
-        try:
-            await self.upstream.send(data)
-        except (trio.BrokenResourceError, OSError):
-            self._metrics.upstream_lost += 1
-            raise
-        if not request.owes_reply:
-            _replied(request)
-            self._finish_round_trip(request, 0)
-
-    def _note_command(self, request: _InFlight, name: str, message: bytes, body_at: int) -> None:
+    def _note_command(self, request: InFlight, name: str, message: bytes, body_at: int) -> None:
         """Count the request under its command, and keep where its command document is
         (`message[body_at:]`), for the log lines that name its namespace."""
         if name and log.isEnabledFor(logging.DEBUG):
@@ -451,7 +426,7 @@ class Session:
         request.message = message
         request.body_at = body_at
 
-    def _finish_round_trip(self, request: _InFlight, upstream_ns: int) -> None:
+    def _finish_round_trip(self, request: InFlight, upstream_ns: int) -> None:
         """The request's round trip is over (its first reply has gone to the client, or
         it owed none): the time modelgate added, and the slow-operation log."""
         total_ns = perf_counter_ns() - request.started_ns
@@ -461,7 +436,7 @@ class Session:
         if total_ns > self._slow_ns and request.is_work:
             self._log_slow(request, total_ns)
 
-    def _log_slow(self, request: _InFlight, total_ns: int) -> None:
+    def _log_slow(self, request: InFlight, total_ns: int) -> None:
         assert request.command is not None
         request.command.slow += 1
         body = request.message[request.body_at :]
@@ -499,7 +474,7 @@ class Session:
 
     async def _intercept(
         self,
-        request: _InFlight,
+        request: InFlight,
         interceptor: WriteInterceptor | AggregateInterceptor,
         name: str,
         message: OpMsg,
@@ -513,7 +488,7 @@ class Session:
             request.inference_ns = context.inference_ns
 
     async def _answer(
-        self, request: _InFlight, request_id: int, message: OpMsg, reply: dict[str, Any]
+        self, request: InFlight, request_id: int, message: OpMsg, reply: dict[str, Any]
     ) -> None:
         """Answer a request here; a moreToCome request (w:0) gets no reply."""
         if not message.more_to_come:
@@ -534,7 +509,7 @@ class Session:
         while request_id in self._in_flight:
             request_id = next_request_id()
         send_channel, receive_channel = trio.open_memory_channel[Frame](1)
-        request = _InFlight()
+        request = InFlight()
         request.internal = send_channel
         self._await_replies(request, request_id)
         try:
@@ -549,10 +524,13 @@ class Session:
 
     async def _pump_replies(self, cancel_scope: trio.CancelScope) -> None:
         assert self.upstream is not None
+        # Locals: this loop runs once per reply, and attribute lookups add up.
         metrics = self._metrics
+        receive_frame, send = self.upstream.receive_frame, self.client.send
+        in_flight = self._in_flight
         while True:
             try:
-                frame = await self.upstream.receive_frame()
+                frame = await receive_frame()
             except (trio.BrokenResourceError, OSError, ProtocolError):
                 metrics.upstream_lost += 1
                 raise
@@ -562,22 +540,42 @@ class Session:
                 metrics.upstream_lost += 1
                 cancel_scope.cancel()
                 return
-            request = self._in_flight.get(frame.header.response_to)
-            if request is not None and request.internal is not None:
+            header, raw = frame
+            request = in_flight.get(header.response_to)
+            if request is None:
+                data = raw  # answers nothing in flight (a request the client gave up on)
+            elif request.plain:
+                data = raw
+            elif request.internal is not None:
                 request.internal.send_nowait(frame)
                 self._await_replies(request)
                 continue
+            else:
+                data, last = client_reply(
+                    frame, request.reply_hook, request.compressor_id, request.may_stream
+                )
             # Sent here, not in a coroutine of its own: that costs as much as the rest.
-            data, last = frame.raw, True
-            if request is not None:
-                hook, compressor_id = request.reply_hook, request.compressor_id
-                data, last = client_reply(frame, hook, compressor_id, request.may_stream)
-            await self.client.send(data)
+            await send(data)
             metrics.sent_bytes += len(data)
-            if request is not None:
+            if request is None:
+                continue
+            if request.plain:
+                self._plain_reply_passed(request, header.response_to, arrived_ns)
+            else:
                 self._reply_passed(request, frame, arrived_ns, last)
 
-    def _reply_passed(self, request: _InFlight, frame: Frame, arrived_ns: int, last: bool) -> None:
+    def _plain_reply_passed(self, request: InFlight, response_to: int, arrived_ns: int) -> None:
+        """The one reply of a plain request has gone to the client: `_reply_passed` for
+        its only case (its round trip ends, nothing of it remains)."""
+        self._finish_round_trip(request, arrived_ns - request.forwarded_ns)
+        in_flight = self._in_flight
+        if in_flight.get(response_to) is request:
+            del in_flight[response_to]
+        request.reply_keys = ()
+        if self._draining:
+            self._request_finished.unpark_all()
+
+    def _reply_passed(self, request: InFlight, frame: Frame, arrived_ns: int, last: bool) -> None:
         """A reply of `request` has gone to the client; after its last, nothing of the
         request remains."""
         if request.after_reply is not None:
@@ -593,7 +591,7 @@ class Session:
             self._await_replies(request, frame.header.response_to, frame.header.request_id)
 
 
-def _replied(request: _InFlight) -> None:
+def _replied(request: InFlight) -> None:
     """The upstream has answered `request` (or owes no answer): run what waited for it."""
     after_reply, request.after_reply = request.after_reply, None
     if after_reply is not None:
