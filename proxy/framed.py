@@ -49,6 +49,7 @@ class FramedStream:
         `frame_timeout`, is a protocol error."""
         reader = self._reader
         raw = self._raw
+        frame = None
         if raw is not None and not reader.buffered:
             # Between frames with nothing buffered (nearly always): _receive_some's wait
             # with no deadline, inlined, as it is a coroutine call per frame.
@@ -62,18 +63,13 @@ class FramedStream:
                     raise trio.BrokenResourceError(str(exc)) from exc
             if not first:
                 return None
-            reader.feed(first)
+            frame = reader.take_whole(first)
         deadline = math.inf
-        while True:
-            # Nothing buffered (between requests, nearly always): straight to the socket.
+        while frame is None:
             if reader.buffered:
                 frame = reader.next_frame()
                 if frame is not None:
-                    self._frames_unchecked += 1
-                    if self._frames_unchecked >= _CHECKPOINT_EVERY:
-                        self._frames_unchecked = 0
-                        await trio.lowlevel.checkpoint()
-                    return frame
+                    break
                 if deadline == math.inf:
                     deadline = trio.current_time() + self.frame_timeout
             data = await self._receive_some(deadline)
@@ -85,6 +81,11 @@ class FramedStream:
                     )
                 return None
             reader.feed(data)
+        self._frames_unchecked += 1
+        if self._frames_unchecked >= _CHECKPOINT_EVERY:
+            self._frames_unchecked = 0
+            await trio.lowlevel.checkpoint()
+        return frame
 
     async def _receive_some(self, deadline: float) -> bytes | bytearray:
         raw = self._raw

@@ -66,6 +66,17 @@ class FrameReader:
             self._compact()
         self._buffer += data
 
+    def take_whole(self, data: bytes) -> Frame | None:
+        """With nothing buffered: `data` itself as its frame when it is exactly one whole
+        frame (one recv, one request: the common case), in one call where `feed` and
+        `next_frame` are two; otherwise `data` is fed, and None."""
+        if len(data) >= HEADER_SIZE:
+            (length,) = _LENGTH.unpack_from(data)
+            if length == len(data) and length <= self._max_message_size:
+                return _new_frame((unpack_header(data), data))
+        self.feed(data)
+        return None
+
     def _compact(self) -> None:
         # Deleting the consumed bytes also gives back the buffer's memory once they were
         # most of it (CPython shrinks a bytearray under half its allocation).

@@ -155,3 +155,33 @@ def test_oversized_length_in_a_whole_feed_is_refused() -> None:
     reader.feed(struct.pack("<iiii", 101, 1, 0, 2013))
     with pytest.raises(RemoteProtocolError, match="exceeds"):
         reader.next_frame()
+
+
+def test_take_whole_returns_one_whole_frame_as_it_came() -> None:
+    reader = FrameReader()
+    frame = reader.take_whole(FIRST)
+    assert frame == Frame(MsgHeader(len(FIRST), 1, 0, 2013), FIRST) and frame.raw is FIRST
+    assert reader.buffered == 0
+    assert reader.next_frame() is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [FIRST[:10], FIRST + SECOND, FIRST + SECOND[:3], SECOND[:3]],
+    ids=["part", "two", "one-and-a-part", "under-a-header"],
+)
+def test_take_whole_feeds_anything_else(data: bytes) -> None:
+    reader = FrameReader()
+    assert reader.take_whole(data) is None
+    assert reader.buffered == len(data)
+    expected = FrameReader()
+    expected.feed(data)
+    assert _drain(reader) == _drain(expected)
+
+
+def test_take_whole_leaves_an_oversized_frame_to_next_frame() -> None:
+    reader = FrameReader(max_message_size=100)
+    data = _message(1, b"x" * 100)
+    assert reader.take_whole(data) is None
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        reader.next_frame()
