@@ -35,7 +35,7 @@ import bson
 from bson.int64 import Int64
 from bson.raw_bson import RawBSONDocument
 
-from engine.batching import Prediction
+from engine.batching import ModelServer, Prediction
 from engine.documents import FAITHFUL
 from engine.errors import BadValue, TypeMismatch
 from engine.models import ModelSet
@@ -179,12 +179,12 @@ class VectorSearchStages:
             raise VectorSearchQueryError(
                 f"\"model\" '{query.model}' differs from the index's model '{field.model}'"
             )
-        server = None
-        if self.models is not None:
-            for name in _embedding_models(index, model_name):
-                server = self.models.get(name)
-                if server is not None:
-                    break
+        server = self._embedding_server(index, model_name)
+        if server is None and self.models is not None:
+            # Registered but not loaded here yet (a process that has just started, or a
+            # model registered since the last refresh): load it now rather than fail.
+            await self.models.refresh()
+            server = self._embedding_server(index, model_name)
         if server is None:
             raise VectorSearchQueryError(
                 f"the model '{model_name}' of search index '{index.name}' is not served"
@@ -199,6 +199,15 @@ class VectorSearchStages:
                 f"the query could not be embedded by '{model_name}': {outcome.message}"
             )
         return [float(x) for x in outcome.value["vector"]]
+
+    def _embedding_server(self, index: SearchIndex, model_name: str) -> ModelServer | None:
+        if self.models is None:
+            return None
+        for name in _embedding_models(index, model_name):
+            server = self.models.get(name)
+            if server is not None:
+                return server
+        return None
 
     def _listing(self, namespace: str, spec: Any) -> list[dict[str, Any]]:
         if not isinstance(spec, Mapping):
