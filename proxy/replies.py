@@ -152,7 +152,8 @@ def _apply_hook(header: MsgHeader, payload: bytes, hook: ReplyHook) -> bytes:
 
 class InFlight:
     """One request owed a reply, kept until its last reply has gone through. Not a
-    dataclass: one is made per request, and sets only the fields that differ."""
+    dataclass, and no __init__: one is made per request, and sets only the fields that
+    differ."""
 
     # What it counts on, and its command document (for the slow log's namespace):
     # message[body_at:], sliced only for a log line (most requests never need it).
@@ -186,6 +187,3 @@ class InFlight:
     after_reply: Callable[[], None] | None = None
     # False for a moreToCome request (w:0): no reply comes, its round trip ends once sent.
     owes_reply: bool = True
-
-    def __init__(self, started_ns: int = 0) -> None:
-        self.started_ns = started_ns

@@ -298,7 +298,8 @@ class Session:
             if self._draining:
                 self.log.info("shutting down: closing the connection instead of a new request")
                 return
-            request = InFlight(received_ns)
+            request = InFlight()
+            request.started_ns = received_ns
             forward = frame.raw
             metrics.received_bytes += len(forward)
             # No coroutine between receive and send for a plain request: one costs about
