@@ -100,7 +100,12 @@ def test_bulk_write_with_mixed_operations_that_must_split(register, db, db_name,
     assert result.deleted_count == 1
     # The upserts' indices are the client's, across the parts the proxy sent.
     assert result.upserted_ids == {4: 10, 5: 11, 6: 12, 8: 20}
-    items = direct[db_name].items
+    _assert_mixed_ops_stored(direct[db_name].items, out)
+
+
+def _assert_mixed_ops_stored(items: Any, out: str) -> None:
+    """What the mixed-ops tests leave: every inserted, replaced, upserted or updated
+    document with the embedding of its own input, and the deleted one gone."""
     for _id in (1, 2, 3, 10, 11, 12, 20, 100, 101):
         stored = items.find_one({"_id": _id})
         assert stored["_outputs"][out]["vector"] == [2 * v for v in _vector(NEAR, _id)], _id
@@ -198,11 +203,7 @@ def test_client_bulk_write_with_mixed_operations_that_must_split(
     assert upserted == {3: 10, 4: 11, 5: 12, 7: 20}
     assert sorted(result.insert_results) == [0, 1, 2]
     assert sorted(result.delete_results) == [9]
-    items = direct[db_name].items
-    for _id in (1, 2, 3, 10, 11, 12, 20, 100, 101):
-        stored = items.find_one({"_id": _id})
-        assert stored["_outputs"][out]["vector"] == [2 * v for v in _vector(NEAR, _id)], _id
-    assert items.find_one({"_id": 0}) is None
+    _assert_mixed_ops_stored(direct[db_name].items, out)
 
 
 @pytest.mark.parametrize("ordered", [False, True])
