@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import socket
+import struct
 
 import trio
 
 from proxy.wire.errors import RemoteProtocolError
-from proxy.wire.framing import Frame, FrameReader
+from proxy.wire.framing import Frame, FrameReader, new_frame
+from proxy.wire.header import HEADER_SIZE, MAX_MESSAGE_SIZE, unpack_header
 
 __all__ = ["FramedStream"]
 
@@ -17,6 +19,7 @@ _RECEIVE_CHUNK = 64 * 1024
 # many frames received keeps one busy connection from starving the others (as the
 # forwarder of `bench wire` does: every task of a session receives before it sends).
 _CHECKPOINT_EVERY = 16
+_LENGTH = struct.Struct("<i")
 
 
 class FramedStream:
@@ -32,11 +35,20 @@ class FramedStream:
     asked to wait only when it is not: a proxy round trip is then two scheduler passes
     instead of about ten (trio's stream API checkpoints before and after every call)."""
 
-    def __init__(self, stream: trio.abc.Stream, frame_timeout: float = math.inf) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        frame_timeout: float = math.inf,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+    ) -> None:
         self.stream = stream
         self.frame_timeout = frame_timeout
-        self._reader = FrameReader()
+        self._reader = FrameReader(max_message_size)
+        self._max = max_message_size
         self._send_lock = trio.Lock()
+        # Sends that take the lock, waiting for it or holding it: while there is one, a
+        # new send must queue behind it.
+        self._locked_sends = 0
         self._raw: socket.socket | None = None
         if isinstance(stream, trio.SocketStream):
             self._raw = stream.socket._sock  # type: ignore[attr-defined]
@@ -47,29 +59,51 @@ class FramedStream:
 
         A peer that closes in the middle of a frame, or does not complete it within
         `frame_timeout`, is a protocol error."""
+        raw = await self.receive_message()
+        return None if raw is None else new_frame((unpack_header(raw), raw))
+
+    async def receive_message(self) -> bytes | None:
+        """`receive_frame`'s frame as its bytes only (header included), its length
+        checked: the session's hot path reads from them only what it needs."""
         reader = self._reader
-        raw = self._raw
-        frame = None
-        if raw is not None and not reader.buffered:
+        sock = self._raw
+        if sock is not None and not reader.buffered:
             # Between frames with nothing buffered (nearly always): _receive_some's wait
             # with no deadline, inlined, as it is a coroutine call per frame.
+            message: bytes | None
             while True:
                 try:
-                    first: bytes = raw.recv(_RECEIVE_CHUNK)
+                    first: bytes = sock.recv(_RECEIVE_CHUNK)
                     break
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(raw)
+                    await trio.lowlevel.wait_readable(sock)
                 except OSError as exc:
                     raise trio.BrokenResourceError(str(exc)) from exc
             if not first:
                 return None
-            frame = reader.take_whole(first)
+            # One recv, one whole frame (the common case): the message is these bytes.
+            size = len(first)
+            message = first
+            if size < HEADER_SIZE or _LENGTH.unpack_from(first)[0] != size or size > self._max:
+                reader.feed(first)
+                message = await self._rest_of_frame(reader)
+        else:
+            message = await self._rest_of_frame(reader)
+        if message is None:
+            return None
+        self._frames_unchecked += 1
+        if self._frames_unchecked >= _CHECKPOINT_EVERY:
+            self._frames_unchecked = 0
+            await trio.lowlevel.checkpoint()
+        return message
+
+    async def _rest_of_frame(self, reader: FrameReader) -> bytes | None:
         deadline = math.inf
-        while frame is None:
+        while True:
             if reader.buffered:
                 frame = reader.next_frame()
                 if frame is not None:
-                    break
+                    return frame.raw
                 if deadline == math.inf:
                     deadline = trio.current_time() + self.frame_timeout
             data = await self._receive_some(deadline)
@@ -81,11 +115,6 @@ class FramedStream:
                     )
                 return None
             reader.feed(data)
-        self._frames_unchecked += 1
-        if self._frames_unchecked >= _CHECKPOINT_EVERY:
-            self._frames_unchecked = 0
-            await trio.lowlevel.checkpoint()
-        return frame
 
     async def _receive_some(self, deadline: float) -> bytes | bytearray:
         raw = self._raw
@@ -119,7 +148,7 @@ class FramedStream:
     async def send(self, data: bytes) -> None:
         raw = self._raw
         unsent: bytes | memoryview = data
-        if raw is not None and not self._send_lock.locked():
+        if raw is not None and not self._locked_sends:
             # Nothing else is sending: the socket takes the whole message at once nearly
             # always, with no lock and no scheduler pass. Only a send that must wait for
             # the socket takes the lock (before it can yield), so messages never interleave.
@@ -132,18 +161,22 @@ class FramedStream:
             if sent == len(data):
                 return
             unsent = memoryview(data)[sent:]
-        # Uncontended (nearly always) the lock is taken without a scheduler pass.
+        self._locked_sends += 1
         try:
-            self._send_lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._send_lock.acquire()
-        try:
-            if raw is None:
-                await self.stream.send_all(unsent)
-            else:
-                await self._send_raw(raw, unsent)
+            # Uncontended (nearly always) the lock is taken without a scheduler pass.
+            try:
+                self._send_lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self._send_lock.acquire()
+            try:
+                if raw is None:
+                    await self.stream.send_all(unsent)
+                else:
+                    await self._send_raw(raw, unsent)
+            finally:
+                self._send_lock.release()
         finally:
-            self._send_lock.release()
+            self._locked_sends -= 1
 
     async def _send_raw(self, raw: socket.socket, data: bytes | memoryview) -> None:
         view = memoryview(data)

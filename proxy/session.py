@@ -15,6 +15,7 @@ slow-operation log (logger proxy.slow)."""
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from time import perf_counter_ns
@@ -26,13 +27,13 @@ import trio
 from engine.deferred import DeferredWorkers
 from engine.errors import ModelgateError, first_exception
 from engine.models import ModelSet
+from proxy.decisions import AnswerLocally, ForwardRewritten, ForwardUnchanged, WriteDecision
 from proxy.framed import FramedStream
 from proxy.hello import HELLO_COMMANDS, UpstreamLimits, hello_reply_hook, limits_from_hello
 from proxy.logs import ConnectionLog
-from proxy.metrics import ProxyMetrics
+from proxy.metrics import CommandCounts, ProxyMetrics
 from proxy.replies import (
     InFlight,
-    ReplyHook,
     client_reply,
     command_namespace,
     decode_command,
@@ -46,8 +47,8 @@ from proxy.split_writes import ForwardInParts
 from proxy.upstream import UpstreamError, UpstreamTarget, open_upstream
 from proxy.wire.compression import Compressor, decode_compressed, decompress
 from proxy.wire.errors import ProtocolError
-from proxy.wire.framing import Frame
-from proxy.wire.header import HEADER_SIZE, OpCode
+from proxy.wire.framing import Frame, new_frame
+from proxy.wire.header import HEADER_SIZE, OpCode, unpack_header
 from proxy.wire.opmsg import (
     BODY_OFFSET,
     EXHAUST_ALLOWED,
@@ -56,7 +57,7 @@ from proxy.wire.opmsg import (
     command_name,
     decode_op_msg,
     encode_op_msg,
-    peek_command,
+    peek_request,
 )
 from proxy.wire.opquery import decode_op_query
 
@@ -77,37 +78,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 slow_log = logging.getLogger("proxy.slow")
 
-# A plain int: comparing with the IntEnum member costs a call on every request.
-_OP_MSG = int(OpCode.OP_MSG)
+# Where a plain request's command document starts, and a reply's responseTo.
+_BODY_AT = HEADER_SIZE + BODY_OFFSET
+_RESPONSE_TO = struct.Struct("<i")
+# The command names whose counts a session keeps at hand (more are looked up each time).
+_MAX_NAMES = 256
 
 CommandHandler = Callable[["CommandContext", dict[str, Any]], Awaitable[dict[str, Any]]]
-
-
-@dataclass(frozen=True)
-class ForwardUnchanged:
-    """Forward the client's message as it came. The hook, if any, sees (and may change)
-    the upstream's reply, e.g. to learn that the write was acknowledged."""
-
-    reply_hook: ReplyHook | None = None
-
-
-@dataclass(frozen=True)
-class ForwardRewritten:
-    """Forward `message` in place of the client's; the hook, if any, turns the
-    upstream's reply into the one the client expects."""
-
-    message: OpMsg
-    reply_hook: ReplyHook | None = None
-
-
-@dataclass(frozen=True)
-class AnswerLocally:
-    """Forward nothing and answer the client with `reply`."""
-
-    reply: dict[str, Any]
-
-
-WriteDecision = ForwardUnchanged | ForwardRewritten | AnswerLocally | ForwardInParts
 
 
 class WriteInterceptor(Protocol):
@@ -205,6 +182,7 @@ class Session:
         self.upstream_limits = UpstreamLimits()
         self._draining = False
         self._cancel_scope = trio.CancelScope()
+        self._counts_by_name: dict[str, CommandCounts] = {}
         # The commands the proxy may act on whatever its models (see _acts_on), one set
         # lookup per request; the write interceptor's depend on the models of the moment.
         search_writes = services.search_writes
@@ -288,30 +266,64 @@ class Session:
 
     async def _pump_requests(self) -> None:
         # Locals: this loop runs once per request, and attribute lookups add up.
-        receive_frame = self.client.receive_frame
+        receive = self.client.receive_message
+        send = self.upstream.send  # type: ignore[union-attr]
         metrics = self._metrics
+        in_flight = self._in_flight
+        acted_on = self._acted_on
+        writes = self.services.writes
+        counts_by_name = self._counts_by_name
         while True:
-            frame = await receive_frame()
+            raw = await receive()
             received_ns = perf_counter_ns()
-            if frame is None:
+            if raw is None:
                 return
             if self._draining:
                 self.log.info("shutting down: closing the connection instead of a new request")
                 return
             request = InFlight()
             request.started_ns = received_ns
-            forward = frame.raw
-            metrics.received_bytes += len(forward)
-            # No coroutine between receive and send for a plain request: one costs about
-            # as much as its routing.
-            if not self._took_plain(request, frame):
-                rewritten = await self._handle_in_full(request, frame)
+            metrics.received_bytes += len(raw)
+            forward = raw
+            # A plain OP_MSG the proxy only forwards (ping, find, getMore: nearly all),
+            # routed by its command name as read from the bytes, is taken here: no
+            # coroutine or method call between receive and send, as one costs about as
+            # much as its routing.
+            peeked = peek_request(raw)
+            if (
+                peeked is None
+                or (name := peeked[2]) in acted_on
+                or (writes is not None and writes.wants(name))
+            ):
+                rewritten = await self._handle_in_full(request, raw)
                 if rewritten is None:
                     continue  # answered here
                 forward = rewritten
+            else:
+                # _note_command, inlined.
+                if log.isEnabledFor(logging.DEBUG):
+                    self._log_command(name, raw, _BODY_AT)
+                counts = counts_by_name.get(name) or self._counts_for(name)
+                counts.requests += 1
+                request.command = counts
+                request.name = name
+                request.message = raw
+                request.body_at = _BODY_AT
+                request_id, flags = peeked[0], peeked[1]
+                if flags & MORE_TO_COME:
+                    request.owes_reply = False
+                elif flags & EXHAUST_ALLOWED:
+                    request.may_stream = True
+                    self._await_replies(request, request_id)
+                else:
+                    # Registered here rather than by _await_replies: a new request has no
+                    # keys yet, and this is every plain request.
+                    request.plain = True
+                    request.reply_keys = (request_id,)
+                    in_flight[request_id] = request
             request.forwarded_ns = perf_counter_ns()
             try:
-                await self.upstream.send(forward)  # type: ignore[union-attr]
+                await send(forward)
             except (trio.BrokenResourceError, OSError):
                 metrics.upstream_lost += 1
                 raise
@@ -319,42 +331,20 @@ class Session:
                 _replied(request)
                 self._finish_round_trip(request, 0)
 
-    def _took_plain(self, request: InFlight, frame: Frame) -> bool:
-        """Take a plain OP_MSG the proxy only forwards (ping, find, getMore: nearly all),
-        routed by its command name as read from the bytes; False for any other."""
-        header, raw = frame
-        if header.op_code != _OP_MSG:
-            return False
-        peeked = peek_command(raw, HEADER_SIZE)
-        if peeked is None or self._acts_on(peeked[1]):
-            return False
-        flags, name = peeked
-        self._note_command(request, name, raw, HEADER_SIZE + BODY_OFFSET)
-        if flags & MORE_TO_COME:
-            request.owes_reply = False
-        elif flags & EXHAUST_ALLOWED:
-            request.may_stream = True
-            self._await_replies(request, header.request_id)
-        else:
-            # Registered here rather than by _await_replies: a new request has no keys
-            # yet, and this is every plain request.
-            request.plain = True
-            request.reply_keys = (header.request_id,)
-            self._in_flight[header.request_id] = request
-        return True
+    def _counts_for(self, name: str) -> CommandCounts:
+        """What a request of command `name` counts on; kept for this session's next one."""
+        counts = self._metrics.for_command(name)
+        if len(self._counts_by_name) < _MAX_NAMES:
+            self._counts_by_name[name] = counts
+        return counts
 
-    def _acts_on(self, name: str) -> bool:
-        """Whether the proxy may do more than forward a command so named (and decodes it)."""
-        writes = self.services.writes
-        return name in self._acted_on or (writes is not None and writes.wants(name))
-
-    async def _handle_in_full(self, request: InFlight, frame: Frame) -> bytes | None:
+    async def _handle_in_full(self, request: InFlight, raw: bytes) -> bytes | None:
         """A request the proxy may act on, or one that is not a plain OP_MSG: compressed,
         with a checksum or document sequences, legacy OP_QUERY, another opcode. Returns
         what to forward upstream, or None when it was answered here."""
-        header, payload = frame.header, frame.payload
+        header, payload = unpack_header(raw), raw[HEADER_SIZE:]
         request_id = header.request_id
-        forward = frame.raw
+        forward = raw
         if header.op_code == OpCode.OP_COMPRESSED:
             compressor_id = decode_compressed(payload).compressor_id
             header, payload = decompress(header, payload)
@@ -419,13 +409,17 @@ class Session:
     def _note_command(self, request: InFlight, name: str, message: bytes, body_at: int) -> None:
         """Count the request under its command, and keep where its command document is
         (`message[body_at:]`), for the log lines that name its namespace."""
-        if name and log.isEnabledFor(logging.DEBUG):
-            self.log.debug("command %s on %s", name, command_namespace(name, message[body_at:]))
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_command(name, message, body_at)
         request.command = counts = self._metrics.for_command(name)
         counts.requests += 1
         request.name = name
         request.message = message
         request.body_at = body_at
+
+    def _log_command(self, name: str, message: bytes, body_at: int) -> None:
+        if name:
+            self.log.debug("command %s on %s", name, command_namespace(name, message[body_at:]))
 
     def _finish_round_trip(self, request: InFlight, upstream_ns: int) -> None:
         """The request's round trip is over (its first reply has gone to the client, or
@@ -527,54 +521,54 @@ class Session:
         assert self.upstream is not None
         # Locals: this loop runs once per reply, and attribute lookups add up.
         metrics = self._metrics
-        receive_frame, send = self.upstream.receive_frame, self.client.send
+        observe = metrics.added_latency.observe_ns
+        receive, send = self.upstream.receive_message, self.client.send
         in_flight = self._in_flight
+        slow_ns = self._slow_ns
         while True:
             try:
-                frame = await receive_frame()
+                raw = await receive()
             except (trio.BrokenResourceError, OSError, ProtocolError):
                 metrics.upstream_lost += 1
                 raise
             arrived_ns = perf_counter_ns()
-            if frame is None:
+            if raw is None:
                 self.log.warning("upstream closed the connection; closing the client's")
                 metrics.upstream_lost += 1
                 cancel_scope.cancel()
                 return
-            header, raw = frame
-            request = in_flight.get(header.response_to)
-            if request is None:
-                data = raw  # answers nothing in flight (a request the client gave up on)
-            elif request.plain:
-                data = raw
-            elif request.internal is not None:
+            (response_to,) = _RESPONSE_TO.unpack_from(raw, 8)
+            request = in_flight.get(response_to)
+            if request is None or request.plain:
+                # Sent here, not in a coroutine of its own: that costs as much as the rest.
+                # (No request: it answers a request the client gave up on.)
+                await send(raw)
+                metrics.sent_bytes += len(raw)
+                if request is None:
+                    continue
+                # The one reply of a plain request has gone to the client: its round
+                # trip ends (_finish_round_trip, inlined), nothing of it remains.
+                total_ns = perf_counter_ns() - request.started_ns
+                observe(total_ns - arrived_ns + request.forwarded_ns)
+                if total_ns > slow_ns and request.is_work:
+                    self._log_slow(request, total_ns)
+                if in_flight.get(response_to) is request:
+                    del in_flight[response_to]
+                request.reply_keys = ()
+                if self._draining:
+                    self._request_finished.unpark_all()
+                continue
+            frame = new_frame((unpack_header(raw), raw))
+            if request.internal is not None:
                 request.internal.send_nowait(frame)
                 self._await_replies(request)
                 continue
-            else:
-                data, last = client_reply(
-                    frame, request.reply_hook, request.compressor_id, request.may_stream
-                )
-            # Sent here, not in a coroutine of its own: that costs as much as the rest.
+            data, last = client_reply(
+                frame, request.reply_hook, request.compressor_id, request.may_stream
+            )
             await send(data)
             metrics.sent_bytes += len(data)
-            if request is None:
-                continue
-            if request.plain:
-                self._plain_reply_passed(request, header.response_to, arrived_ns)
-            else:
-                self._reply_passed(request, frame, arrived_ns, last)
-
-    def _plain_reply_passed(self, request: InFlight, response_to: int, arrived_ns: int) -> None:
-        """The one reply of a plain request has gone to the client: `_reply_passed` for
-        its only case (its round trip ends, nothing of it remains)."""
-        self._finish_round_trip(request, arrived_ns - request.forwarded_ns)
-        in_flight = self._in_flight
-        if in_flight.get(response_to) is request:
-            del in_flight[response_to]
-        request.reply_keys = ()
-        if self._draining:
-            self._request_finished.unpark_all()
+            self._reply_passed(request, frame, arrived_ns, last)
 
     def _reply_passed(self, request: InFlight, frame: Frame, arrived_ns: int, last: bool) -> None:
         """A reply of `request` has gone to the client; after its last, nothing of the

@@ -24,6 +24,7 @@ from .opmsg import (
     decode_op_msg,
     encode_op_msg,
     peek_command,
+    peek_request,
 )
 from .opquery import (
     OpQuery,
@@ -69,5 +70,6 @@ __all__ = [
     "encode_op_reply",
     "parse_header",
     "peek_command",
+    "peek_request",
     "unpack_header",
 ]

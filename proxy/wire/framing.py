@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from .header import HEADER_SIZE, MAX_MESSAGE_SIZE, MsgHeader, check_message_length, unpack_header
 
-__all__ = ["Frame", "FrameReader"]
+__all__ = ["Frame", "FrameReader", "new_frame"]
 
 _LENGTH = struct.Struct("<i")
 
@@ -131,4 +131,4 @@ class FrameReader:
 
 # tuple.__new__ builds a Frame from its two fields with no Python-level call (which
 # `Frame(header, raw)`, a NamedTuple's generated __new__, costs).
-_new_frame = partial(tuple.__new__, Frame)
+_new_frame = new_frame = partial(tuple.__new__, Frame)

@@ -8,6 +8,7 @@ BSON documents (drivers send ``documents``, ``updates``, ``deletes`` this way).
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ __all__ = [
     "decode_op_msg",
     "encode_op_msg",
     "peek_command",
+    "peek_request",
 ]
 
 CHECKSUM_PRESENT = 1 << 0
@@ -195,6 +197,70 @@ def peek_command(data: bytes, offset: int = 0) -> tuple[int, str] | None:
         return flags, data[key_at:nul].decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+# A whole OP_MSG's header, flagBits, first section's kind, body length and the type of the
+# body's first element: all that peek_request checks, in one unpack. The command name
+# starts right after them.
+_REQUEST_HEAD = struct.Struct("<iiiiIBiB")
+_NAME_AT = _REQUEST_HEAD.size
+_BODY_AT = HEADER_SIZE + BODY_OFFSET
+# Names are looked up by the bytes where they start: a name of up to 14 bytes and its
+# NUL are within them, followed by the start of its value (e.g. a collection name), so
+# that a client may send many prefixes: the table stops growing at _MAX_PREFIXES.
+_NAME_PREFIX = 16
+_MAX_PREFIXES = 4096
+# prefix -> command name, or None: not read from the prefix alone (peek_command reads it).
+_names_by_prefix: dict[bytes, str | None] = {}
+
+
+def peek_request(raw: bytes) -> tuple[int, int, str] | None:
+    """requestID, flagBits and command name of the whole message `raw` (header included)
+    when it is an OP_MSG that `peek_command` reads, else None: the same answer, at a
+    fraction of its cost for the messages drivers send over and over, as the bytes where a
+    command name starts are read once, then looked up."""
+    size = len(raw)
+    if size < _NAME_AT + _NAME_PREFIX:
+        if size < HEADER_SIZE or _INT32.unpack_from(raw, 12)[0] != OpCode.OP_MSG:
+            return None
+        peeked = peek_command(raw, HEADER_SIZE)
+        return None if peeked is None else (_INT32.unpack_from(raw, 4)[0], *peeked)
+    _, request_id, _, op_code, flags, kind, body_length, first_type = _REQUEST_HEAD.unpack_from(raw)
+    if (
+        op_code != _OP_MSG
+        or flags & _NOT_PEEKED_BITS
+        or kind
+        or body_length != size - _BODY_AT
+        or not first_type  # an empty document
+        or raw[-1]
+    ):
+        return None
+    prefix = raw[_NAME_AT : _NAME_AT + _NAME_PREFIX]
+    try:
+        name = _names_by_prefix[prefix]
+    except KeyError:
+        name = _name_in_prefix(prefix)
+    if name is None:
+        peeked = peek_command(raw, HEADER_SIZE)
+        return None if peeked is None else (request_id, flags, peeked[1])
+    return request_id, flags, name
+
+
+_OP_MSG = int(OpCode.OP_MSG)
+_NOT_PEEKED_BITS = _REQUIRED_BITS & ~MORE_TO_COME
+
+
+def _name_in_prefix(prefix: bytes) -> str | None:
+    """The command name that `prefix` starts with, when it ends there (its NUL within the
+    prefix, not its last byte: then the body goes on past it); kept for the next time."""
+    name = None
+    nul = prefix.find(b"\x00", 0, _NAME_PREFIX - 1)
+    if nul >= 0:
+        with contextlib.suppress(UnicodeDecodeError):
+            name = prefix[:nul].decode("utf-8")
+    if len(_names_by_prefix) < _MAX_PREFIXES:
+        _names_by_prefix[prefix] = name
+    return name
 
 
 def command_name(body: bytes) -> str:
