@@ -53,6 +53,7 @@ class FramedStream:
         if isinstance(stream, trio.SocketStream):
             self._raw = stream.socket._sock  # type: ignore[attr-defined]
         self._frames_unchecked = 0
+        self._wait_first = False
 
     async def receive_frame(self) -> Frame | None:
         """The next frame, or None when the peer closed cleanly between frames.
@@ -69,13 +70,19 @@ class FramedStream:
         sock = self._raw
         if sock is not None and not reader.buffered:
             # Between frames with nothing buffered (nearly always): _receive_some's wait
-            # with no deadline, inlined, as it is a coroutine call per frame.
+            # with no deadline, inlined, as it is a coroutine call per frame. When the
+            # last frame had to be waited for (request and reply take turns), the socket
+            # is waited for first: a recv that finds nothing raises, which costs as much
+            # as the rest of a frame's work.
             message: bytes | None
+            if self._wait_first:
+                await trio.lowlevel.wait_readable(sock)
             while True:
                 try:
                     first: bytes = sock.recv(_RECEIVE_CHUNK)
                     break
                 except BlockingIOError:
+                    self._wait_first = True
                     await trio.lowlevel.wait_readable(sock)
                 except OSError as exc:
                     raise trio.BrokenResourceError(str(exc)) from exc
@@ -85,6 +92,9 @@ class FramedStream:
             size = len(first)
             message = first
             if size < HEADER_SIZE or _LENGTH.unpack_from(first)[0] != size or size > self._max:
+                # Part of a frame, or more than one (then the data comes faster than it
+                # is read: a recv first finds more).
+                self._wait_first = False
                 reader.feed(first)
                 message = await self._rest_of_frame(reader)
         else:

@@ -7,8 +7,9 @@ it beside modelgate, so that what modelgate adds over it is what its own work co
 not what any Python proxy on trio pays for its sockets and its scheduler.
 
 The sockets are read and written directly when they are ready and trio waits only when
-they are not, as `proxy.framed.FramedStream` does: the floor uses the cheapest I/O a
-trio program has, never a slower one that would flatter modelgate.
+they are not (or first, once frames come one at a time), as `proxy.framed.FramedStream`
+does: the floor uses the cheapest I/O a trio program has, never a slower one that would
+flatter modelgate.
 
 Run as `python -m bench.support.forwarder --listen PORT --upstream HOST:PORT`; it
 prints `listening` once it accepts connections. `forwarder()` starts it as a child
@@ -45,13 +46,20 @@ class _Connection:
         self.stream = stream
         self.sock: socket.socket = stream.socket._sock  # type: ignore[attr-defined]
         self.buffer = bytearray()
+        # As in proxy.framed: once a frame had to be waited for (request and reply take
+        # turns), wait for the socket before reading it, rather than have a recv that
+        # finds nothing raise; until more than a frame comes at once.
+        self.wait_first = False
 
     async def fill(self, size: int) -> bool:
         """Buffer at least `size` bytes; False when the peer closed first."""
+        if self.wait_first and not self.buffer:
+            await trio.lowlevel.wait_readable(self.sock)
         while len(self.buffer) < size:
             try:
                 data = self.sock.recv(_RECEIVE_CHUNK)
             except BlockingIOError:
+                self.wait_first = True
                 await trio.lowlevel.wait_readable(self.sock)
                 continue
             if not data:
@@ -78,6 +86,8 @@ async def _pump(source: _Connection, sink: _Connection) -> None:
             return
         frame = source.buffer[:length]
         del source.buffer[:length]
+        if source.buffer:
+            source.wait_first = False
         await sink.send(frame)
         frames += 1
         if frames % _CHECKPOINT_EVERY == 0:
