@@ -36,8 +36,16 @@ from typing import Any
 
 import pymongo
 
+from bench.deferred import upstream_cpu_seconds
 from bench.harness import add_common_arguments, finish, format_table, machine_info
-from bench.inline_batches import CLIENTS, batched_rows, image_workload, mlp_workload
+from bench.inline_batches import (
+    CLIENTS,
+    batched_report,
+    batched_rows,
+    image_workload,
+    mlp_workload,
+    process_cpu_s,
+)
 from bench.insert_clients import DB_NAME, INPUT_FIELD, ClientPool, drive_inserts
 from bench.models import MODELS, BenchModel, build_model, noise_pngs
 from bench.onnx_baseline import BASELINE_BATCHES, measure_baseline, resolve
@@ -324,6 +332,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     duration_s=mode.duration_s,
                     max_delay_ms=args.max_delay_ms,
                     model_budget_s=mode.baseline_budget_s,
+                    probe=lambda: (
+                        process_cpu_s(stack.proxy.process.pid if stack.proxy.process else None),
+                        upstream_cpu_seconds(stack.direct_uri),
+                    ),
                 )
                 for row in batched:
                     _progress(
@@ -458,45 +470,9 @@ def report(payload: dict[str, Any]) -> str:
                 baseline_rows,
                 floatfmt=".1f",
             ),
-            *_batched_report(payload["batched"]),
+            *batched_report(payload["batched"]),
         ]
     )
-
-
-def _batched_report(batched: list[dict[str, Any]]) -> list[str]:
-    if not batched:
-        return []
-    rows = [
-        [
-            row["model"],
-            row["upstream_docs_per_s"],
-            row["proxy_no_model_docs_per_s"],
-            row["model_docs_per_s"],
-            row["limit_docs_per_s"],
-            cell["max_size"],
-            cell["docs_per_s"],
-            cell["ratio_to_limit"],
-            cell["mean_batch_size"],
-        ]
-        for row in batched
-        for cell in row["proxy"]
-    ]
-    first = batched[0]
-    return [
-        "",
-        f"{first['clients']} clients inserting batches of {first['insert_batch']} (docs/s): "
-        "upstream alone U, the same through modelgate with no model, onnxruntime alone M "
-        "(batch 64), limit 1/(1/U + 1/M), modelgate "
-        "per model batch maxSize",
-        format_table(
-            [
-                *("model", "U", "no model via proxy", "M", "limit"),
-                *("maxSize", "modelgate", "/limit", "mean batch"),
-            ],
-            rows,
-            floatfmt=["", ".0f", ".0f", ".0f", ".0f", "", ".0f", ".2f", ".1f"],
-        ),
-    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,33 +3,49 @@ batches of BATCH documents through an inline model, against the machine's limit 
 in the same run.
 
 The limit: a document costs an upstream insert and a model run, so with U the upstream's
-insert rate of the same documents (same clients and batches, straight to it, no model)
-and M onnxruntime's rate on the same inputs (batch MODEL_BATCH, input conversion
-included), nothing that does both in turn can beat 1/(1/U + 1/M). modelgate's rate is
+insert rate of the same documents (same clients and batches, straight to it, no model;
+measured right before and after each modelgate run) and M onnxruntime's rate on the same
+inputs (batch MODEL_BATCH, input conversion included), nothing that does both in turn can
+beat 1/(1/U + 1/M). modelgate's rate is
 reported as a ratio of it, for two batch settings of the model: `maxSize` BATCH (each
 client's insert is its own batch, so one client's model run can overlap another's
-upstream insert) and CLIENTS x BATCH (the four clients' inserts merged into one batch)."""
+upstream insert) and CLIENTS x BATCH (the four clients' inserts merged into one batch).
+
+Beside the rates, each cell gives the CPU milliseconds per 1,000 documents of modelgate's
+process and of the upstream's (read from /proc where this machine runs them): on a busy
+host they move less than the rates do."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import bson
 import numpy as np
 import pymongo
 
+from bench.harness import format_table
 from bench.models import BenchModel, noise_pngs
 from bench.onnx_baseline import open_session, preprocess_spec
 from bench.support.processes import BenchError
 from modelgate.admin import register_model
 
-__all__ = ["CLIENTS", "batched_rows", "image_workload", "mlp_workload"]
+__all__ = [
+    "CLIENTS",
+    "CpuProbe",
+    "batched_report",
+    "batched_rows",
+    "image_workload",
+    "mlp_workload",
+    "process_cpu_s",
+]
 
 CLIENTS = 4
 BATCH = 16
@@ -37,6 +53,32 @@ MODEL_BATCH = 64
 FEATURES = 16
 DISTINCT = 256
 DB_NAME = "modelgate_bench_inline"
+
+
+# CPU seconds used so far by (modelgate, the upstream); None for one this machine cannot read.
+CpuProbe = Callable[[], tuple[float | None, float | None]]
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system, all threads) process `pid` has used, from /proc."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ms_per_1k(
+    probe: CpuProbe | None, before: tuple[float | None, float | None], docs: int
+) -> dict[str, float | None]:
+    after = probe() if probe is not None else (None, None)
+    used = [
+        None if a is None or b is None or not docs else 1e6 * (a - b) / docs
+        for a, b in zip(after, before, strict=True)
+    ]
+    return {"proxy_cpu_ms_per_1k": used[0], "upstream_cpu_ms_per_1k": used[1]}
 
 
 @dataclass(frozen=True)
@@ -131,8 +173,9 @@ def insert_rate(
     collection: str,
     documents: Sequence[dict[str, Any]],
     duration_s: float,
-) -> float:
-    """Documents/s of `clients`, each inserting BATCH documents per insert_many."""
+) -> tuple[float, int]:
+    """Documents/s of `clients`, each inserting BATCH documents per insert_many, and how
+    many they inserted."""
     counts = [0] * len(clients)
     errors: list[BaseException] = []
     start = threading.Barrier(len(clients) + 1)
@@ -161,7 +204,7 @@ def insert_rate(
         thread.join()
     if errors:
         raise BenchError(f"insert_many failed: {errors[0]!r}")
-    return sum(counts) / (time.perf_counter() - started)
+    return sum(counts) / (time.perf_counter() - started), sum(counts)
 
 
 def _proxy_rate(
@@ -170,6 +213,7 @@ def _proxy_rate(
     max_size: int,
     max_delay_ms: float,
     duration_s: float,
+    probe: CpuProbe | None,
 ) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     name, collection = f"bench_{workload.name}_b{max_size}_{tag}", f"batched_{tag}"
@@ -188,7 +232,9 @@ def _proxy_rate(
     try:
         insert_rate(clients, collection, workload.documents, min(1.0, duration_s))  # warm-up
         before = admin.admin.command({"modelStatus": name})
-        rate = insert_rate(clients, collection, workload.documents, duration_s)
+        cpu = probe() if probe is not None else (None, None)
+        rate, docs = insert_rate(clients, collection, workload.documents, duration_s)
+        cpu_used = _cpu_ms_per_1k(probe, cpu, docs)
         after = admin.admin.command({"modelStatus": name})
     finally:
         with contextlib.suppress(pymongo.errors.PyMongoError):
@@ -202,7 +248,25 @@ def _proxy_rate(
         "max_size": max_size,
         "docs_per_s": rate,
         "mean_batch_size": items / batches if batches else 0.0,
+        **cpu_used,
     }
+
+
+def _plain_rate(
+    clients: Sequence[pymongo.MongoClient[dict[str, Any]]],
+    drop: pymongo.MongoClient[dict[str, Any]],
+    workload: Workload,
+    duration_s: float,
+    probe: CpuProbe | None,
+) -> dict[str, Any]:
+    """The workload's inserts into a collection no model watches, and their CPU."""
+    collection = f"plain_batched_{uuid.uuid4().hex[:8]}"
+    try:
+        cpu = probe() if probe is not None else (None, None)
+        rate, docs = insert_rate(clients, collection, workload.documents, duration_s)
+        return {"docs_per_s": rate, **_cpu_ms_per_1k(probe, cpu, docs)}
+    finally:
+        drop[DB_NAME].drop_collection(collection)
 
 
 def batched_rows(
@@ -213,36 +277,99 @@ def batched_rows(
     duration_s: float,
     max_delay_ms: float,
     model_budget_s: float,
+    probe: CpuProbe | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per workload: U, M, the limit, and modelgate at each batch setting."""
+    """One row per workload: U, M, the limit, and modelgate at each batch setting.
+
+    The upstream's rate is measured right before and right after each run through
+    modelgate, and that run's U is their mean: an embedded SecantusDB gets slower with
+    every write it has taken, dropped collections included (its CPU per insert doubled
+    over 150,000 inserts), so a U measured once, first, would flatter the upstream
+    against every run after it."""
     rows = []
     for workload in workloads:
-        plain = {}
-        # The proxy's own share: the same inserts through modelgate, with no model.
-        for target, clients in (("direct", direct_clients), ("proxy", proxy_clients)):
-            collection = f"plain_batched_{uuid.uuid4().hex[:8]}"
-            try:
-                plain[target] = insert_rate(clients, collection, workload.documents, duration_s)
-            finally:
-                direct_clients[0][DB_NAME].drop_collection(collection)
-        upstream = plain["direct"]
         model = model_rate(workload, model_budget_s)
-        limit = 1 / (1 / upstream + 1 / model)
+        direct = [_plain_rate(direct_clients, direct_clients[0], workload, duration_s, probe)]
+        # The proxy's own share: the same inserts through modelgate, with no model.
+        no_model = _plain_rate(proxy_clients, direct_clients[0], workload, duration_s, probe)
+        direct.append(_plain_rate(direct_clients, direct_clients[0], workload, duration_s, probe))
+        no_model["upstream_docs_per_s"] = (direct[0]["docs_per_s"] + direct[1]["docs_per_s"]) / 2
         settings = []
         for max_size in (BATCH, CLIENTS * BATCH):
-            cell = _proxy_rate(proxy_clients, workload, max_size, max_delay_ms, duration_s)
-            cell["ratio_to_limit"] = cell["docs_per_s"] / limit
+            cell = _proxy_rate(proxy_clients, workload, max_size, max_delay_ms, duration_s, probe)
+            direct.append(
+                _plain_rate(direct_clients, direct_clients[0], workload, duration_s, probe)
+            )
+            upstream = (direct[-2]["docs_per_s"] + direct[-1]["docs_per_s"]) / 2
+            cell["upstream_docs_per_s"] = upstream
+            cell["limit_docs_per_s"] = 1 / (1 / upstream + 1 / model)
+            cell["ratio_to_limit"] = cell["docs_per_s"] / cell["limit_docs_per_s"]
             settings.append(cell)
+        upstream = sum(run["docs_per_s"] for run in direct) / len(direct)
         rows.append(
             {
                 "model": workload.name,
                 "clients": CLIENTS,
                 "insert_batch": BATCH,
                 "upstream_docs_per_s": upstream,
-                "proxy_no_model_docs_per_s": plain["proxy"],
+                "upstream_runs": direct,
+                "proxy_no_model_docs_per_s": no_model["docs_per_s"],
+                "proxy_no_model": no_model,
                 "model_docs_per_s": model,
-                "limit_docs_per_s": limit,
+                "limit_docs_per_s": 1 / (1 / upstream + 1 / model),
                 "proxy": settings,
             }
         )
     return rows
+
+
+def batched_report(batched: list[dict[str, Any]]) -> list[str]:
+    if not batched:
+        return []
+    rows = [
+        [
+            row["model"],
+            cell["max_size"],
+            cell["upstream_docs_per_s"],
+            row["model_docs_per_s"],
+            cell["limit_docs_per_s"],
+            cell["docs_per_s"],
+            cell["ratio_to_limit"],
+            cell["mean_batch_size"],
+            cell.get("proxy_cpu_ms_per_1k"),
+            cell.get("upstream_cpu_ms_per_1k"),
+        ]
+        for row in batched
+        for cell in row["proxy"]
+    ]
+    first = batched[0]
+    return [
+        "",
+        f"{first['clients']} clients inserting batches of {first['insert_batch']} (docs/s): "
+        "U the upstream alone (the mean of the runs right before and after this one), "
+        "M onnxruntime alone (batch 64), limit 1/(1/U + 1/M), modelgate per model batch "
+        "maxSize; CPU: ms per 1,000 documents of modelgate's process and of the upstream's",
+        format_table(
+            [
+                *("model", "maxSize", "U", "M", "limit", "modelgate", "/limit", "mean batch"),
+                *("proxy CPU", "upstream CPU"),
+            ],
+            rows,
+            floatfmt=["", "", ".0f", ".0f", ".0f", ".0f", ".2f", ".1f", ".0f", ".0f"],
+        ),
+        "no model: " + "; ".join(_no_model(row) for row in batched),
+    ]
+
+
+def _no_model(row: dict[str, Any]) -> str:
+    through = row["proxy_no_model"]
+    return (
+        f"{row['model']} through modelgate {through['docs_per_s']:.0f} docs/s "
+        f"(x{through['docs_per_s'] / through['upstream_docs_per_s']:.2f} of U), proxy CPU "
+        f"{_ms(through['proxy_cpu_ms_per_1k'])}, upstream CPU "
+        f"{_ms(row['upstream_runs'][0]['upstream_cpu_ms_per_1k'])} direct"
+    )
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"

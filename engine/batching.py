@@ -9,6 +9,12 @@ publishes the rows (or the error) to every member through the batch's `done` Eve
 Joining is synchronous (no await between looking at the open batch and adding to it), so
 no lock is needed.
 
+A thread hop costs tens of microseconds of CPU (waking the worker, handing the GIL over,
+waking the event loop with the result): more than a small model's whole run of a batch.
+So a model whose runs are measured to take less than INLINE_RUN_S for the batch at hand
+runs on the event loop itself, which it holds no longer than a hop would cost. Every
+model's first run goes to a thread, and one that turns out slower goes back to threads.
+
 Cancellation: a follower just stops waiting; its rows are computed and dropped. The leader
 runs its whole duty (the short wait, then the run) inside a shielded cancel scope, so that
 cancelling it can never strand its followers: the cost is that a cancelled leader returns
@@ -29,8 +35,7 @@ import numpy as np
 import trio
 
 from engine.errors import ImageFetchError, PredictionError
-from engine.inputs import ImageSource, prepare_input
-from engine.inputs.tensor import tensor_from_value
+from engine.inputs import BadImage, ImageSource, image_bytes, tensors_from_values
 from engine.inputs.text import NoTokens, check_text
 from engine.metrics import EngineMetrics, ModelMetrics, PredictionErrorKind
 from engine.outputs import postprocess_rows
@@ -41,6 +46,10 @@ from engine.stats import percentile
 __all__ = ["BatchStats", "Batcher", "Failure", "ModelServer", "Outcome", "Prediction"]
 
 LATENCY_WINDOW = 1024
+#: A batch whose run is expected to take less than this runs on the event loop (see above).
+INLINE_RUN_S = 150e-6
+# Weight of the latest run in the expected seconds per item.
+_RUN_COST_WEIGHT = 0.2
 
 
 class BatchStats:
@@ -118,6 +127,7 @@ class Batcher:
         self.max_delay_s = model.spec.batch.max_delay_ms / 1000.0
         self._open: _Batch | None = None
         self._running = 0  # batches of this model running now
+        self._item_s: float | None = None  # a run's seconds per item (moving average)
 
     async def run(self, items: Sequence[Any]) -> np.ndarray:
         """Output rows for `items`, in order. Raises PredictionError if any batch failed."""
@@ -134,13 +144,19 @@ class Batcher:
         the batch it ran in. Items are arrays of the model's item shape, or strings for a
         text model (tokenized with the rest of their batch, in the run's thread)."""
         slots, led = self._join(items)
-        if led:
+        if len(led) == 1:
+            # Shielded as a task of its own would be, so no task is needed; a cancelled
+            # caller still gets its Cancelled once the batch is done, as from a nursery.
+            await self._lead(led[0])
+            await trio.lowlevel.checkpoint_if_cancelled()
+        elif led:
             async with trio.open_nursery() as nursery:
                 for batch in led:
                     nursery.start_soon(self._lead, batch)
         results: list[np.ndarray | PredictionError] = []
         for slot in slots:
-            await slot.batch.done.wait()
+            if not slot.batch.done.is_set():
+                await slot.batch.done.wait()
             if slot.batch.result is None:
                 error = PredictionError(slot.batch.error or "batch aborted")
                 results.extend([error] * slot.count)
@@ -187,8 +203,15 @@ class Batcher:
                     self._running += 1
                     try:
                         # The slot is held by this task; the thread needs no limiter of its own.
-                        # One hop for the whole batch: stacking (or tokenizing) and the run.
-                        batch.result = await trio.to_thread.run_sync(self._timed_run, batch.items)
+                        # One hop for the whole batch: stacking (or decoding, tokenizing) and
+                        # the run; none for a batch quicker to run than a hop.
+                        item_s = self._item_s
+                        if item_s is not None and item_s * len(batch.items) < INLINE_RUN_S:
+                            batch.result = self._timed_run(batch.items)
+                        else:
+                            batch.result = await trio.to_thread.run_sync(
+                                self._timed_run, batch.items
+                            )
                     finally:
                         self._running -= 1
                 if len(batch.result) != len(batch.items):  # CompiledModel checks it too
@@ -216,13 +239,19 @@ class Batcher:
         self.metrics.batch_size.observe(len(batch.items))
 
     def _timed_run(self, items: list[Any]) -> np.ndarray | list[np.ndarray | PredictionError]:
-        """In the worker thread: stacking (or tokenizing) and the run, without the wait
-        for a thread."""
+        """In the worker thread (or the event loop, see the module doc): stacking (or
+        decoding, tokenizing) and the run, without the wait for a thread."""
         started = time.perf_counter()
         try:
             return self.model.run_items(items)
         finally:
-            self.metrics.inference_seconds.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.inference_seconds.observe(elapsed)
+            per_item = elapsed / max(len(items), 1)
+            known = self._item_s
+            self._item_s = (
+                per_item if known is None else known + _RUN_COST_WEIGHT * (per_item - known)
+            )
 
 
 @dataclass(frozen=True)
@@ -270,17 +299,18 @@ class ModelServer:
         """One Outcome per value, in order; a bad value fails alone, a failed run fails its
         batch. Never raises PredictionError."""
         outcomes: list[Outcome | None] = [None] * len(values)
-        prepared: dict[int, Any] = {}  # arrays, or strings for a text model
+        prepared: dict[int, Any] = {}  # arrays, image bytes, or strings for a text model
         failed: list[PredictionErrorKind] = []
+        pre = self.model.spec.preprocess
 
-        async def prepare(index: int, value: Any) -> None:
+        async def fetch(index: int, value: Any) -> None:
             try:
-                prepared[index] = await prepare_input(value, self.model, image_source=image_source)
+                prepared[index] = await image_bytes(value, image_source)
             except PredictionError as e:
                 outcomes[index] = Failure(e.message)
                 failed.append("fetch" if isinstance(e, ImageFetchError) else "input")
 
-        if isinstance(self.model.spec.preprocess, TextPreprocess):
+        if isinstance(pre, TextPreprocess):
             # Texts are checked here, one by one, and tokenized by batch in the run's thread.
             for index, value in enumerate(values):
                 try:
@@ -288,30 +318,38 @@ class ModelServer:
                 except PredictionError as e:
                     outcomes[index] = Failure(e.message)
                     failed.append("input")
-        elif not isinstance(self.model.spec.preprocess, ImagePreprocess):
-            # Tensor inputs are converted right here (nothing to wait for): no task each.
+        elif not isinstance(pre, ImagePreprocess):
+            # Tensor inputs are converted right here (nothing to wait for), all at once.
             shape, dtype = self.model.item_shape, self.model.input_dtype
-            for index, value in enumerate(values):
-                try:
-                    prepared[index] = tensor_from_value(value, shape, dtype)
-                except PredictionError as e:
-                    outcomes[index] = Failure(e.message)
+            for index, item in enumerate(tensors_from_values(values, shape, dtype)):
+                if isinstance(item, PredictionError):
+                    outcomes[index] = Failure(item.message)
                     failed.append("input")
-        elif len(values) == 1:
-            await prepare(0, values[0])  # the common inline case: no nursery needed
+                else:
+                    prepared[index] = item
         else:
-            async with trio.open_nursery() as nursery:
-                for index, value in enumerate(values):
-                    nursery.start_soon(prepare, index, value)
+            # Image bytes go to the run's thread as they are (decoded there, the whole batch
+            # in one hop); only URLs are waited for here, all at once.
+            urls = [(index, value) for index, value in enumerate(values) if isinstance(value, str)]
+            for index, value in enumerate(values):
+                if not isinstance(value, str):
+                    await fetch(index, value)  # no wait: bytes or a wrong type
+            if len(urls) == 1:
+                await fetch(*urls[0])
+            elif urls:
+                async with trio.open_nursery() as nursery:
+                    for index, value in urls:
+                        nursery.start_soon(fetch, index, value)
 
-        order = sorted(prepared)
+        order = sorted(prepared) if len(prepared) < len(values) else range(len(values))
         rows = await self.batcher.run_each([prepared[i] for i in order])
-        ran = [(index, row) for index, row in zip(order, rows, strict=True)]
-        good = [(index, row) for index, row in ran if not isinstance(row, PredictionError)]
-        for index, row in ran:
+        good: list[tuple[int, np.ndarray]] = []
+        for index, row in zip(order, rows, strict=True):
             if isinstance(row, PredictionError):
                 outcomes[index] = Failure(row.message)
-                failed.append("input" if isinstance(row, NoTokens) else "model")
+                failed.append("input" if isinstance(row, NoTokens | BadImage) else "model")
+            else:
+                good.append((index, row))
         values_out = postprocess_rows(
             [row for _, row in good],
             self.model.spec,

@@ -16,6 +16,7 @@ from time import perf_counter_ns
 from typing import Any, Protocol
 
 import bson
+from bson.raw_bson import RawBSONDocument
 
 from engine.batching import Failure, ModelServer, Outcome
 from engine.documents import (
@@ -30,6 +31,7 @@ from engine.documents import (
 from engine.errors import DocumentValidationFailure, ModelgateError
 from engine.inputs import ImageSource
 from engine.outputs import error_record, stale_update
+from engine.raw_documents import read_path, write_path
 from proxy.hello import UpstreamLimits
 from proxy.replies import error_reply
 from proxy.session import (
@@ -231,12 +233,16 @@ class InlineWrites:
         message: OpMsg,
         servers: list[ModelServer],
     ) -> WriteDecision:
-        documents, in_sequence = _statements(body, message, "documents")
-        targets = [_document_target(i, doc) for i, doc in enumerate(documents)]
-        refusals = await self._predict(context, servers, targets)
+        if not message.sequences and not all(
+            isinstance(document, dict) for document in body.get("documents") or ()
+        ):
+            return ForwardUnchanged()  # not documents: the upstream refuses the insert
+        raws, in_sequence = _raw_statements(body, message, "documents")
+        refusals = await self._predict_raw(context, servers, raws)
         return _rebuild(
-            body, message, "documents", documents, in_sequence, refusals, context.limits
-        )
+            body, message, "documents", raws.__getitem__, len(raws), in_sequence, refusals,
+            context.limits,
+        )  # fmt: skip
 
     async def _update(
         self,
@@ -264,7 +270,10 @@ class InlineWrites:
         if not targets and not stale:
             return ForwardUnchanged()
         refusals = await self._predict(context, servers, targets)
-        return _rebuild(body, message, "updates", updates, in_sequence, refusals, context.limits)
+        return _rebuild(
+            body, message, "updates", _encoder(updates), len(updates), in_sequence, refusals,
+            context.limits,
+        )  # fmt: skip
 
     async def _find_and_modify(
         self, context: CommandContext, body: dict[str, Any], servers: list[ModelServer]
@@ -310,7 +319,10 @@ class InlineWrites:
             refusals.update(await self._predict(context, servers, targets))
         if not touched:
             return ForwardUnchanged()
-        return _rebuild(body, message, "ops", ops, in_sequence, refusals, context.limits, bulk=True)
+        return _rebuild(
+            body, message, "ops", _encoder(ops), len(ops), in_sequence, refusals, context.limits,
+            bulk=True,
+        )  # fmt: skip
 
     async def _predict(
         self, context: CommandContext, servers: list[ModelServer], targets: list[_Target]
@@ -338,30 +350,80 @@ class InlineWrites:
                         unusable.append((target, operator, failure))
             if not located and not unusable:
                 continue
-            outcomes: list[Outcome] = []
-            if located:
-                started_ns = perf_counter_ns()
-                outcomes = await server.predict_values(
-                    [value for _, value, _ in located], image_source=self.models.image_source
-                )
-                context.inference_ns += perf_counter_ns() - started_ns
+            outcomes = await self._run(context, server, [value for _, value, _ in located])
             predicted = [
                 (target, operator, outcome)
                 for (target, _, operator), outcome in zip(located, outcomes, strict=True)
             ]
             for target, operator, outcome in predicted + unusable:
-                if not isinstance(outcome, Failure):
-                    target.store(out, operator, outcome.value)
-                elif spec.on_error == "record":
-                    target.store(out, operator, error_record(outcome.message, server.version))
+                stored = _settle(server, outcome)
+                if isinstance(stored, ModelgateError):
+                    refusals[target.statement] = stored
                 else:
-                    refusals[target.statement] = DocumentValidationFailure(
-                        f"model '{spec.name}' v{server.version} could not predict "
-                        f"'{spec.input_field}': {outcome.message}"
-                    )
+                    target.store(out, operator, stored)
             if refusals:
                 context.log.info("refused %d statements for model '%s'", len(refusals), spec.name)
         return refusals
+
+    async def _predict_raw(
+        self, context: CommandContext, servers: list[ModelServer], raws: list[bytes]
+    ) -> dict[int, ModelgateError]:
+        """_predict for the documents of an insert, kept as BSON: each model's output is
+        written into its document's bytes (engine.raw_documents), which are otherwise
+        forwarded as the client sent them, never encoded again. Returns the refusals."""
+        refusals: dict[int, ModelgateError] = {}
+        for server in servers:
+            spec = server.model.spec
+            field, out = spec.input_field, spec.output_field
+            indices: list[int] = []
+            values: list[Any] = []
+            unusable: list[tuple[int, Outcome]] = []
+            for index, raw in enumerate(raws):
+                if index in refusals:
+                    continue
+                value, through = read_path(raw, field)
+                if value is not MISSING:
+                    indices.append(index)
+                    values.append(value)
+                elif through is not None:
+                    # get_path sees no value there, MongoDB's queries see one per element.
+                    unusable.append((index, Failure(through_array_message(field, through))))
+            if not indices and not unusable:
+                continue
+            outcomes = await self._run(context, server, values)
+            for index, outcome in [*zip(indices, outcomes, strict=True), *unusable]:
+                stored = _settle(server, outcome)
+                if isinstance(stored, ModelgateError):
+                    refusals[index] = stored
+                else:
+                    raws[index] = write_path(raws[index], out, stored)
+            if refusals:
+                context.log.info("refused %d statements for model '%s'", len(refusals), spec.name)
+        return refusals
+
+    async def _run(
+        self, context: CommandContext, server: ModelServer, values: list[Any]
+    ) -> list[Outcome]:
+        if not values:
+            return []
+        started_ns = perf_counter_ns()
+        outcomes = await server.predict_values(values, image_source=self.models.image_source)
+        context.inference_ns += perf_counter_ns() - started_ns
+        return outcomes
+
+
+def _settle(server: ModelServer, outcome: Outcome) -> Any:
+    """What a document stores for `outcome`: the prediction, or for a failure its error
+    record (onError "record"), or the DocumentValidationFailure that refuses it."""
+    if not isinstance(outcome, Failure):
+        return outcome.value
+    spec = server.model.spec
+    if spec.on_error == "record":
+        return error_record(outcome.message, server.version)
+    return DocumentValidationFailure(
+        f"model '{spec.name}' v{server.version} could not predict "
+        f"'{spec.input_field}': {outcome.message}"
+    )
 
 
 def _statements(
@@ -375,11 +437,29 @@ def _statements(
     return (list(value) if isinstance(value, list) else []), False
 
 
+def _raw_statements(body: dict[str, Any], message: OpMsg, field: str) -> tuple[list[bytes], bool]:
+    """_statements as BSON: a document sequence's documents as they came; those of the
+    body, decoded with it, encoded again (FAITHFUL: the same bytes)."""
+    for sequence in message.sequences:
+        if sequence.identifier == field:
+            return list(sequence.documents), True
+    statements, _ = _statements(body, message, field)
+    return [bson.encode(statement, codec_options=FAITHFUL) for statement in statements], False
+
+
+def _encoder(statements: list[dict[str, Any]]) -> Callable[[int], bytes]:
+    def encoded(index: int) -> bytes:
+        return bson.encode(statements[index], codec_options=FAITHFUL)
+
+    return encoded
+
+
 def _rebuild(
     body: dict[str, Any],
     message: OpMsg,
     field: str,
-    statements: list[dict[str, Any]],
+    encoded_statement: Callable[[int], bytes],
+    count: int,
     in_sequence: bool,
     refusals: dict[int, ModelgateError],
     limits: UpstreamLimits,
@@ -389,17 +469,17 @@ def _rebuild(
     """The write to forward without the refused statements (those the models refused,
     and those their predictions made too large for the upstream), and the reply hook that
     puts the refusals back into the upstream's reply at the client's indices. A write
-    that no longer fits one upstream message goes in parts (proxy.split_writes)."""
+    that no longer fits one upstream message goes in parts (proxy.split_writes).
+    `encoded_statement(i)`: the BSON of the client's statement i, as it is to be sent."""
     ordered = body.get("ordered", True) is not False
     # An ordered write stops at its first refusal: nothing after it is sent or checked.
-    end = min(refusals) if ordered and refusals else len(statements)
+    end = min(refusals) if ordered and refusals else count
     encoded: dict[int, bytes] = {}
     limit = statement_limit(field, limits)
-    encode = bson.encode
     for i in range(end):
         if i in refusals:
             continue
-        data = encode(statements[i], codec_options=FAITHFUL)
+        data = encoded_statement(i)
         oversized = too_large(data, field, limits) if len(data) > limit else None
         if oversized is None:
             encoded[i] = data
@@ -420,7 +500,7 @@ def _rebuild(
     if in_sequence:
         sequences = (*sequences, DocumentSequence(field, tuple(encoded.values())))
     else:
-        body[field] = [statements[i] for i in kept]
+        body[field] = [RawBSONDocument(data) for data in encoded.values()]
     if bulk and errors:
         # Every result in the first batch, where the hook puts back the client's indices.
         body.pop("cursor", None)
@@ -430,8 +510,8 @@ def _rebuild(
         return ForwardRewritten(forwarded, hook)
     parts = list(encoded.items())
     if bulk:
-        return split_bulk_write(body, message, parts, len(statements), errors, limits)
-    return split_write(body, message, field, parts, len(statements), errors, limits)
+        return split_bulk_write(body, message, parts, count, errors, limits)
+    return split_write(body, message, field, parts, count, errors, limits)
 
 
 def _write_error(index: int, refused: ModelgateError, bulk: bool) -> dict[str, Any]:

@@ -4,6 +4,7 @@ so that both preprocess identically."""
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -11,7 +12,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from engine.errors import PredictionError
 from engine.spec import ImagePreprocess
 
-__all__ = ["DEFAULT_MAX_PIXELS", "decode_image", "image_to_array", "preprocess_image_bytes"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "BadImage",
+    "EncodedImage",
+    "decode_image",
+    "decode_item",
+    "image_to_array",
+    "preprocess_image_bytes",
+]
 
 DEFAULT_MAX_PIXELS = 50_000_000
 _FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -87,3 +96,28 @@ def preprocess_image_bytes(
         return image_to_array(img, pre)
     finally:
         img.close()
+
+
+class EncodedImage(NamedTuple):
+    """An image model's input before decoding: its bytes, and the URL they came from
+    (None for bytes stored in the document), which a decoding error names."""
+
+    data: bytes
+    url: str | None = None
+
+
+class BadImage(PredictionError):
+    """Bytes that do not decode to an image the model can take (the document's input
+    is at fault, not the model)."""
+
+
+def decode_item(item: EncodedImage, pre: ImagePreprocess) -> np.ndarray:
+    """`preprocess_image_bytes` of an EncodedImage; BadImage naming its URL, if any."""
+    try:
+        return preprocess_image_bytes(item.data, pre)
+    except PredictionError as exc:
+        if item.url is None:
+            raise BadImage(exc.message) from exc
+        # Name the URL, as fetch errors do: the document may hold several image fields.
+        shown = item.url if len(item.url) <= 200 else item.url[:200] + "..."
+        raise BadImage(f"image at {shown}: {exc.message}") from exc
