@@ -19,7 +19,12 @@ over 6,000 inserts), and whole runs one after the other charged that drift to wh
 target ran later.
 
 Besides throughput, the latency each hop adds to one round trip is measured from
-sequential `ping`s: p50 and p99 of each distribution and their differences. Last, the
+sequential `ping`s: p50 and p99 of each distribution and their differences. The pings
+reach every target with directConnection=true: a driver that sees modelgate as the
+mongos its hello says it is spends more of its own time per operation (a sharded
+topology's server selection) than on a single server, which is not modelgate's work.
+Pings through modelgate as drivers reach it by default are measured too, and that
+difference shown. Last, the
 throughput of many concurrent clients through one modelgate process and through two in
 one connection string (`bench.wire_scaling`)."""
 
@@ -76,6 +81,11 @@ COLLECTION = "corpus"
 FORWARDER = "forwarder"
 #: The order of the targets in results and tables.
 TARGETS = (DIRECT, FORWARDER, PROXY)
+#: Ping latency only: modelgate as drivers see it by default, a mongos (its hello says
+#: so). The other three are reached with directConnection=true, so that the driver does
+#: the same work for each (a driver spends more of its own time per operation on a
+#: sharded topology than on a single server); what modelgate adds is then its own.
+PROXY_AS_MONGOS = "proxy_as_mongos"
 
 # The latency distribution kept in the report (for --plot): these percentiles of each.
 DISTRIBUTION_PERCENTILES = (*range(100), 99.5, 99.9, 100)
@@ -315,10 +325,15 @@ def _ping_latency(
         ("added", PROXY, DIRECT),
         ("forwarder_added", FORWARDER, DIRECT),
         ("excess", PROXY, FORWARDER),
+        ("mongos_topology", PROXY_AS_MONGOS, PROXY),
     ):
         for stat in ("p50", "p99", "mean"):
             result[f"{prefix}_{stat}_us"] = result[slower][stat] - result[faster][stat]
     return result
+
+
+def _direct_connection(uri: str) -> str:
+    return f"{uri}{'&' if '?' in uri else '?'}directConnection=true"
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -364,7 +379,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"{time.perf_counter() - task_started:.1f} s)"
                 )
                 results.append(result)
-            latency = _ping_latency(targets, pings) if pings > 0 else None
+            latency = None
+            if pings > 0:
+                pinged = {
+                    DIRECT: targets[DIRECT],
+                    FORWARDER: targets[FORWARDER],
+                    PROXY: closing.enter_context(connect(_direct_connection(stack.proxy_uri))),
+                    PROXY_AS_MONGOS: targets[PROXY],
+                }
+                latency = _ping_latency(pinged, pings)
         if clients > 0:
             _progress(f"  {clients} concurrent clients, one modelgate process vs two ...")
             scaling = _scaling(stack.proxy, clients, mode)
@@ -447,9 +470,12 @@ def report(payload: dict[str, Any]) -> str:
     ]
     latency = payload["ping_latency"]
     if latency:
+        shown = {name: name for name in TARGETS}
+        if PROXY_AS_MONGOS in latency:
+            shown[PROXY_AS_MONGOS] = "proxy, driver sees a mongos"
         rows = [
-            [name, *(latency[name][stat] for stat in ("p50", "p99", "mean", "max"))]
-            for name in TARGETS
+            [title, *(latency[name][stat] for stat in ("p50", "p99", "mean", "max"))]
+            for name, title in shown.items()
         ]
         rows += [
             [title, *(latency[f"{prefix}_{stat}_us"] for stat in ("p50", "p99", "mean")), None]
@@ -457,11 +483,15 @@ def report(payload: dict[str, Any]) -> str:
                 ("forwarder over direct", "forwarder_added"),
                 ("modelgate over direct", "added"),
                 ("modelgate over forwarder", "excess"),
+                ("driver's mongos topology", "mongos_topology"),
             )
+            if f"{prefix}_p50_us" in latency
         ]
         parts += [
             "",
-            f"ping round trip, {latency['count']} sequential pings each (µs)",
+            f"ping round trip, {latency['count']} sequential pings each (µs); direct, "
+            "forwarder and proxy with directConnection=true (the driver's work the same "
+            "for each), the last without (as drivers see modelgate by default: a mongos)",
             format_table(["", "p50", "p99", "mean", "max"], rows, floatfmt=".1f"),
         ]
     scaling = payload["scaling"]
