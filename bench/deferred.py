@@ -315,7 +315,12 @@ def _cell(
         with connect(proxies[0].uri) as admin_client:
             admin_client[DB_NAME].drop_collection("items")
             _register(admin_client, model)
-            time.sleep(1.5)  # every process's worker is up
+            # Every process serves the model (modelStatus loads it there) and its worker
+            # has made its first pass, so that the catch-up counts none of that.
+            for proxy in proxies:
+                with connect(proxy.uri) as one:
+                    one.admin.command({"modelStatus": MODEL_NAME})
+            time.sleep(1.5)
             # Progress is read from one counters document: polling it often costs little.
             poll = min(args.poll, CATCH_UP_POLL)
             fast = catch_up(proxies[0].uri, uri, images, docs, poll, args.timeout)

@@ -1,8 +1,9 @@
 """Deferred models: predictions in the background with at-least-once delivery.
 
 Each process runs one worker per deferred model. A worker wakes up when it is kicked
-(a write through this proxy, a change-stream event for writes that went around it, or
-another model's output appearing in a chain) and at least every sweep interval; then it
+(a write through this proxy, a change-stream event for writes that went around it, in
+the one process that follows the namespace's stream: engine.deferred_watch, or another
+model's output appearing in a chain) and at least every sweep interval; then it
 claims pending documents with leases in MongoDB, predicts them in batches through the
 same batching and runtime as inline models, and writes the results with bulk updates
 conditioned on the input being unchanged. The documents are the queue (engine/leases.py),
@@ -25,6 +26,7 @@ import pymongo.errors
 import trio
 
 from engine.batching import Failure, ModelServer, Outcome
+from engine.deferred_watch import follow_namespace
 from engine.documents import array_on_path, get_path, path_touches, through_array_message
 from engine.errors import first_exception
 from engine.leases import Claimed, WorkQueue
@@ -87,6 +89,10 @@ class ModelWorker:
         # Documents claimed at once: shrunk while a batch takes more than half the lease
         # (an expired lease lets another process redo the work), grown back when quick.
         self.claim_limit = workers.settings.claim_size
+        # True while a drain works off a backlog: the namespace's change stream pauses
+        # meanwhile (engine.deferred_watch).
+        self.draining = False
+        self.idle = False  # the last claim found nothing pending at all
 
     def kick(self) -> None:
         self.wakeup.set()
@@ -135,7 +141,10 @@ class ModelWorker:
                     gauges.pending.set(pending)
                     gauges.failed.set(failed)
                     ensured = server.version
-                await self._drain(server, queue, gauges)
+                try:
+                    await self._drain(server, queue, gauges)
+                finally:
+                    self.draining = False
             # A drain renews its leases in a task beside the batch, so an upstream error
             # can arrive wrapped in an exception group: caught either way, it must not end
             # the process (the upstream restarting is routine).
@@ -189,6 +198,7 @@ class ModelWorker:
                 # leave it to them until the next wake-up (a write, or the sweep, which
                 # takes over the leases of a process that died).
                 return
+            self.draining = True  # a backlog: see DeferredWorkers._busy
             batch_started = time.monotonic()
             held = [claimed]  # the leases to renew: this batch's, and the next one's
             ahead = len(claimed.documents) >= self.claim_limit
@@ -228,8 +238,11 @@ class ModelWorker:
 
     async def _claim(self, queue: WorkQueue, gauges: DeferredMetrics) -> Claimed:
         claimed = await trio.to_thread.run_sync(
-            queue.claim, self.claim_limit, self.workers.settings.lease_seconds
+            partial(queue.claim, idle=self.idle),
+            self.claim_limit,
+            self.workers.settings.lease_seconds,
         )
+        self.idle = claimed.scanned_to is None
         if claimed.taken_over:
             gauges.lease_takeovers.inc(claimed.taken_over)
             log.warning(
@@ -459,59 +472,55 @@ class DeferredWorkers:
             del self._scopes[worker.name]
 
     async def _watch(self, namespace: str, scope: trio.CancelScope) -> None:
-        """Wake the namespace's workers on every write, whoever made it. If the change
-        stream fails or the upstream has none, the sweep still finds everything."""
-        db, _, collection = namespace.partition(".")
-        stop = False
-        token = trio.lowlevel.current_trio_token()
-
-        def watch() -> None:
-            with self.client[db][collection].watch(max_await_time_ms=500) as stream:
-                # A stream ends when its collection is dropped or renamed (an invalidate
-                # event); try_next would then return None at once, for ever.
-                while not stop and stream.alive:
-                    change = stream.try_next()
-                    if change is not None:
-                        # An input changed (through the proxy or around it): its output is
-                        # stale, so make the document pending again before the kick.
-                        queues = trio.from_thread.run_sync(
-                            self._queues_touched, namespace, change, trio_token=token
-                        )
-                        key = (change.get("documentKey") or {}).get("_id")
-                        for queue in queues if key is not None else []:
-                            queue.mark_changed(key)
-                        trio.from_thread.run_sync(self.kick_namespace, namespace, trio_token=token)
-
+        """Wake the namespace's workers on every write, whoever made it, while this
+        process holds the namespace's watch (engine.deferred_watch: one process of all
+        those serving it follows its change stream)."""
         with scope:
-            while True:
-                try:
-                    await trio.to_thread.run_sync(watch, abandon_on_cancel=True)
-                    # Ended by a drop: watch again (the namespace may be filled anew),
-                    # after a pause, as a dropped collection's new stream may end at once.
-                    await trio.sleep(self.settings.sweep_interval)
-                except pymongo.errors.PyMongoError as exc:
-                    log.info("change stream on %s unavailable (%s); sweeping only", namespace, exc)
-                    await trio.sleep(self.settings.sweep_interval * 4)
-                finally:
-                    stop = scope.cancel_called
+            await follow_namespace(
+                self.client,
+                namespace,
+                self.owner,
+                self.settings,
+                partial(self._on_change, namespace),
+                partial(self.kick_namespace, namespace),
+                partial(self._busy, namespace),
+            )
 
-    def _queues_touched(self, namespace: str, change: dict[str, Any]) -> list[WorkQueue]:
-        """The work queues of the namespace's deferred models whose input a change event
-        (an update or a replacement) may have changed."""
+    def _on_change(self, namespace: str, change: dict[str, Any]) -> tuple[list[WorkQueue], bool]:
+        """What a change event in `namespace` asks of this process: the work queues of
+        its deferred models whose input the event (an update or a replacement) may have
+        changed, and whether to wake its workers. An update of deferred outputs alone
+        (modelgate's own writes, seen by the stream) wakes nobody: the process that
+        wrote it woke the models that read those outputs."""
         operation = change.get("operationType")
+        servers = self.models.deferred_for(namespace)
         if operation not in {"update", "replace"}:
-            return []
+            return [], operation != "delete"
         description = change.get("updateDescription") or {}
         paths = [
             *(description.get("updatedFields") or {}),
             *(description.get("removedFields") or []),
         ]
-        return [
+        touched = [
             self.queue_for(server)
-            for server in self.models.deferred_for(namespace)
+            for server in servers
             if operation == "replace"
             or any(path_touches(path, server.model.spec.input_field) for path in paths)
         ]
+        outputs = [server.model.spec.output_field for server in servers]
+        own = operation == "update" and all(
+            any(path == out or path.startswith(out + ".") for out in outputs) for path in paths
+        )
+        return touched, bool(touched) or not own
+
+    def _busy(self, namespace: str) -> bool:
+        """Whether a worker of the namespace's deferred models is working off a backlog
+        here (read from the watching thread: one attribute per worker)."""
+        return any(
+            worker.draining
+            for server in self.models.deferred_for(namespace)
+            if (worker := self.workers.get(server.model.spec.name)) is not None
+        )
 
     async def status(self, server: ModelServer) -> dict[str, Any]:
         """The deferred part of modelStatus: the model's queue, as every process sees it,

@@ -39,7 +39,8 @@ def _test(operator: str, argument: Any, value: Any) -> bool:
     if operator == "$ne":
         return bool(value != argument)
     if operator == "$in":
-        return value is not MISSING and value in argument
+        # As MongoDB: null in the list matches a missing field too.
+        return value in argument if value is not MISSING else None in argument
     if value is MISSING:
         return False
     if operator == "$gt":

@@ -270,8 +270,10 @@ def test_a_claim_that_comes_second_leaves_the_first_its_documents(upstream: Upst
     a, b = upstream.queue("a"), upstream.queue("b")
     scans = scanning_while(a, lambda: b.claim(2, LONG))
     claimed = a.claim(4, LONG)
-    assert ids(claimed.documents) == [2, 3]  # 0 and 1 went to b meanwhile
-    assert len(scans) == 1  # without scanning again
+    # 0 and 1 went to b meanwhile: a takes a full batch from the rest of its scan
+    # (which read twice the batch), without scanning again.
+    assert ids(claimed.documents) == [2, 3, 4, 5]
+    assert len(scans) == 1
     assert sorted(lease["claim"] for lease in live_leases(upstream)) == [1, 2]
 
 
@@ -310,3 +312,37 @@ def test_released_leases_are_deleted_some_time_after_their_release(
     for _ in range(16):
         queue.claim(1, LONG)
     assert sorted(lease["claim"] for lease in upstream.leases.documents) == list(range(11, 33))
+
+
+def test_an_idle_claim_reads_no_documents_when_nothing_is_pending(upstream: Upstream) -> None:
+    """A worker whose last claim found nothing asks the output's version index first
+    (upstreams that plan the pending filter as a collection scan answer it in time that
+    grows with the collection, even when nothing is pending)."""
+    queue = upstream.queue("a")
+    assert finish(queue) == list(range(10))
+    scans = scanning_while(queue, lambda: None)
+    nothing = queue.claim(4, LONG, idle=True)
+    assert (nothing.documents, nothing.scanned_to, scans) == ([], None, [])
+    # Still found: a new document, and one whose output is of a newer version (the model
+    # was dropped and registered again, its versions counted anew).
+    upstream.collection.documents += [
+        {"_id": 10, "x": [10.0]},
+        {"_id": 11, "x": [11.0], "_outputs": {"m": {"version": 5}}},
+    ]
+    assert ids(queue.claim(4, LONG, idle=True).documents) == [10, 11]
+
+
+def test_a_claim_that_finds_only_held_documents_does_not_start_over(upstream: Upstream) -> None:
+    """Past the newest claim's end all that is pending is held by others: the claim
+    leaves it to them without a second scan from the beginning. What is pending before
+    that end waits for the next claim that finds nothing held past it."""
+    a, b = upstream.queue("a"), upstream.queue("b")
+    first = a.claim(5, LONG, after=4)
+    assert ids(first.documents) == [5, 6, 7, 8, 9]
+    # The newest claim ended at 4 (as one that started over from the beginning would).
+    upstream.leases.update_one({"claim": 1}, {"$set": {"hi": 4}})
+    held = b.claim(4, LONG)
+    assert held.documents == []
+    assert held.scanned_to is not None  # pending, but held
+    a.write_outputs(first, predict(a, first.documents))
+    assert ids(b.claim(4, LONG).documents) == [0, 1, 2, 3]
