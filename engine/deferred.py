@@ -201,7 +201,9 @@ class ModelWorker:
             self.draining = True  # a backlog: see DeferredWorkers._busy
             batch_started = time.monotonic()
             held = [claimed]  # the leases to renew: this batch's, and the next one's
-            ahead = len(claimed.documents) >= self.claim_limit
+            # Not while other processes work on the model too: then each holds one batch
+            # at a time (batches held at once cost the upstream more than they bring).
+            ahead = len(claimed.documents) >= self.claim_limit and not claimed.shared
             gauges.in_progress.set(len(claimed.documents))
             try:
                 async with trio.open_nursery() as nursery:

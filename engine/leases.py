@@ -85,6 +85,8 @@ class Claimed:
     taken_over: int = 0
     # The batch's lease (its _id in deferred_leases); None when nothing was claimed.
     lease: Any = None
+    # Whether other processes held live claims of the model when this one was made.
+    shared: bool = False
 
 
 @dataclass
@@ -95,6 +97,7 @@ class _LeaseState:
     newest: int = 0  # the newest claim's number (0: none yet)
     cursor: Any = None  # where the newest claim ended
     busy: set[Any] = field(default_factory=set)  # documents held, or waiting for a retry
+    owners: set[str] = field(default_factory=set)  # of the live claims
     failed: set[Any] = field(default_factory=set)  # documents with failed attempts
     claims: dict[int, list[Any]] = field(default_factory=dict)  # unreleased: number -> docs
     taken_over: int = 0  # documents of the expired leases this read took over
@@ -273,7 +276,8 @@ class WorkQueue:
                     }
                 )
             retried = frozenset(state.failed & {doc["_id"] for doc in taking})
-            return Claimed(batch, taking, retried, end, taken_over, lease_id)
+            shared = bool(state.owners - {self.owner})
+            return Claimed(batch, taking, retried, end, taken_over, lease_id, shared)
         log.info("deferred model '%s': %d claims in a row came second", name, _CLAIM_ATTEMPTS)
         scanned_to = scan.scanned_to if scan is not None else after
         return Claimed(uuid.uuid4().hex, [], scanned_to=scanned_to, taken_over=taken_over)
@@ -317,6 +321,7 @@ class WorkQueue:
                 state.newest, state.cursor = number, lease.get("hi")
             if _aware(lease["expires"]) > now:
                 state.busy.update(lease["docs"])
+                state.owners.add(lease["owner"])
             elif self._release(lease["_id"], expired_by=now):
                 state.taken_over += len(lease["docs"])
                 del state.claims[number]

@@ -346,3 +346,14 @@ def test_a_claim_that_finds_only_held_documents_does_not_start_over(upstream: Up
     assert held.scanned_to is not None  # pending, but held
     a.write_outputs(first, predict(a, first.documents))
     assert ids(b.claim(4, LONG).documents) == [0, 1, 2, 3]
+
+
+def test_a_claim_says_whether_other_processes_hold_claims_too(upstream: Upstream) -> None:
+    """(A worker claims its next batch ahead only while it works alone on the model.)"""
+    a, b = upstream.queue("a"), upstream.queue("b")
+    first = a.claim(2, LONG)
+    assert not first.shared
+    assert not a.claim(2, LONG).shared  # its own claims only
+    assert b.claim(2, LONG).shared
+    a.write_outputs(first, predict(a, first.documents))
+    assert b.claim(2, LONG).shared  # a still holds its second claim
