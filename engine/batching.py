@@ -2,7 +2,8 @@
 
 Leader/follower: the first caller that finds no open batch opens one and leads it; later
 callers join it (followers). If the model is idle the leader runs at once; if it is busy,
-the batch gathers until it is full or `max_delay_ms` has passed, and keeps gathering while
+the batch gathers until it is full, a run of the model ends or `max_delay_ms` has passed
+(waiting longer than the run it waits on would only add latency), and keeps gathering while
 it waits for a run slot of the shared CapacityLimiter (so load makes batches bigger rather
 than queues longer). The leader then closes it, runs the model in a worker thread, and
 publishes the rows (or the error) to every member through the batch's `done` Event.
@@ -94,7 +95,7 @@ class _Batch:
         self.opened_at = opened_at
         self.items: list[Any] = []  # arrays of the model's item shape, or strings (text)
         self.joined_at: list[float] = []  # one per request that put items in, for queue wait
-        self.full = trio.Event()
+        self.full = trio.Event()  # full, or a run ended: stop gathering
         self.done = trio.Event()
         # One row per item (a text the tokenizer empties has its NoTokens error instead).
         self.result: np.ndarray | list[np.ndarray | PredictionError] | None = None
@@ -190,8 +191,9 @@ class Batcher:
         with trio.CancelScope(shield=True):
             try:
                 if self._running:
-                    # The model is busy: gather while it works, at most max_delay_ms.
-                    # An idle model runs at once, so a lone client never waits for company.
+                    # The model is busy: gather while it works, until a run ends, at
+                    # most max_delay_ms. An idle model runs at once, so a lone client never
+                    # waits for company.
                     with trio.move_on_after(self.max_delay_s):
                         await batch.full.wait()
                 # The batch stays open while it waits for a run slot: requests that come
@@ -214,6 +216,8 @@ class Batcher:
                             )
                     finally:
                         self._running -= 1
+                        if self._open is not None:
+                            self._open.full.set()  # the batch gathered meanwhile goes now
                 if len(batch.result) != len(batch.items):  # CompiledModel checks it too
                     raise PredictionError("model returned the wrong number of rows")
             except PredictionError as e:
