@@ -107,8 +107,22 @@ def client_reply(
     its request (only a request with exhaustAllowed, `may_stream`, may get several)."""
     if hook is not None or compressor_id is not None:
         header, payload = uncompressed(frame)
-        last = is_last_reply(header, payload)
-        return rewrite_reply(header, payload, hook, compressor_id), last
+        if header.op_code == OpCode.OP_MSG:
+            # Decoded once, for its flags and for the hook (a hello's reply, each time).
+            message = decode_op_msg(header, payload)
+            last = not message.more_to_come
+            if hook is not None:
+                body = bson.encode(hook(decode_document(message.body)))
+                message = OpMsg(flags=message.flags, body=body, sequences=message.sequences)
+                data = encode_op_msg(message, header.request_id, header.response_to)
+                if compressor_id is None:
+                    return data, last
+                payload = data[HEADER_SIZE:]
+            assert compressor_id is not None  # else there was nothing to rewrite
+            return compress(
+                header.op_code, payload, compressor_id, header.request_id, header.response_to
+            ), last
+        return rewrite_reply(header, payload, hook, compressor_id), True
     if may_stream:
         return frame.raw, is_last_reply(*uncompressed(frame))
     return frame.raw, True
