@@ -14,7 +14,9 @@ A thread hop costs tens of microseconds of CPU (waking the worker, handing the G
 waking the event loop with the result): more than a small model's whole run of a batch.
 So a model whose runs are measured to take less than INLINE_RUN_S for the batch at hand
 runs on the event loop itself, which it holds no longer than a hop would cost. Every
-model's first run goes to a thread, and one that turns out slower goes back to threads.
+model's first run goes to a thread, and one that turns out slower goes back to threads
+(the estimate is the least cost per item of its last few runs, so that a run the host
+happened to preempt does not send the next ones to a thread).
 
 Cancellation: a follower just stops waiting; its rows are computed and dropped. The leader
 runs its whole duty (the short wait, then the run) inside a shielded cancel scope, so that
@@ -49,8 +51,9 @@ __all__ = ["BatchStats", "Batcher", "Failure", "ModelServer", "Outcome", "Predic
 LATENCY_WINDOW = 1024
 #: A batch whose run is expected to take less than this runs on the event loop (see above).
 INLINE_RUN_S = 150e-6
-# Weight of the latest run in the expected seconds per item.
-_RUN_COST_WEIGHT = 0.2
+# A run's expected seconds per item: the least of the last few runs' (a run the host
+# preempted takes longer than the model does; a model that is slow is slow every time).
+_RUN_COSTS_KEPT = 8
 
 
 class BatchStats:
@@ -128,7 +131,7 @@ class Batcher:
         self.max_delay_s = model.spec.batch.max_delay_ms / 1000.0
         self._open: _Batch | None = None
         self._running = 0  # batches of this model running now
-        self._item_s: float | None = None  # a run's seconds per item (moving average)
+        self._item_costs: deque[float] = deque(maxlen=_RUN_COSTS_KEPT)  # seconds per item
 
     async def run(self, items: Sequence[Any]) -> np.ndarray:
         """Output rows for `items`, in order. Raises PredictionError if any batch failed."""
@@ -207,8 +210,8 @@ class Batcher:
                         # The slot is held by this task; the thread needs no limiter of its own.
                         # One hop for the whole batch: stacking (or decoding, tokenizing) and
                         # the run; none for a batch quicker to run than a hop.
-                        item_s = self._item_s
-                        if item_s is not None and item_s * len(batch.items) < INLINE_RUN_S:
+                        costs = self._item_costs
+                        if costs and min(costs) * len(batch.items) < INLINE_RUN_S:
                             batch.result = self._timed_run(batch.items)
                         else:
                             batch.result = await trio.to_thread.run_sync(
@@ -251,11 +254,7 @@ class Batcher:
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.inference_seconds.observe(elapsed)
-            per_item = elapsed / max(len(items), 1)
-            known = self._item_s
-            self._item_s = (
-                per_item if known is None else known + _RUN_COST_WEIGHT * (per_item - known)
-            )
+            self._item_costs.append(elapsed / max(len(items), 1))
 
 
 @dataclass(frozen=True)
