@@ -382,7 +382,7 @@ GROUPS: dict[str | None, tuple[Option, ...]] = {
         Option(
             "intra-op-threads",
             "runtime.intra_op_threads",
-            "onnxruntime threads per run; 0: onnxruntime's choice",
+            "onnxruntime threads per run; 0: the usable cores / --max-concurrent-runs",
             non_negative(int),
             "N",
         ),
