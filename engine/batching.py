@@ -257,12 +257,12 @@ class Batcher:
             self._item_costs.append(elapsed / max(len(items), 1))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Prediction:
     value: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Failure:
     message: str
 

@@ -383,7 +383,9 @@ class Session:
                         await self._answer(request, request_id, message, reply)
                         return None
                     case ForwardRewritten(rewritten, hook):
-                        forward = encode_op_msg(rewritten, request_id, 0)
+                        # Built by an interceptor (bson, the client's framed documents):
+                        # framed already, each document's framing is not checked again.
+                        forward = encode_op_msg(rewritten, request_id, 0, framed=True)
                         request.reply_hook = hook
                     case ForwardUnchanged(hook):
                         request.reply_hook = hook
@@ -508,7 +510,7 @@ class Session:
         request.internal = send_channel
         self._await_replies(request, request_id)
         try:
-            await self.upstream.send(encode_op_msg(message, request_id, 0))
+            await self.upstream.send(encode_op_msg(message, request_id, 0, framed=True))
             frame = await receive_channel.receive()
         finally:
             # Also when cancelled before the reply came: nothing of it stays behind.
