@@ -34,6 +34,7 @@ from pymongo.collection import Collection
 from engine.documents import FAITHFUL, MISSING, array_on_path, get_path
 from engine.error_records import error_records_filter
 from engine.outputs import stale_update
+from engine.pending import find_pending, maybe_pending, pending_filter
 from engine.registry import DATABASE
 from engine.spec import ModelSpec
 
@@ -181,21 +182,13 @@ class WorkQueue:
     # -- what is pending ---------------------------------------------------------------
 
     def pending_filter(self) -> dict[str, Any]:
-        """Documents that need this version's prediction: the output is missing, of an
-        older version, or set aside by backfillModel; and the input is there.
-
-        (No $or here: the upstream must be able to answer this from the index.)"""
-        clauses: list[dict[str, Any]] = [
-            {self.spec.input_field: {"$exists": True}},
-            {f"{self.spec.output_field}.version": {"$ne": self.version}},
-        ]
-        if self.spec.filter:
-            clauses.append(self.spec.filter)
-        return {"$and": clauses}
+        """Documents that need this version's prediction (engine.pending)."""
+        return pending_filter(self.spec, self.version)
 
     def ensure_index(self) -> None:
-        # The sweep asks for documents by their output's version: keep that cheap.
-        self.collection.create_index(f"{self.spec.output_field}.version")
+        # Claims ask for documents by their output's version, in _id order (engine.pending);
+        # the index serves lookups by the version alone too.
+        self.collection.create_index([(f"{self.spec.output_field}.version", 1), ("_id", 1)])
         self.leases.create_index([("model", 1), ("expires", 1)])
         self.leases.create_index([("model", 1), ("claim", -1)])
         self.failures.create_index("model")
@@ -283,17 +276,7 @@ class WorkQueue:
         return Claimed(uuid.uuid4().hex, [], scanned_to=scanned_to, taken_over=taken_over)
 
     def _maybe_pending(self) -> bool:
-        """Whether any document may be pending, by index lookups: an output version
-        missing (or null), older or newer than this one (the registry's versions are
-        integers). A superset of pending_filter, which an upstream that plans several
-        clauses as a collection scan (SecantusDB) answers in time that grows with the
-        collection even when nothing is pending; these take next to nothing then (but
-        SecantusDB reads every match of a find_one, so they are asked only where nothing
-        is likely pending: after a scan that found nothing, by an idle worker's claim)."""
-        field = f"{self.spec.output_field}.version"
-        older = {field: {"$in": [None, *range(1, self.version)]}}
-        newer = {field: {"$gt": self.version}}
-        return any(self.collection.find_one(query, {"_id": 1}) for query in (older, newer))
+        return maybe_pending(self.collection, self.spec, self.version)
 
     def _read_leases(self) -> _LeaseState:
         """The model's leases and retry waits as they are now, expired leases taken over."""
@@ -341,22 +324,17 @@ class WorkQueue:
     def _scan(self, state: _LeaseState, limit: int, after: Any) -> _Scan:
         """Read the next pending documents that `state` leaves free (with their input):
         up to twice `limit`, so that a claim that comes second to another made from the
-        same read takes the next batch instead of scanning again (on SecantusDB a scan
-        costs the same fixed collection scan and sort however many it returns; 512 cost
-        a fifth more than 256 at 2,000 documents)."""
+        same read takes the next batch instead of scanning again (on SecantusDB a read
+        fetches every pending document past its start however many it returns; 512 cost
+        a fifth more than 256 at 2,000 documents). engine.pending says how it reads."""
         want = 2 * limit
         start = after
         if after is None and not state.taken_over:
             start = state.cursor  # else from the beginning: the expired leases' documents
         while True:
-            query = self.pending_filter()
-            if start is not None:
-                query = {"$and": [query, {"_id": {"$gt": start}}]}
             # Enough to fill the batch even when the documents others hold come first.
-            scanned = list(
-                self.collection.find(query, {self.spec.input_field: 1})
-                .sort("_id", 1)
-                .limit(want + len(state.busy))
+            scanned = find_pending(
+                self.collection, self.spec, self.version, start, want + len(state.busy)
             )
             candidates = [doc for doc in scanned if doc["_id"] not in state.busy][:want]
             if candidates or after is not None or start is None:

@@ -43,13 +43,17 @@ def _test(operator: str, argument: Any, value: Any) -> bool:
         return value in argument if value is not MISSING else None in argument
     if value is MISSING:
         return False
-    if operator == "$gt":
-        return bool(value > argument)
-    if operator == "$gte":
-        return bool(value >= argument)
-    if operator == "$lte":
-        return bool(value <= argument)
-    raise NotImplementedError(f"query operator {operator}")
+    compare = {
+        "$gt": lambda: value > argument,
+        "$gte": lambda: value >= argument,
+        "$lte": lambda: value <= argument,
+    }.get(operator)
+    if compare is None:
+        raise NotImplementedError(f"query operator {operator}")
+    try:
+        return bool(compare())
+    except TypeError:  # as MongoDB: values of other types do not compare
+        return False
 
 
 def matches(document: Document, query: Mapping[str, Any]) -> bool:
@@ -63,7 +67,9 @@ def matches(document: Document, query: Mapping[str, Any]) -> bool:
             value = get_path(document, key)
             if not all(_test(op, arg, value) for op, arg in condition.items()):
                 return False
-        elif get_path(document, key) != condition:
+        elif (value := get_path(document, key)) != condition and not (
+            condition is None and value is MISSING  # as MongoDB: null matches a missing field
+        ):
             return False
     return True
 
@@ -124,9 +130,12 @@ class FakeCollection:
     def find(
         self, filter: Mapping[str, Any], projection: Mapping[str, Any] | None = None
     ) -> FakeCursor:
-        return FakeCursor(
-            [_project(doc, projection) for doc in self.documents if matches(doc, filter)]
-        )
+        found = [_project(doc, projection) for doc in self.documents if matches(doc, filter)]
+        if _is_operator_document(filter.get("_id")):
+            # A range on _id (beside an equality) is read from an index that ends in
+            # _id (engine.pending): in _id order, not in the order of the inserts.
+            found.sort(key=lambda doc: doc["_id"])
+        return FakeCursor(found)
 
     def find_one(
         self,
