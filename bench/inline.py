@@ -342,7 +342,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"  {row['model']}: limit {row['limit_docs_per_s']:.0f} docs/s; "
                         + ", ".join(
                             f"maxSize {cell['max_size']}: {cell['docs_per_s']:.0f} docs/s "
-                            f"(x{cell['ratio_to_limit']:.2f})"
+                            f"(x{cell['ratio_to_limit']:.2f}; "
+                            f"x{cell['ratio_to_stored_limit']:.2f} of the stored documents' limit)"
                             for cell in row["proxy"]
                         )
                     )

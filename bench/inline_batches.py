@@ -10,6 +10,9 @@ beat 1/(1/U + 1/M). modelgate's rate is
 reported as a ratio of it, for two batch settings of the model: `maxSize` BATCH (each
 client's insert is its own batch, so one client's model run can overlap another's
 upstream insert) and CLIENTS x BATCH (the four clients' inserts merged into one batch).
+The documents modelgate stores carry their outputs, which cost the upstream more to
+store than the plain documents U is measured on; so each cell also gives the limit with
+U measured on a sample of the documents as modelgate stored them.
 
 Beside the rates, each cell gives the CPU milliseconds per 1,000 documents of modelgate's
 process and of the upstream's (read from /proc where this machine runs them): on a busy
@@ -236,6 +239,7 @@ def _proxy_rate(
         rate, docs = insert_rate(clients, collection, workload.documents, duration_s)
         cpu_used = _cpu_ms_per_1k(probe, cpu, docs)
         after = admin.admin.command({"modelStatus": name})
+        stored = list(admin[DB_NAME][collection].find({}, {"_id": 0}).limit(DISTINCT))
     finally:
         with contextlib.suppress(pymongo.errors.PyMongoError):
             admin.admin.command({"dropModel": name})
@@ -248,6 +252,7 @@ def _proxy_rate(
         "max_size": max_size,
         "docs_per_s": rate,
         "mean_batch_size": items / batches if batches else 0.0,
+        "stored_documents": stored,
         **cpu_used,
     }
 
@@ -255,15 +260,15 @@ def _proxy_rate(
 def _plain_rate(
     clients: Sequence[pymongo.MongoClient[dict[str, Any]]],
     drop: pymongo.MongoClient[dict[str, Any]],
-    workload: Workload,
+    documents: Sequence[dict[str, Any]],
     duration_s: float,
     probe: CpuProbe | None,
 ) -> dict[str, Any]:
-    """The workload's inserts into a collection no model watches, and their CPU."""
+    """Inserts of `documents` into a collection no model watches, and their CPU."""
     collection = f"plain_batched_{uuid.uuid4().hex[:8]}"
     try:
         cpu = probe() if probe is not None else (None, None)
-        rate, docs = insert_rate(clients, collection, workload.documents, duration_s)
+        rate, docs = insert_rate(clients, collection, documents, duration_s)
         return {"docs_per_s": rate, **_cpu_ms_per_1k(probe, cpu, docs)}
     finally:
         drop[DB_NAME].drop_collection(collection)
@@ -287,19 +292,26 @@ def batched_rows(
     over 150,000 inserts), so a U measured once, first, would flatter the upstream
     against every run after it."""
     rows = []
+    drop = direct_clients[0]
     for workload in workloads:
         model = model_rate(workload, model_budget_s)
-        direct = [_plain_rate(direct_clients, direct_clients[0], workload, duration_s, probe)]
+        direct = [_plain_rate(direct_clients, drop, workload.documents, duration_s, probe)]
         # The proxy's own share: the same inserts through modelgate, with no model.
-        no_model = _plain_rate(proxy_clients, direct_clients[0], workload, duration_s, probe)
-        direct.append(_plain_rate(direct_clients, direct_clients[0], workload, duration_s, probe))
+        no_model = _plain_rate(proxy_clients, drop, workload.documents, duration_s, probe)
+        direct.append(_plain_rate(direct_clients, drop, workload.documents, duration_s, probe))
         no_model["upstream_docs_per_s"] = (direct[0]["docs_per_s"] + direct[1]["docs_per_s"]) / 2
         settings = []
         for max_size in (BATCH, CLIENTS * BATCH):
             cell = _proxy_rate(proxy_clients, workload, max_size, max_delay_ms, duration_s, probe)
-            direct.append(
-                _plain_rate(direct_clients, direct_clients[0], workload, duration_s, probe)
+            # The documents as modelgate stored them (outputs in them) cost the upstream
+            # more than the plain ones U is measured on: their rate gives a second limit.
+            as_stored = _plain_rate(
+                direct_clients, drop, cell.pop("stored_documents"), duration_s, None
             )
+            cell["stored_upstream_docs_per_s"] = as_stored["docs_per_s"]
+            cell["stored_limit_docs_per_s"] = 1 / (1 / as_stored["docs_per_s"] + 1 / model)
+            cell["ratio_to_stored_limit"] = cell["docs_per_s"] / cell["stored_limit_docs_per_s"]
+            direct.append(_plain_rate(direct_clients, drop, workload.documents, duration_s, probe))
             upstream = (direct[-2]["docs_per_s"] + direct[-1]["docs_per_s"]) / 2
             cell["upstream_docs_per_s"] = upstream
             cell["limit_docs_per_s"] = 1 / (1 / upstream + 1 / model)
@@ -335,6 +347,8 @@ def batched_report(batched: list[dict[str, Any]]) -> list[str]:
             cell["limit_docs_per_s"],
             cell["docs_per_s"],
             cell["ratio_to_limit"],
+            cell["stored_upstream_docs_per_s"],
+            cell["ratio_to_stored_limit"],
             cell["mean_batch_size"],
             cell.get("proxy_cpu_ms_per_1k"),
             cell.get("upstream_cpu_ms_per_1k"),
@@ -348,14 +362,19 @@ def batched_report(batched: list[dict[str, Any]]) -> list[str]:
         f"{first['clients']} clients inserting batches of {first['insert_batch']} (docs/s): "
         "U the upstream alone (the mean of the runs right before and after this one), "
         "M onnxruntime alone (batch 64), limit 1/(1/U + 1/M), modelgate per model batch "
-        "maxSize; CPU: ms per 1,000 documents of modelgate's process and of the upstream's",
+        "maxSize; U stored: the upstream alone inserting the documents as modelgate stored "
+        "them (outputs included), /stored limit: modelgate over 1/(1/U stored + 1/M); "
+        "CPU: ms per 1,000 documents of modelgate's process and of the upstream's",
         format_table(
             [
-                *("model", "maxSize", "U", "M", "limit", "modelgate", "/limit", "mean batch"),
-                *("proxy CPU", "upstream CPU"),
+                *("model", "maxSize", "U", "M", "limit", "modelgate", "/limit"),
+                *("U stored", "/stored limit", "mean batch", "proxy CPU", "upstream CPU"),
             ],
             rows,
-            floatfmt=["", "", ".0f", ".0f", ".0f", ".0f", ".2f", ".1f", ".0f", ".0f"],
+            floatfmt=[
+                *("", "", ".0f", ".0f", ".0f", ".0f", ".2f"),
+                *(".0f", ".2f", ".1f", ".0f", ".0f"),
+            ],
         ),
         "no model: " + "; ".join(_no_model(row) for row in batched),
     ]
