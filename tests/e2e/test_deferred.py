@@ -136,6 +136,20 @@ class Stack:
             self.direct.close()
 
 
+@contextlib.contextmanager
+def own_upstream(log_dir: Path) -> Iterator[Stack]:
+    """A Stack on a SecantusDB of its own (no proxy yet), for tests of what several
+    processes share through the upstream; its models are dropped and all stopped after."""
+    with EmbeddedUpstream(":memory:", log_path=log_dir / "secantus.log") as upstream:
+        created = Stack(upstream.uri, log_dir)
+        created.direct = pymongo.MongoClient(upstream.uri)
+        try:
+            yield created
+        finally:
+            created.drop_models()
+            created.close()
+
+
 @pytest.fixture(scope="module")
 def upstream_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], Stack]]:
     """Starts a dedicated SecantusDB per call; all are stopped at the module's end."""

@@ -9,13 +9,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pymongo
 import pytest
 
 from bench.support import onnx_models
 from bench.support.image_server import ImageServer
-from proxy.embedded import EmbeddedUpstream
-from tests.e2e.test_deferred import Stack, expected_label, one_hot, output_of, wait_for
+from tests.e2e.test_deferred import (
+    Stack,
+    expected_label,
+    one_hot,
+    output_of,
+    own_upstream,
+    wait_for,
+)
 
 MODEL = "cluster_m"
 OUT = f"_outputs.{MODEL}"
@@ -24,14 +29,8 @@ OUT = f"_outputs.{MODEL}"
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     """A SecantusDB of the test's own (the leases and counters are per upstream)."""
-    with EmbeddedUpstream(":memory:", log_path=tmp_path / "secantus.log") as upstream:
-        created = Stack(upstream.uri, tmp_path)
-        created.direct = pymongo.MongoClient(upstream.uri)
-        try:
-            yield created
-        finally:
-            created.drop_models()
-            created.close()
+    with own_upstream(tmp_path) as created:
+        yield created
 
 
 def check_all_predicted(stack: Stack, total: int) -> None:

@@ -10,13 +10,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pymongo
 import pytest
 
 from bench.support import onnx_models
 from engine.deferred_watch import WATCHERS
-from proxy.embedded import EmbeddedUpstream
-from tests.e2e.test_deferred import Stack, expected_label, one_hot, output_of, wait_for
+from tests.e2e.test_deferred import (
+    Stack,
+    expected_label,
+    one_hot,
+    output_of,
+    own_upstream,
+    wait_for,
+)
 
 MODEL = "watch_m"
 OUT = f"_outputs.{MODEL}"
@@ -26,14 +31,8 @@ NAMESPACE = "db.items"
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     """A SecantusDB of the test's own (the watch leases are per upstream)."""
-    with EmbeddedUpstream(":memory:", log_path=tmp_path / "secantus.log") as upstream:
-        created = Stack(upstream.uri, tmp_path)
-        created.direct = pymongo.MongoClient(upstream.uri)
-        try:
-            yield created
-        finally:
-            created.drop_models()
-            created.close()
+    with own_upstream(tmp_path) as created:
+        yield created
 
 
 def watcher(stack: Stack) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import pytest
 
 from engine.leases import Claimed, WorkQueue
 from engine.spec import ModelSpec, RawPostprocess, TensorPreprocess
-from tests.engine.fake_collection import FakeCollection
 
 Collections = dict[str, Any]
 
@@ -31,15 +30,6 @@ def spec(output_field: str = "_outputs.m") -> ModelSpec:
         preprocess=TensorPreprocess(),
         postprocess=RawPostprocess(),
     )
-
-
-@pytest.fixture(params=["fake", "upstream"])
-def collections(request: pytest.FixtureRequest) -> Collections:
-    names = ("items", "leases", "failures", "stats")
-    if request.param == "fake":
-        return {name: FakeCollection() for name in names}
-    database = request.getfixturevalue("direct")[request.getfixturevalue("db_name")]
-    return {name: database[name] for name in names}
 
 
 Queue = Callable[..., WorkQueue]

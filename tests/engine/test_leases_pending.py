@@ -22,15 +22,6 @@ Collections = dict[str, Any]
 LONG = 600.0
 
 
-@pytest.fixture(params=["fake", "upstream"])
-def collections(request: pytest.FixtureRequest) -> Collections:
-    names = ("items", "leases", "failures", "stats")
-    if request.param == "fake":
-        return {name: FakeCollection() for name in names}
-    database = request.getfixturevalue("direct")[request.getfixturevalue("db_name")]
-    return {name: database[name] for name in names}
-
-
 def queue(collections: Collections, version: int = 1, owner: str = "a", **spec: Any) -> WorkQueue:
     work = WorkQueue(
         ModelSpec(
