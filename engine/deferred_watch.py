@@ -40,6 +40,7 @@ import pymongo.errors
 import trio
 from pymongo.collection import Collection
 
+from engine.lease_clock import RELEASED, utc_now
 from engine.registry import DATABASE
 
 if TYPE_CHECKING:
@@ -51,9 +52,6 @@ __all__ = ["WATCHERS", "WatchLease", "follow_namespace"]
 log = logging.getLogger(__name__)
 
 WATCHERS = "deferred_watchers"
-
-# A released watch: its expiry long past, so that any process takes it at once.
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 # How long a getMore of the stream waits for events, in milliseconds: also how soon the
 # watching thread sees that it was asked to stop.
@@ -67,10 +65,6 @@ _BUSY_CHECK = 0.2
 # meanwhile in one go): writes come in bursts, and a stream followed live costs the
 # upstream a getMore for every write of the database, the bookkeeping's included.
 _SETTLE = 0.5
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
 
 
 class WatchLease:
@@ -92,7 +86,7 @@ class WatchLease:
         """Take the watch for `seconds` if nobody holds it (never held, released, or
         expired: its holder died) or this owner does. Returns whether it is held now,
         and the resume token its last holder stored (None: follow from now)."""
-        now = _now()
+        now = utc_now()
         expires = now + datetime.timedelta(seconds=seconds)
         try:
             self.collection.insert_one(
@@ -112,7 +106,7 @@ class WatchLease:
     def renew(self, seconds: float, token: Any) -> bool:
         """Extend the watch from now and store where the stream is; False when another
         process holds it (this one's expired and was taken over)."""
-        expires = _now() + datetime.timedelta(seconds=seconds)
+        expires = utc_now() + datetime.timedelta(seconds=seconds)
         result = self.collection.update_one(
             {"_id": self.namespace, "owner": self.owner},
             {"$set": {"expires": expires, "token": token}},
@@ -123,7 +117,7 @@ class WatchLease:
         """Give the watch up now (if still held), leaving where the stream was."""
         self.collection.update_one(
             {"_id": self.namespace, "owner": self.owner},
-            {"$set": {"expires": _EPOCH, "token": token}},
+            {"$set": {"expires": RELEASED, "token": token}},
         )
 
 

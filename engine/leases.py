@@ -33,6 +33,7 @@ from pymongo.collection import Collection
 
 from engine.documents import FAITHFUL, MISSING, array_on_path, get_path
 from engine.error_records import error_records_filter
+from engine.lease_clock import RELEASED, utc_now
 from engine.outputs import stale_update
 from engine.pending import find_pending, maybe_pending, pending_filter
 from engine.registry import DATABASE
@@ -46,9 +47,6 @@ log = logging.getLogger(__name__)
 # until the next wake-up (a claim that comes second goes on without a new scan).
 _CLAIM_ATTEMPTS = 8
 
-# The expiry of a released lease: long past, so that no query for live leases counts it.
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
-
 # A claim whose lease is not inserted within this many seconds of its read of the
 # leases reads them again; released leases are deleted once every _CLEANUP_EVERY claims,
 # those released more than _RELEASED_KEPT seconds ago. See WorkQueue.claim for why; the
@@ -60,10 +58,6 @@ _CLEANUP_EVERY = 16
 # Documents retried per round trip: bounds the $in lists (upstreams that scan answer
 # long ones slowly) while many failed documents still take few round trips.
 _RETRY_CHUNK = 1000
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
 
 
 def _aware(moment: datetime.datetime) -> datetime.datetime:
@@ -244,7 +238,7 @@ class WorkQueue:
             lease_id = {"model": name, "claim": number}
             batch = uuid.uuid4().hex
             # From now, not from the start of the claim: its reads may have taken a while.
-            now = _now()
+            now = utc_now()
             lease = {
                 "_id": lease_id,
                 "model": name,
@@ -281,7 +275,7 @@ class WorkQueue:
     def _read_leases(self) -> _LeaseState:
         """The model's leases and retry waits as they are now, expired leases taken over."""
         state = _LeaseState(read_at=time.monotonic())
-        now = _now()
+        now = utc_now()
         name = self.spec.name
         newest = self.leases.find_one(
             {"model": name, "claim": {"$gt": 0}}, {"claim": 1, "hi": 1}, sort=[("claim", -1)]
@@ -290,7 +284,7 @@ class WorkQueue:
             state.newest, state.cursor = int(newest["claim"]), newest.get("hi")
         legacy_expired = []
         # Unreleased leases: live, or expired and not yet taken over.
-        for lease in self.leases.find({"model": name, "expires": {"$gt": _EPOCH}}):
+        for lease in self.leases.find({"model": name, "expires": {"$gt": RELEASED}}):
             if "claim" not in lease:
                 # A lease of one document, as modelgate wrote them before leases by batch.
                 if _aware(lease["expires"]) > now:
@@ -353,9 +347,9 @@ class WorkQueue:
         """Extend the batch's lease (if it is still ours: not taken over) from now."""
         if claimed.lease is None:
             return
-        expires = _now() + datetime.timedelta(seconds=lease_seconds)
+        expires = utc_now() + datetime.timedelta(seconds=lease_seconds)
         self.leases.update_one(
-            {"_id": claimed.lease, "owner": self.owner, "expires": {"$gt": _EPOCH}},
+            {"_id": claimed.lease, "owner": self.owner, "expires": {"$gt": RELEASED}},
             {"$set": {"expires": expires}},
         )
 
@@ -366,12 +360,12 @@ class WorkQueue:
     def _release(self, lease_id: Any, expired_by: datetime.datetime | None = None) -> bool:
         """Release a lease unless released already (or, with `expired_by`, unless it
         was renewed to a later time): its documents are free. Whether this released it."""
-        expires: dict[str, Any] = {"$gt": _EPOCH}
+        expires: dict[str, Any] = {"$gt": RELEASED}
         if expired_by is not None:
             expires["$lte"] = expired_by
         result = self.leases.update_one(
             {"_id": lease_id, "expires": expires},
-            {"$set": {"expires": _EPOCH, "docs": [], "released_at": _now()}},
+            {"$set": {"expires": RELEASED, "docs": [], "released_at": utc_now()}},
         )
         return bool(result.modified_count)
 
@@ -448,7 +442,7 @@ class WorkQueue:
         limit (document, error, attempts) so they get an error record instead. The
         others wait for their retry time (exponential backoff) before being claimed."""
         exhausted = []
-        now = _now()
+        now = utc_now()
         for doc, message in failed:
             record = self.failures.find_one_and_update(
                 {"_id": {"model": self.spec.name, "doc": doc["_id"]}},
@@ -488,7 +482,7 @@ class WorkQueue:
         )
 
     def status(self) -> dict[str, Any]:
-        now = _now()
+        now = utc_now()
         pending = self.count_pending()
         done = self.count_outputs(failed=False)
         failed = self.count_outputs(failed=True)

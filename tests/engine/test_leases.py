@@ -14,18 +14,10 @@ from typing import Any
 import pytest
 
 from engine.leases import WorkQueue
-from engine.spec import ModelSpec, RawPostprocess, TensorPreprocess
+from tests.engine.conftest import deferred_spec
 from tests.engine.fake_collection import FakeCollection
 
-SPEC = ModelSpec(
-    name="m",
-    namespace="db.items",
-    input_field="x",
-    output_field="_outputs.m",
-    mode="deferred",
-    preprocess=TensorPreprocess(),
-    postprocess=RawPostprocess(),
-)
+SPEC = deferred_spec()
 OUT = "_outputs.m"
 LONG = 600.0  # a lease that outlives any test
 EXPIRED = -1.0  # a lease already expired when it is written

@@ -9,46 +9,12 @@ reading of the write is held to the upstream's."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from engine.leases import Claimed, WorkQueue
-from engine.spec import ModelSpec, RawPostprocess, TensorPreprocess
-
-Collections = dict[str, Any]
-
-
-def spec(output_field: str = "_outputs.m") -> ModelSpec:
-    return ModelSpec(
-        name="m",
-        namespace="db.items",
-        input_field="x",
-        output_field=output_field,
-        mode="deferred",
-        preprocess=TensorPreprocess(),
-        postprocess=RawPostprocess(),
-    )
-
-
-Queue = Callable[..., WorkQueue]
-
-
-@pytest.fixture
-def queue(collections: Collections) -> Queue:
-    def make(output_field: str = "_outputs.m", version: int = 1) -> WorkQueue:
-        return WorkQueue(
-            spec(output_field),
-            version,
-            "owner",
-            collection=collections["items"],
-            leases=collections["leases"],
-            failures=collections["failures"],
-            stats=collections["stats"],
-        )
-
-    return make
+from tests.engine.conftest import Collections, Queue
 
 
 def insert(collections: Collections, *documents: dict[str, Any]) -> None:
@@ -149,7 +115,8 @@ def test_output_fields_at_the_top_and_deeper(
         {"_id": 2, "x": 2},
     )
     new = {"value": 1, "version": 1}
-    assert write(queue(output_field), [({"_id": 1, "x": 1}, new), ({"_id": 2, "x": 2}, new)]) == 0
+    pairs = [({"_id": 1, "x": 1}, new), ({"_id": 2, "x": 2}, new)]
+    assert write(queue(output_field=output_field), pairs) == 0
     first, second = stored(collections, 1), stored(collections, 2)
     if output_field == "prediction":
         assert first["prediction"] == new
@@ -161,29 +128,12 @@ def test_output_fields_at_the_top_and_deeper(
 
 @pytest.mark.parametrize("collections", ["upstream"], indirect=True)  # the fake has no $type
 def test_an_input_through_an_array_gets_its_error_record_while_the_array_is_there(
-    collections: Collections,
+    collections: Collections, queue: Queue
 ) -> None:
     """Input `items.x` with `items` an array: no one value to condition the write on
     (get_path gives MISSING, which BSON cannot encode); the error record is about the
     array, so it is stored while the array is there, and not once it is gone."""
-    through = ModelSpec(
-        name="m",
-        namespace="db.items",
-        input_field="items.x",
-        output_field="_outputs.m",
-        mode="deferred",
-        preprocess=TensorPreprocess(),
-        postprocess=RawPostprocess(),
-    )
-    queue = WorkQueue(
-        through,
-        1,
-        "owner",
-        collection=collections["items"],
-        leases=collections["leases"],
-        failures=collections["failures"],
-        stats=collections["stats"],
-    )
+    through = queue(input_field="items.x")
     insert(
         collections,
         {"_id": 1, "items": [{"x": 1}, {"x": 2}]},
@@ -194,7 +144,7 @@ def test_an_input_through_an_array_gets_its_error_record_while_the_array_is_ther
     as_read = {"_id": 2, "items": [{"x": 3}]}
     value = {"value": [4.0], "version": 1}
     pairs = [({"_id": 1, "items": [{"x": 1}, {"x": 2}]}, record), (as_read, record)]
-    assert write(queue, [*pairs, ({"_id": 3, "items": {"x": 4}}, value)]) == 0
+    assert write(through, [*pairs, ({"_id": 3, "items": {"x": 4}}, value)]) == 0
     assert stored(collections, 1)["_outputs"]["m"] == record
     assert "_outputs" not in stored(collections, 2)
     assert stored(collections, 3)["_outputs"]["m"] == value

@@ -15,34 +15,10 @@ import pytest
 
 from engine.leases import WorkQueue
 from engine.pending import has_path
-from engine.spec import ModelSpec, RawPostprocess, TensorPreprocess
+from tests.engine.conftest import Collections, Queue
 from tests.engine.fake_collection import FakeCollection
 
-Collections = dict[str, Any]
 LONG = 600.0
-
-
-def queue(collections: Collections, version: int = 1, owner: str = "a", **spec: Any) -> WorkQueue:
-    work = WorkQueue(
-        ModelSpec(
-            name="m",
-            namespace="db.items",
-            input_field="x",
-            output_field="_outputs.m",
-            mode="deferred",
-            preprocess=TensorPreprocess(),
-            postprocess=RawPostprocess(),
-            **spec,
-        ),
-        version,
-        owner,
-        collection=collections["items"],
-        leases=collections["leases"],
-        failures=collections["failures"],
-        stats=collections["stats"],
-    )
-    work.ensure_index()
-    return work
 
 
 def claim_all(work: WorkQueue, limit: int) -> list[list[Any]]:
@@ -58,9 +34,9 @@ def output(version: Any) -> dict[str, Any]:
 
 
 def test_every_kind_of_pending_document_and_nothing_else_is_claimed(
-    collections: Collections,
+    collections: Collections, queue: Queue
 ) -> None:
-    work = queue(collections, version=2)
+    work = queue(version=2)
     collections["items"].insert_many(
         [
             {"_id": 1, "x": 1},  # no output
@@ -85,9 +61,9 @@ def test_every_kind_of_pending_document_and_nothing_else_is_claimed(
 
 
 def test_claims_go_in_id_order_whatever_the_order_of_the_inserts(
-    collections: Collections,
+    collections: Collections, queue: Queue
 ) -> None:
-    work, other = queue(collections, owner="a"), queue(collections, owner="b")
+    work, other = queue(owner="a"), queue(owner="b")
     order = [7, 3, 11, 1, 9, 5, 12, 2, 8, 4, 10, 6]
     collections["items"].insert_many([{"_id": i, "x": i} for i in order])
     claims = []
@@ -98,26 +74,28 @@ def test_claims_go_in_id_order_whatever_the_order_of_the_inserts(
 
 
 def test_documents_without_the_input_do_not_hide_those_after_them(
-    collections: Collections,
+    collections: Collections, queue: Queue
 ) -> None:
-    work = queue(collections)
+    work = queue()
     collections["items"].insert_many([{"_id": i, "y": i} for i in range(20)])
     collections["items"].insert_many([{"_id": 20 + i, "x": i} for i in range(3)])
     assert claim_all(work, 2) == [[20, 21], [22]]
 
 
-def test_a_model_with_a_filter_claims_only_what_it_selects(collections: Collections) -> None:
-    work = queue(collections, filter={"kind": "a"})
+def test_a_model_with_a_filter_claims_only_what_it_selects(
+    collections: Collections, queue: Queue
+) -> None:
+    work = queue(filter={"kind": "a"})
     collections["items"].insert_many(
         [{"_id": i, "x": i, "kind": "a" if i % 2 else "b"} for i in range(6)]
     )
     assert claim_all(work, 2) == [[1, 3], [5]]
 
 
-def test_the_pending_read_is_index_backed(collections: Collections) -> None:
+def test_the_pending_read_is_index_backed(collections: Collections, queue: Queue) -> None:
     if isinstance(collections["items"], FakeCollection):
         pytest.skip("the in-memory stand-in collection has no query planner to explain")
-    work = queue(collections)
+    work = queue()
     collections["items"].insert_many([{"_id": i, "x": i} for i in range(5)])
     for position in ({"$gte": 0}, {"$gt": 2}):
         plan = collections["items"].find({"_outputs.m.version": None, "_id": position}).explain()
