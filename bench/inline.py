@@ -17,6 +17,10 @@ PNGs; random weights, see bench/models.py):
   best batch size of each is reported; the ratio is proxy / best end-to-end baseline.
 - no model: the same documents inserted through modelgate and straight into the
   upstream, same concurrencies, so the proxy's own cost is visible.
+- batched rows (bench/inline_batches.py): 4 clients inserting batches of 16 through an
+  MLP and the digits CNN, against the limit 1/(1/U + 1/M) of the same run; with the
+  embedded upstream each of their cells on a fresh upstream and modelgate of its own,
+  because the embedded SecantusDB gets slower with every write it has taken.
 
 Everything (this process, modelgate, the embedded SecantusDB) shares the machine's
 CPUs; the table's header says how many."""
@@ -36,7 +40,6 @@ from typing import Any
 
 import pymongo
 
-from bench.deferred import upstream_cpu_seconds
 from bench.harness import add_common_arguments, finish, format_table, machine_info
 from bench.inline_batches import (
     CLIENTS,
@@ -44,7 +47,6 @@ from bench.inline_batches import (
     batched_rows,
     image_workload,
     mlp_workload,
-    process_cpu_s,
 )
 from bench.insert_clients import DB_NAME, INPUT_FIELD, ClientPool, drive_inserts
 from bench.models import MODELS, BenchModel, build_model, noise_pngs
@@ -282,12 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     proxy_args = ["--providers", ",".join(requested)] if requested else []
     proxy_args += args.proxy_arg or []
     profile = Path(args.profile_proxy).resolve() if args.profile_proxy else None
-    top = max(
-        max(mode.concurrency),
-        *[max(c) for c in mode.model_concurrency.values()] or [1],
-        0 if args.no_batched else CLIENTS,
-    )
-    batched: list[dict[str, Any]] = []
+    top = max(max(mode.concurrency), *[max(c) for c in mode.model_concurrency.values()] or [1])
     with bench_stack(args.upstream, proxy_args=proxy_args, profile=profile) as stack:
         _progress(
             f"upstream {redact_uri(stack.direct_uri)}"
@@ -314,7 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if args.no_plain:
                     continue
                 for concurrency in mode.model_concurrency.get(model.name, mode.concurrency):
-                    plain = {"concurrency": concurrency}
+                    plain: dict[str, Any] = {"concurrency": concurrency}
                     for target in (PROXY, DIRECT):
                         plain[target] = _plain_run(pools[target], images, concurrency, mode)
                     result["no_model"].append(plain)
@@ -323,36 +320,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"{plain[PROXY]['images_per_s']:.0f} docs/s, direct "
                         f"{plain[DIRECT]['images_per_s']:.0f} docs/s"
                     )
-            if not args.no_batched:
-                _progress(f"batched inserts: {CLIENTS} clients, mlp16 and digits ...")
-                batched = batched_rows(
-                    pools[PROXY].clients[:CLIENTS],
-                    pools[DIRECT].clients[:CLIENTS],
-                    [mlp_workload(), image_workload(build_model("digits"))],
-                    duration_s=mode.duration_s,
-                    max_delay_ms=args.max_delay_ms,
-                    model_budget_s=mode.baseline_budget_s,
-                    probe=lambda: (
-                        process_cpu_s(stack.proxy.process.pid if stack.proxy.process else None),
-                        upstream_cpu_seconds(stack.direct_uri),
-                    ),
-                )
-                for row in batched:
-                    _progress(
-                        f"  {row['model']}: limit {row['limit_docs_per_s']:.0f} docs/s; "
-                        + ", ".join(
-                            f"maxSize {cell['max_size']}: {cell['docs_per_s']:.0f} docs/s "
-                            f"(x{cell['ratio_to_limit']:.2f}; "
-                            f"x{cell['ratio_to_stored_limit']:.2f} of the stored documents' limit)"
-                            for cell in row["proxy"]
-                        )
-                    )
             stack_s = time.perf_counter() - stack_started
         finally:
             for pool in pools.values():
                 pool.close()
     if profile is not None:
         _progress(f"modelgate profile (event loop thread) written to {profile}")
+    batched: list[dict[str, Any]] = []
+    batched_started = time.perf_counter()
+    if not args.no_batched:
+        # After the stack above is gone: with the embedded upstream they start their own.
+        _progress(f"batched inserts: {CLIENTS} clients, mlp16 and digits ...")
+        batched = batched_rows(
+            args.upstream,
+            [mlp_workload(), image_workload(build_model("digits"))],
+            proxy_args=proxy_args,
+            duration_s=mode.duration_s,
+            max_delay_ms=args.max_delay_ms,
+            model_budget_s=mode.baseline_budget_s,
+        )
+        for row in batched:
+            _progress(
+                f"  {row['model']}: limit {row['limit_docs_per_s']:.0f} docs/s; "
+                + ", ".join(
+                    f"maxSize {cell['max_size']}: {cell['docs_per_s']:.0f} docs/s "
+                    f"(x{cell['ratio_to_limit']:.2f}; "
+                    f"x{cell['ratio_to_stored_limit']:.2f} of the stored documents' limit)"
+                    for cell in row["proxy"]
+                )
+            )
     return {
         "benchmark": "inline",
         "config": {
@@ -378,7 +374,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": _machine(),
         "models": results,
         "batched": batched,
-        "stack_s": stack_s,
+        "stack_s": stack_s,  # the inline and no-model runs
+        "batched_s": time.perf_counter() - batched_started,
         "elapsed_s": time.perf_counter() - started,
     }
 
@@ -482,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inline-model inserts through modelgate (images/s, p50/p99 latency, "
         "mean batch size) at several client concurrencies, against plain onnxruntime on "
         "the same model and inputs at its best batch size, and plain inserts of the same "
-        "documents with no model (through modelgate and direct).",
+        "documents with no model (through modelgate and direct); then the batched rows: "
+        f"{CLIENTS} clients inserting batches of 16 through an MLP and the digits CNN against "
+        "the limit 1/(1/U + 1/M) (U the upstream alone, M onnxruntime alone).",
     )
     add_common_arguments(
         parser,
@@ -504,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration",
         type=float,
         metavar="SECONDS",
-        help=f"timed phase of each inline run (default {FULL.duration_s:g}, "
+        help=f"timed phase of each inline run and of each batched-row run "
+        f"(default {FULL.duration_s:g}, "
         f"--quick {QUICK.duration_s:g})",
     )
     parser.add_argument(
@@ -545,12 +545,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-batched",
         action="store_true",
-        help="skip the batched-insert rows (4 clients, batches of 16, against the limit)",
+        help="skip the batched-insert rows (4 clients, batches of 16, against the limit "
+        "1/(1/U + 1/M); with the embedded upstream each of their cells starts a fresh "
+        "upstream and modelgate of its own, since the embedded SecantusDB slows down with "
+        "every write it has taken)",
     )
     parser.add_argument(
         "--profile-proxy",
         metavar="PATH",
-        help="run modelgate under cProfile and write its profile to PATH",
+        help="run modelgate under cProfile and write its profile to PATH (the modelgate "
+        "of the inline and no-model runs; the batched rows start their own, unprofiled)",
     )
     return parser
 

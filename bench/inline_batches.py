@@ -16,7 +16,17 @@ U measured on a sample of the documents as modelgate stored them.
 
 Beside the rates, each cell gives the CPU milliseconds per 1,000 documents of modelgate's
 process and of the upstream's (read from /proc where this machine runs them): on a busy
-host they move less than the rates do."""
+host they move less than the rates do.
+
+Fresh stacks: the embedded SecantusDB gets slower with every write it has taken, dropped
+collections included (its CPU per insert doubled over 150,000 inserts), so cells run one
+after another on one upstream are measured against different upstreams; a cell once
+came out at 0.49 of its limit only because the upstream slid under it. So with the
+embedded upstream (no --upstream) each cell, and the no-model run, gets a stack of its
+own, a fresh upstream and a fresh modelgate in front (same arguments), torn down after
+it: every cell starts from the same state. Within a cell the upstream still slides,
+hence U right before and after. A given --upstream cannot be restarted: all the cells
+share one stack there, as one modelgate in front of it."""
 
 from __future__ import annotations
 
@@ -25,7 +35,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,15 +44,18 @@ import bson
 import numpy as np
 import pymongo
 
+from bench.deferred import upstream_cpu_seconds
 from bench.harness import format_table
+from bench.insert_clients import ClientPool
 from bench.models import BenchModel, noise_pngs
 from bench.onnx_baseline import open_session, preprocess_spec
-from bench.support.processes import BenchError
+from bench.support.processes import DIRECT, PROXY, BenchError, Stack, bench_stack, redact_uri
 from modelgate.admin import register_model
 
 __all__ = [
     "CLIENTS",
     "CpuProbe",
+    "Ends",
     "batched_report",
     "batched_rows",
     "image_workload",
@@ -71,6 +84,61 @@ def process_cpu_s(pid: int | None) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Ends:
+    """One stack as the batched rows use it: CLIENTS clients to modelgate and as many
+    straight to the upstream, the CPU probe of its two processes, and which processes
+    they are (recorded with every cell measured on them)."""
+
+    proxy: list[pymongo.MongoClient[dict[str, Any]]]
+    direct: list[pymongo.MongoClient[dict[str, Any]]]
+    probe: CpuProbe
+    processes: dict[str, Any]
+
+
+@contextlib.contextmanager
+def _ends(stack: Stack) -> Iterator[Ends]:
+    pools = {name: ClientPool(uri, CLIENTS) for name, uri in stack.uris.items()}
+    proxy_pid = stack.proxy.process.pid if stack.proxy.process else None
+    try:
+        upstream_pid = None
+        with contextlib.suppress(pymongo.errors.PyMongoError):  # a MongoDB user may not see it
+            upstream_pid = pools[DIRECT].clients[0].admin.command("serverStatus").get("pid")
+        yield Ends(
+            proxy=pools[PROXY].clients,
+            direct=pools[DIRECT].clients,
+            probe=lambda: (process_cpu_s(proxy_pid), upstream_cpu_seconds(stack.direct_uri)),
+            processes={
+                "upstream": redact_uri(stack.direct_uri),
+                "upstream_pid": upstream_pid,
+                "proxy_pid": proxy_pid,
+            },
+        )
+    finally:
+        for pool in pools.values():
+            pool.close()
+
+
+StackPerCell = Callable[[], contextlib.AbstractContextManager[Ends]]
+
+
+@contextlib.contextmanager
+def _stacks(upstream_uri: str | None, proxy_args: Sequence[str]) -> Iterator[StackPerCell]:
+    """What gives each cell its stack: with the embedded upstream a fresh one per call
+    (see the module's docstring), with a given upstream the same one every time."""
+    if upstream_uri is None:
+
+        @contextlib.contextmanager
+        def fresh() -> Iterator[Ends]:
+            with bench_stack(None, proxy_args=proxy_args) as stack, _ends(stack) as ends:
+                yield ends
+
+        yield fresh
+        return
+    with bench_stack(upstream_uri, proxy_args=proxy_args) as stack, _ends(stack) as ends:
+        yield lambda: contextlib.nullcontext(ends)
 
 
 def _cpu_ms_per_1k(
@@ -258,80 +326,98 @@ def _proxy_rate(
 
 
 def _plain_rate(
+    ends: Ends,
     clients: Sequence[pymongo.MongoClient[dict[str, Any]]],
-    drop: pymongo.MongoClient[dict[str, Any]],
     documents: Sequence[dict[str, Any]],
     duration_s: float,
     probe: CpuProbe | None,
 ) -> dict[str, Any]:
-    """Inserts of `documents` into a collection no model watches, and their CPU."""
+    """Inserts of `documents` by `clients` (of `ends`) into a collection no model
+    watches, and their CPU."""
     collection = f"plain_batched_{uuid.uuid4().hex[:8]}"
     try:
         cpu = probe() if probe is not None else (None, None)
         rate, docs = insert_rate(clients, collection, documents, duration_s)
         return {"docs_per_s": rate, **_cpu_ms_per_1k(probe, cpu, docs)}
     finally:
-        drop[DB_NAME].drop_collection(collection)
+        ends.direct[0][DB_NAME].drop_collection(collection)
+
+
+def _upstream_rate(ends: Ends, workload: Workload, duration_s: float) -> dict[str, Any]:
+    """U: the workload's documents inserted straight into the upstream."""
+    return _plain_rate(ends, ends.direct, workload.documents, duration_s, ends.probe)
+
+
+def _record_bracket(measured: dict[str, Any], ends: Ends, runs: list[dict[str, Any]]) -> None:
+    """Give `measured` the mean of `runs` (U right before and after it) as its U, and
+    the processes it ran on."""
+    measured["upstream_docs_per_s"] = sum(run["docs_per_s"] for run in runs) / len(runs)
+    measured["stack"] = ends.processes
 
 
 def batched_rows(
-    proxy_clients: Sequence[pymongo.MongoClient[dict[str, Any]]],
-    direct_clients: Sequence[pymongo.MongoClient[dict[str, Any]]],
+    upstream_uri: str | None,
     workloads: Sequence[Workload],
     *,
+    proxy_args: Sequence[str],
     duration_s: float,
     max_delay_ms: float,
     model_budget_s: float,
-    probe: CpuProbe | None = None,
 ) -> list[dict[str, Any]]:
     """One row per workload: U, M, the limit, and modelgate at each batch setting.
 
-    The upstream's rate is measured right before and right after each run through
-    modelgate, and that run's U is their mean: an embedded SecantusDB gets slower with
-    every write it has taken, dropped collections included (its CPU per insert doubled
-    over 150,000 inserts), so a U measured once, first, would flatter the upstream
-    against every run after it."""
+    Each cell (and the no-model run) is measured between two runs of U, and its U is
+    their mean; with the embedded upstream (`upstream_uri` None) each on a fresh stack
+    (upstream and modelgate started with `proxy_args`), see the module's docstring."""
     rows = []
-    drop = direct_clients[0]
-    for workload in workloads:
-        model = model_rate(workload, model_budget_s)
-        direct = [_plain_rate(direct_clients, drop, workload.documents, duration_s, probe)]
-        # The proxy's own share: the same inserts through modelgate, with no model.
-        no_model = _plain_rate(proxy_clients, drop, workload.documents, duration_s, probe)
-        direct.append(_plain_rate(direct_clients, drop, workload.documents, duration_s, probe))
-        no_model["upstream_docs_per_s"] = (direct[0]["docs_per_s"] + direct[1]["docs_per_s"]) / 2
-        settings = []
-        for max_size in (BATCH, CLIENTS * BATCH):
-            cell = _proxy_rate(proxy_clients, workload, max_size, max_delay_ms, duration_s, probe)
-            # The documents as modelgate stored them (outputs in them) cost the upstream
-            # more than the plain ones U is measured on: their rate gives a second limit.
-            as_stored = _plain_rate(
-                direct_clients, drop, cell.pop("stored_documents"), duration_s, None
+    with _stacks(upstream_uri, proxy_args) as stack_per_cell:
+        for workload in workloads:
+            model = model_rate(workload, model_budget_s)
+            direct: list[dict[str, Any]] = []
+            with stack_per_cell() as ends:
+                before = _upstream_rate(ends, workload, duration_s)
+                # The proxy's own share: the same inserts through modelgate, with no model.
+                no_model = _plain_rate(ends, ends.proxy, workload.documents, duration_s, ends.probe)
+                runs = [before, _upstream_rate(ends, workload, duration_s)]
+                _record_bracket(no_model, ends, runs)
+            direct += runs
+            settings = []
+            for max_size in (BATCH, CLIENTS * BATCH):
+                with stack_per_cell() as ends:
+                    before = _upstream_rate(ends, workload, duration_s)
+                    cell = _proxy_rate(
+                        ends.proxy, workload, max_size, max_delay_ms, duration_s, ends.probe
+                    )
+                    runs = [before, _upstream_rate(ends, workload, duration_s)]
+                    _record_bracket(cell, ends, runs)
+                    # The documents as modelgate stored them (outputs in them) cost the
+                    # upstream more than the plain ones U is measured on: their rate
+                    # gives a second limit.
+                    stored = cell.pop("stored_documents")
+                    as_stored = _plain_rate(ends, ends.direct, stored, duration_s, None)
+                direct += runs
+                cell["stored_upstream_docs_per_s"] = as_stored["docs_per_s"]
+                cell["stored_limit_docs_per_s"] = 1 / (1 / as_stored["docs_per_s"] + 1 / model)
+                cell["ratio_to_stored_limit"] = cell["docs_per_s"] / cell["stored_limit_docs_per_s"]
+                cell["limit_docs_per_s"] = 1 / (1 / cell["upstream_docs_per_s"] + 1 / model)
+                cell["ratio_to_limit"] = cell["docs_per_s"] / cell["limit_docs_per_s"]
+                settings.append(cell)
+            upstream = sum(run["docs_per_s"] for run in direct) / len(direct)
+            rows.append(
+                {
+                    "model": workload.name,
+                    "clients": CLIENTS,
+                    "insert_batch": BATCH,
+                    "stack_per_cell": upstream_uri is None,
+                    "upstream_docs_per_s": upstream,
+                    "upstream_runs": direct,
+                    "proxy_no_model_docs_per_s": no_model["docs_per_s"],
+                    "proxy_no_model": no_model,
+                    "model_docs_per_s": model,
+                    "limit_docs_per_s": 1 / (1 / upstream + 1 / model),
+                    "proxy": settings,
+                }
             )
-            cell["stored_upstream_docs_per_s"] = as_stored["docs_per_s"]
-            cell["stored_limit_docs_per_s"] = 1 / (1 / as_stored["docs_per_s"] + 1 / model)
-            cell["ratio_to_stored_limit"] = cell["docs_per_s"] / cell["stored_limit_docs_per_s"]
-            direct.append(_plain_rate(direct_clients, drop, workload.documents, duration_s, probe))
-            upstream = (direct[-2]["docs_per_s"] + direct[-1]["docs_per_s"]) / 2
-            cell["upstream_docs_per_s"] = upstream
-            cell["limit_docs_per_s"] = 1 / (1 / upstream + 1 / model)
-            cell["ratio_to_limit"] = cell["docs_per_s"] / cell["limit_docs_per_s"]
-            settings.append(cell)
-        upstream = sum(run["docs_per_s"] for run in direct) / len(direct)
-        rows.append(
-            {
-                "model": workload.name,
-                "clients": CLIENTS,
-                "insert_batch": BATCH,
-                "upstream_docs_per_s": upstream,
-                "upstream_runs": direct,
-                "proxy_no_model_docs_per_s": no_model["docs_per_s"],
-                "proxy_no_model": no_model,
-                "model_docs_per_s": model,
-                "limit_docs_per_s": 1 / (1 / upstream + 1 / model),
-                "proxy": settings,
-            }
-        )
     return rows
 
 
@@ -357,11 +443,16 @@ def batched_report(batched: list[dict[str, Any]]) -> list[str]:
         for cell in row["proxy"]
     ]
     first = batched[0]
+    stacks = (
+        "each cell on a fresh upstream and modelgate of its own"
+        if first["stack_per_cell"]
+        else "all cells on one upstream and modelgate"
+    )
     return [
         "",
-        f"{first['clients']} clients inserting batches of {first['insert_batch']} (docs/s): "
-        "U the upstream alone (the mean of the runs right before and after this one), "
-        "M onnxruntime alone (batch 64), limit 1/(1/U + 1/M), modelgate per model batch "
+        f"{first['clients']} clients inserting batches of {first['insert_batch']} (docs/s), "
+        f"{stacks}: U the upstream alone (the mean of the runs right before and after "
+        "this one), M onnxruntime alone (batch 64), limit 1/(1/U + 1/M), modelgate per model batch "
         "maxSize; U stored: the upstream alone inserting the documents as modelgate stored "
         "them (outputs included), /stored limit: modelgate over 1/(1/U stored + 1/M); "
         "CPU: ms per 1,000 documents of modelgate's process and of the upstream's",

@@ -4,6 +4,7 @@ no timing assertions."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from tests.support import assert_png, run_benchmark
 CONCURRENCY = (1, 8, 32)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 def test_bench_inline_quick_digits(tmp_path: Path) -> None:
     report = tmp_path / "inline.json"
     payload, text = run_benchmark(
@@ -30,7 +31,7 @@ def test_bench_inline_quick_digits(tmp_path: Path) -> None:
             str(tmp_path / "inline.png"),
         ],
         report,
-        timeout=170,
+        timeout=230,
     )
     assert payload["benchmark"] == "inline"
     assert payload["machine"]["cpu_count"] >= 1
@@ -65,4 +66,19 @@ def test_bench_inline_quick_digits(tmp_path: Path) -> None:
             assert "stored_documents" not in cell, cell
             assert cell["mean_batch_size"] >= 1, cell
     assert "/limit" in text and "/stored limit" in text
+    # The embedded upstream slows down with every write it takes, so each batched cell
+    # (and each no-model run) gets a fresh upstream and modelgate; a given upstream is
+    # shared by all of them.
+    stacks = [
+        (stack["upstream_pid"], stack["proxy_pid"])
+        for row in payload["batched"]
+        for stack in [row["proxy_no_model"]["stack"], *(cell["stack"] for cell in row["proxy"])]
+    ]
+    fresh = not os.environ.get("MODELGATE_TEST_UPSTREAM")
+    assert [row["stack_per_cell"] for row in payload["batched"]] == [fresh, fresh]
+    if fresh:  # serverStatus gives the embedded upstream's pid
+        assert all(upstream and proxy for upstream, proxy in stacks), stacks
+    distinct = len(stacks) if fresh else 1
+    assert len({upstream for upstream, _ in stacks}) == distinct, stacks
+    assert len({proxy for _, proxy in stacks}) == distinct, stacks
     assert_png(tmp_path / "inline.png")
