@@ -16,7 +16,10 @@ So a model whose runs are measured to take less than INLINE_RUN_S for the batch 
 runs on the event loop itself, which it holds no longer than a hop would cost. Every
 model's first run goes to a thread, and one that turns out slower goes back to threads
 (the estimate is the least cost per item of its last few runs, so that a run the host
-happened to preempt does not send the next ones to a thread).
+happened to preempt does not send the next ones to a thread). A request that would lead
+such a batch at once (the model idle, no batch open, a run slot free) skips the batch
+machinery altogether: its run holds the event loop from start to end, so no other request
+could join it, and the events, cancel scope and slot would cost more than the run.
 
 Cancellation: a follower just stops waiting; its rows are computed and dropped. The leader
 runs its whole duty (the short wait, then the run) inside a shielded cancel scope, so that
@@ -147,6 +150,9 @@ class Batcher:
         """One output row per item (postprocess_rows' input), or the PredictionError of
         the batch it ran in. Items are arrays of the model's item shape, or strings for a
         text model (tokenized with the rest of their batch, in the run's thread)."""
+        if self._can_run_alone(len(items)):
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return self._run_alone(items)
         slots, led = self._join(items)
         if len(led) == 1:
             # Shielded as a task of its own would be, so no task is needed; a cancelled
@@ -167,6 +173,39 @@ class Batcher:
             else:
                 results.extend(slot.batch.result[slot.start : slot.start + slot.count])
         return results
+
+    def _quick(self, count: int) -> bool:
+        """Whether a batch of `count` items is expected to run quicker than a thread hop."""
+        costs = self._item_costs
+        return bool(costs) and min(costs) * count < INLINE_RUN_S
+
+    def _can_run_alone(self, count: int) -> bool:
+        """Whether a request can skip gathering: the model is idle with no batch open (so
+        the request would lead a batch that runs at once), its items fit one batch, a run
+        slot is free, and the run is quick enough for the event loop, where nothing else
+        happens until it ends, so nobody could have joined it anyway."""
+        return (
+            self._open is None
+            and not self._running
+            and count <= self.max_size
+            and self.limiter.available_tokens > 0
+            and self._quick(count)
+        )
+
+    def _run_alone(self, items: Sequence[Any]) -> list[np.ndarray | PredictionError]:
+        """A batch of just these items, run on the event loop at once (see _can_run_alone):
+        what _lead does for it, without the events, the cancel scope and the run slot,
+        which a run that holds the event loop throughout does not need."""
+        self.metrics.queue_wait_seconds.observe(0.0)
+        self.metrics.batch_size.observe(len(items))
+        started = trio.current_time()
+        failed = False
+        try:
+            rows: list[np.ndarray | PredictionError] = list(self._timed_run(items))
+        except PredictionError as e:
+            failed, rows = True, [e] * len(items)
+        self.stats.record_batch(len(items), trio.current_time() - started, failed=failed)
+        return rows
 
     def _join(self, items: Sequence[Any]) -> tuple[list[_Slot], list[_Batch]]:
         """Put items into the open batch, opening new ones (led by this caller) as needed."""
@@ -210,8 +249,7 @@ class Batcher:
                         # The slot is held by this task; the thread needs no limiter of its own.
                         # One hop for the whole batch: stacking (or decoding, tokenizing) and
                         # the run; none for a batch quicker to run than a hop.
-                        costs = self._item_costs
-                        if costs and min(costs) * len(batch.items) < INLINE_RUN_S:
+                        if self._quick(len(batch.items)):
                             batch.result = self._timed_run(batch.items)
                         else:
                             batch.result = await trio.to_thread.run_sync(
@@ -221,8 +259,6 @@ class Batcher:
                         self._running -= 1
                         if self._open is not None:
                             self._open.full.set()  # the batch gathered meanwhile goes now
-                if len(batch.result) != len(batch.items):  # CompiledModel checks it too
-                    raise PredictionError("model returned the wrong number of rows")
             except PredictionError as e:
                 batch.result = None
                 batch.error = e.message
@@ -245,16 +281,23 @@ class Batcher:
             self.metrics.queue_wait_seconds.observe(started - joined_at)
         self.metrics.batch_size.observe(len(batch.items))
 
-    def _timed_run(self, items: list[Any]) -> np.ndarray | list[np.ndarray | PredictionError]:
+    def _timed_run(self, items: Sequence[Any]) -> np.ndarray | list[np.ndarray | PredictionError]:
         """In the worker thread (or the event loop, see the module doc): stacking (or
         decoding, tokenizing) and the run, without the wait for a thread."""
         started = time.perf_counter()
         try:
-            return self.model.run_items(items)
+            rows = self.model.run_items(items)
+        except PredictionError:
+            raise
+        except Exception as e:
+            raise PredictionError(f"model '{self.model.spec.name}' failed to run: {e}") from e
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.inference_seconds.observe(elapsed)
             self._item_costs.append(elapsed / max(len(items), 1))
+        if len(rows) != len(items):  # CompiledModel checks it too
+            raise PredictionError("model returned the wrong number of rows")
+        return rows
 
 
 @dataclass(frozen=True, slots=True)

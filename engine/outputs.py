@@ -126,28 +126,27 @@ def postprocess_rows(
         return [error] * len(rows)
     # Few numpy calls over the whole batch (each costs more than a row's arithmetic): a
     # finite sum means finite scores; only a batch with a non-finite sum looks closer.
-    sums = np.sum(scores, axis=1)
+    sums = scores.sum(axis=1)
     finite = np.isfinite(sums)
     if not finite.all():
-        finite = np.all(np.isfinite(scores), axis=1)
-    if post.softmax is True:
-        convert = np.ones(len(rows), dtype=bool)
-    elif post.softmax == "auto":
-        # is_probability_vector, row by row
-        convert = ~(
-            (scores.min(axis=1) >= 0.0) & (scores.max(axis=1) <= 1.0) & (np.abs(sums - 1.0) <= 1e-3)
-        )
-    else:
+        finite = np.isfinite(scores).all(axis=1)
+    if post.softmax is False:
         convert = np.zeros(len(rows), dtype=bool)
-    convert &= finite
-    if convert.all():  # the same arithmetic as on the rows picked below, without picking
-        e = np.exp(scores - np.max(scores, axis=1, keepdims=True))
-        scores = e / np.sum(e, axis=1, keepdims=True)
-    elif convert.any():
-        picked = scores[convert]
-        shifted = picked - np.max(picked, axis=1, keepdims=True)
-        e = np.exp(shifted)
-        scores[convert] = e / np.sum(e, axis=1, keepdims=True)
+    else:
+        highest = scores.max(axis=1)
+        if post.softmax is True:
+            convert = finite.copy()
+        else:  # "auto": is_probability_vector, row by row
+            probability = (highest <= 1.0) & (np.abs(sums - 1.0) <= 1e-3)
+            if probability.any():
+                probability &= scores.min(axis=1) >= 0.0
+            convert = finite & ~probability
+        if convert.all():  # the same arithmetic as on the rows picked below, without picking
+            e = np.exp(scores - highest[:, np.newaxis])
+            scores = e / e.sum(axis=1, keepdims=True)
+        elif convert.any():
+            e = np.exp(scores[convert] - highest[convert, np.newaxis])
+            scores[convert] = e / e.sum(axis=1, keepdims=True)
     order = np.argsort(-scores, axis=1, kind="stable")[:, : post.top_k]
     labels = post.labels
     results: list[dict[str, Any] | PredictionError] = []

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+import trio.testing
 from bson import Int64
 
 from bench.support import onnx_models
@@ -85,6 +86,75 @@ async def test_a_model_quicker_than_a_thread_hop_runs_on_the_event_loop(
         assert isinstance(outcome, Prediction) and outcome.value["label"] == "abc"[i]
     # The first run is measured in a thread; the next ones know it is quick.
     assert on_loop == [False, True, True]
+
+
+async def test_a_lone_request_to_an_idle_quick_model_skips_the_batch_machinery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It gets what a batch of its own would give (rows, counters, a failed run failing
+    each item), without opening a batch (nothing could join it on the loop anyway)."""
+    monkeypatch.setattr(batching, "INLINE_RUN_S", 10.0)
+    model = load_model(make_spec(), 1, onnx_models.linear_classifier(), CPU)
+    server = ModelServer(model, trio.CapacityLimiter(1))
+    opened: list[Any] = []
+    real_batch = batching._Batch
+
+    def counting_batch(opened_at: float) -> Any:
+        opened.append(opened_at)
+        return real_batch(opened_at)
+
+    monkeypatch.setattr(batching, "_Batch", counting_batch)
+    await server.predict_values([one_hot(0).tolist()])  # measured in a thread: a batch
+    outcomes = await server.predict_values([one_hot(1).tolist(), one_hot(2).tolist()])
+    assert [o.value["label"] for o in outcomes if isinstance(o, Prediction)] == ["b", "c"]
+    assert len(opened) == 1
+    assert server.stats.batches == 2 and server.stats.batched_items == 3
+    assert server.stats.predicted == 3
+
+    def broken(items: Any) -> Any:
+        raise RuntimeError("boom")
+
+    model.run_items = broken  # type: ignore[method-assign]
+    outcomes = await server.predict_values([one_hot(0).tolist(), one_hot(1).tolist()])
+    assert len(opened) == 1
+    assert [o.message for o in outcomes] == ["model 'm' failed to run: boom"] * 2  # type: ignore[union-attr]
+    assert server.stats.batch_errors == 1 and server.stats.errors == 2
+
+
+async def test_a_request_while_the_model_runs_still_joins_a_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(batching, "INLINE_RUN_S", 10.0)
+    model = load_model(make_spec(), 1, onnx_models.linear_classifier(), CPU)
+    server = ModelServer(model, trio.CapacityLimiter(1))
+    await server.predict_values([one_hot(0).tolist()])  # now known to be quick
+    released = threading.Event()
+    real = model.run_items
+    first = [True]
+
+    def held_once(items: Any) -> Any:
+        if first[0]:
+            first[0] = False
+            released.wait()  # the first run holds its slot until the others have come
+        return real(items)
+
+    model.run_items = held_once  # type: ignore[method-assign]
+    server.batcher._item_costs.clear()  # so the held run goes to a thread
+    results: list[Any] = []
+
+    async def predict(i: int) -> None:
+        results.append(await server.predict_values([one_hot(i).tolist()]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(predict, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in (1, 2):
+            nursery.start_soon(predict, i)
+        await trio.testing.wait_all_tasks_blocked()
+        released.set()
+    assert len(results) == 3
+    # The held run, then one batch of the two that came while it ran.
+    assert server.stats.batches == 3 and server.stats.batched_items == 4
 
 
 async def test_a_slower_model_runs_in_a_thread() -> None:
