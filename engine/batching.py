@@ -15,8 +15,12 @@ waking the event loop with the result): more than a small model's whole run of a
 So a model whose runs are measured to take less than INLINE_RUN_S for the batch at hand
 runs on the event loop itself, which it holds no longer than a hop would cost. Every
 model's first run goes to a thread, and one that turns out slower goes back to threads
-(the estimate is the least cost per item of its last few runs, so that a run the host
-happened to preempt does not send the next ones to a thread). A request that would lead
+(the estimate is the least cost per item of its last few runs, so that one slow run does
+not send the next ones to a thread). A run's cost is the CPU time of the thread that ran
+it, not the time it took: in a worker thread a run waits for the GIL whenever it needs it
+back (up to the 5 ms switch interval while the event loop holds it), and any run may be
+preempted on a busy host; timed by the clock, a small model's runs in threads looked ten
+times their cost and kept it in threads. A request that would lead
 such a batch at once (the model idle, no batch open, a run slot free) skips the batch
 machinery altogether: its run holds the event loop from start to end, so no other request
 could join it, and the events, cancel scope and slot would cost more than the run.
@@ -54,8 +58,7 @@ __all__ = ["BatchStats", "Batcher", "Failure", "ModelServer", "Outcome", "Predic
 LATENCY_WINDOW = 1024
 #: A batch whose run is expected to take less than this runs on the event loop (see above).
 INLINE_RUN_S = 150e-6
-# A run's expected seconds per item: the least of the last few runs' (a run the host
-# preempted takes longer than the model does; a model that is slow is slow every time).
+# A run's expected CPU seconds per item: the least of the last few runs' (see above).
 _RUN_COSTS_KEPT = 8
 
 
@@ -134,7 +137,7 @@ class Batcher:
         self.max_delay_s = model.spec.batch.max_delay_ms / 1000.0
         self._open: _Batch | None = None
         self._running = 0  # batches of this model running now
-        self._item_costs: deque[float] = deque(maxlen=_RUN_COSTS_KEPT)  # seconds per item
+        self._item_costs: deque[float] = deque(maxlen=_RUN_COSTS_KEPT)  # CPU s per item
 
     async def run(self, items: Sequence[Any]) -> np.ndarray:
         """Output rows for `items`, in order. Raises PredictionError if any batch failed."""
@@ -284,7 +287,7 @@ class Batcher:
     def _timed_run(self, items: Sequence[Any]) -> np.ndarray | list[np.ndarray | PredictionError]:
         """In the worker thread (or the event loop, see the module doc): stacking (or
         decoding, tokenizing) and the run, without the wait for a thread."""
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         try:
             rows = self.model.run_items(items)
         except PredictionError:
@@ -292,9 +295,9 @@ class Batcher:
         except Exception as e:
             raise PredictionError(f"model '{self.model.spec.name}' failed to run: {e}") from e
         finally:
-            elapsed = time.perf_counter() - started
-            self.metrics.inference_seconds.observe(elapsed)
-            self._item_costs.append(elapsed / max(len(items), 1))
+            self.metrics.inference_seconds.observe(time.perf_counter() - started)
+            cpu = time.thread_time() - cpu_started
+            self._item_costs.append(cpu / max(len(items), 1))
         if len(rows) != len(items):  # CompiledModel checks it too
             raise PredictionError("model returned the wrong number of rows")
         return rows

@@ -66,7 +66,10 @@ def _thread_of_each_run(model: Any, delay_s: float = 0.0) -> list[bool]:
 
     def run_items(items: Any) -> Any:
         on_loop.append(threading.get_ident() == loop_thread)
-        time.sleep(delay_s)
+        # Busy for delay_s of this thread's CPU time: a run's cost is its CPU time.
+        busy_until = time.thread_time() + delay_s
+        while time.thread_time() < busy_until:
+            pass
         return real(items)
 
     model.run_items = run_items
@@ -155,6 +158,32 @@ async def test_a_request_while_the_model_runs_still_joins_a_batch(
     assert len(results) == 3
     # The held run, then one batch of the two that came while it ran.
     assert server.stats.batches == 3 and server.stats.batched_items == 4
+
+
+async def test_a_run_held_up_in_its_thread_does_not_keep_a_quick_model_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run's cost is its CPU time: the first run, in a thread, is held up (asleep here,
+    as a run waiting for the GIL is) far past the threshold, and the next runs still go
+    on the loop. 10 ms: far more CPU than this model's run takes on any machine."""
+    monkeypatch.setattr(batching, "INLINE_RUN_S", 0.01)
+    model = load_model(make_spec(), 1, onnx_models.linear_classifier(), CPU)
+    on_loop: list[bool] = []
+    loop_thread = threading.get_ident()
+    real = model.run_items
+
+    def held_up(items: Any) -> Any:
+        on_loop.append(threading.get_ident() == loop_thread)
+        if len(on_loop) == 1:
+            time.sleep(0.05)
+        return real(items)
+
+    model.run_items = held_up  # type: ignore[method-assign]
+    server = ModelServer(model, trio.CapacityLimiter(1))
+    for i in range(3):
+        [outcome] = await server.predict_values([one_hot(i).tolist()])
+        assert isinstance(outcome, Prediction)
+    assert on_loop == [False, True, True]
 
 
 async def test_a_slower_model_runs_in_a_thread() -> None:
