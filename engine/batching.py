@@ -190,7 +190,7 @@ class Batcher:
         return (
             self._open is None
             and not self._running
-            and count <= self.max_size
+            and 0 < count <= self.max_size
             and self.limiter.available_tokens > 0
             and self._quick(count)
         )

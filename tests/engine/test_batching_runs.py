@@ -113,6 +113,10 @@ async def test_a_lone_request_to_an_idle_quick_model_skips_the_batch_machinery(
     assert len(opened) == 1
     assert server.stats.batches == 2 and server.stats.batched_items == 3
     assert server.stats.predicted == 3
+    # A request none of whose values is an input runs nothing: no batch, no failed one.
+    [failure] = await server.predict_values([[1.0, 2.0]])
+    assert isinstance(failure, Failure) and server.stats.batches == 2
+    assert server.stats.batch_errors == 0
 
     def broken(items: Any) -> Any:
         raise RuntimeError("boom")
@@ -121,7 +125,7 @@ async def test_a_lone_request_to_an_idle_quick_model_skips_the_batch_machinery(
     outcomes = await server.predict_values([one_hot(0).tolist(), one_hot(1).tolist()])
     assert len(opened) == 1
     assert [o.message for o in outcomes] == ["model 'm' failed to run: boom"] * 2  # type: ignore[union-attr]
-    assert server.stats.batch_errors == 1 and server.stats.errors == 2
+    assert server.stats.batch_errors == 1 and server.stats.errors == 3
 
 
 async def test_a_request_while_the_model_runs_still_joins_a_batch(
