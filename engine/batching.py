@@ -17,11 +17,10 @@ runs on the event loop itself, which it holds no longer than a hop would cost. E
 model's first run goes to a thread, and one that turns out slower goes back to threads
 (the estimate is the least cost per item of its last few runs, so that one slow run does
 not send the next ones to a thread). A run's cost is the CPU time of the thread that ran
-it, not the time it took: in a worker thread a run waits for the GIL whenever it needs it
-back (up to the 5 ms switch interval while the event loop holds it), and any run may be
-preempted on a busy host; timed by the clock, a small model's runs in threads looked ten
-times their cost and kept it in threads. A request that would lead
-such a batch at once (the model idle, no batch open, a run slot free) skips the batch
+it, not the time it took: in a worker thread a run may wait for the GIL (up to the 5 ms
+switch interval while the event loop holds it), and any run may be preempted on a busy
+host; neither is what the run would cost the event loop. A request that would lead such a
+batch at once (the model idle, no batch open, a run slot free) skips the batch
 machinery altogether: its run holds the event loop from start to end, so no other request
 could join it, and the events, cancel scope and slot would cost more than the run.
 

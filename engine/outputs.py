@@ -135,7 +135,7 @@ def postprocess_rows(
     else:
         highest = scores.max(axis=1)
         if post.softmax is True:
-            convert = finite.copy()
+            convert = finite
         else:  # "auto": is_probability_vector, row by row
             probability = (highest <= 1.0) & (np.abs(sums - 1.0) <= 1e-3)
             if probability.any():
