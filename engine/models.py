@@ -59,7 +59,7 @@ class ModelSet:
         self._deferred: dict[str, list[ModelServer]] = {}
         self._refresh_lock = trio.Lock()
         self._changed = trio.Event()
-        self._registry_loaded = False
+        self._loaded = trio.Event()
 
     # -- lookups used on every write ---------------------------------------------------
 
@@ -96,9 +96,12 @@ class ModelSet:
 
     @property
     def registry_loaded(self) -> bool:
-        """Whether the registry has been read once: until then a restarted process would
-        forward writes without the models registered before (readiness waits for it)."""
-        return self._registry_loaded
+        """Whether the registry has been read once: until then a restarted process does not
+        know the models registered before (writes and readiness wait for it)."""
+        return self._loaded.is_set()
+
+    async def wait_until_loaded(self) -> None:
+        await self._loaded.wait()
 
     async def next_change(self) -> None:
         """Return once a model is installed, replaced or removed. A caller that looks at
@@ -148,7 +151,7 @@ class ModelSet:
                     log.error("cannot load model '%s' v%d: %s", name, record.version, exc)
                     continue
                 self._install(record, model)
-            self._registry_loaded = True
+            self._loaded.set()
 
     def _load(self, record: ModelRecord) -> CompiledModel:
         onnx_bytes = self.registry.onnx_bytes(record)

@@ -6,7 +6,10 @@ findAndModify and the bulkWrite command are handled. A document the model cannot
 predict is stored with an error record (onError "record") or refused with a write error
 (onError "reject"); refusals keep MongoDB's ordered/unordered semantics: an ordered
 write stops at the first refused statement, an unordered one goes on, and every
-writeErrors index in the reply is the client's own."""
+writeErrors index in the reply is the client's own.
+
+Until the process has read its model registry once, writes wait for it: a write let
+through before would miss the models registered earlier."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from time import perf_counter_ns
 from typing import Any, Protocol
 
 import bson
+import trio
 from bson.raw_bson import RawBSONDocument
 
 from engine.batching import Failure, ModelServer, Outcome
@@ -28,7 +32,7 @@ from engine.documents import (
     set_path,
     through_array_message,
 )
-from engine.errors import DocumentValidationFailure, ModelgateError
+from engine.errors import DocumentValidationFailure, HostUnreachable, ModelgateError
 from engine.inputs import ImageSource
 from engine.outputs import error_record, stale_update
 from engine.raw_documents import read_path, write_path
@@ -55,6 +59,10 @@ from proxy.wire.opmsg import DocumentSequence, OpMsg
 __all__ = ["InlineWrites", "ServedModels"]
 
 WRITE_COMMANDS = frozenset({"insert", "update", "findAndModify", "findandmodify", "bulkWrite"})
+# How long a write waits for the first read of the model registry (the upstream being
+# unreachable at start, say) before it is refused: a driver's default server selection
+# timeout, so that a client waits about as long as it would for MongoDB itself.
+REGISTRY_WAIT_S = 30.0
 
 
 class _Target:
@@ -161,6 +169,11 @@ class ServedModels(Protocol):
     def image_source(self) -> ImageSource | None: ...
 
     @property
+    def registry_loaded(self) -> bool: ...
+
+    async def wait_until_loaded(self) -> None: ...
+
+    @property
     def has_inline(self) -> bool: ...
 
     @property
@@ -184,11 +197,19 @@ class InlineWrites:
         self.on_written = on_written
 
     def wants(self, command: str) -> bool:
-        return command in WRITE_COMMANDS and (self.models.has_inline or self.models.has_deferred)
+        return command in WRITE_COMMANDS and (
+            self.models.has_inline or self.models.has_deferred or not self.models.registry_loaded
+        )
 
     async def intercept(
         self, context: CommandContext, command: str, message: OpMsg
     ) -> WriteDecision:
+        if not self.models.registry_loaded and not await self._registry_read():
+            return AnswerLocally(error_reply(HostUnreachable(
+                f"modelgate has not read its model registry from the upstream in"
+                f" {REGISTRY_WAIT_S:g} s (its log says why), so it cannot tell which models"
+                f" this {command} needs; nothing was written"
+            )))  # fmt: skip
         body = bson.decode(message.body, codec_options=FAITHFUL)
         if command == "bulkWrite":
             ns_info, _ = _statements(body, message, "nsInfo")
@@ -207,6 +228,11 @@ class InlineWrites:
             else:
                 decision = await self._find_and_modify(context, body, servers)
         return self._notify_deferred(decision, namespaces)
+
+    async def _registry_read(self) -> bool:
+        with trio.move_on_after(REGISTRY_WAIT_S):
+            await self.models.wait_until_loaded()
+        return self.models.registry_loaded
 
     def _notify_deferred(self, decision: WriteDecision, namespaces: list[str]) -> WriteDecision:
         """A forwarded write to a namespace with deferred models nudges their workers once

@@ -17,7 +17,7 @@ from engine.inputs import ImageSource
 from engine.runtime import RuntimeSettings, load_model
 from engine.spec import ClassifyPostprocess, ModelSpec, OnError, TensorPreprocess
 from proxy.framed import FramedStream
-from proxy.inline import InlineWrites
+from proxy.inline import REGISTRY_WAIT_S, InlineWrites
 from proxy.session import (
     AnswerLocally,
     CommandContext,
@@ -60,6 +60,15 @@ class _Served:
 
     def __init__(self, *servers: ModelServer) -> None:
         self.servers = servers
+        self.loaded = trio.Event()
+        self.loaded.set()
+
+    @property
+    def registry_loaded(self) -> bool:
+        return self.loaded.is_set()
+
+    async def wait_until_loaded(self) -> None:
+        await self.loaded.wait()
 
     def _of(self, namespace: str, mode: str) -> list[ModelServer]:
         return [
@@ -284,3 +293,41 @@ async def test_acknowledged_write_nudges_the_deferred_workers_of_its_namespace()
 @pytest.mark.parametrize("command", ["delete", "find"])
 async def test_other_commands_are_not_wanted(command: str) -> None:
     assert not InlineWrites(_Served(_server())).wants(command)  # type: ignore[arg-type]
+
+
+# -- before the model registry has been read -------------------------------------------
+
+
+async def test_a_write_waits_for_the_first_registry_read() -> None:
+    served = _Served(_server())
+    served.loaded = trio.Event()
+    writes = InlineWrites(served)  # type: ignore[arg-type]
+    assert writes.wants("insert") and not writes.wants("find")
+    message = OpMsg(0, bson.encode({"insert": "coll", **_inserts(A), "$db": "db"}))
+    decisions: list[WriteDecision] = []
+
+    async def write() -> None:
+        decisions.append(await writes.intercept(_context(), "insert", message))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        await trio.testing.wait_all_tasks_blocked()
+        assert decisions == []
+        served.loaded.set()
+    body, _ = _forwarded(decisions[0])
+    assert _label(body["documents"][0]) == "a"
+
+
+async def test_a_write_is_refused_when_the_registry_stays_unread(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    served = _Served(_server())
+    served.loaded = trio.Event()
+    message = OpMsg(0, bson.encode({"insert": "coll", **_inserts(A), "$db": "db"}))
+    started = trio.current_time()
+    decision = await InlineWrites(served).intercept(_context(), "insert", message)  # type: ignore[arg-type]
+    assert trio.current_time() - started == pytest.approx(REGISTRY_WAIT_S)
+    assert isinstance(decision, AnswerLocally)
+    assert decision.reply["code"] == 6 and decision.reply["codeName"] == "HostUnreachable"
+    assert "has not read its model registry" in decision.reply["errmsg"]
+    assert "nothing was written" in decision.reply["errmsg"]
