@@ -12,7 +12,9 @@ client's insert is its own batch, so one client's model run can overlap another'
 upstream insert) and CLIENTS x BATCH (the four clients' inserts merged into one batch).
 The documents modelgate stores carry their outputs, which cost the upstream more to
 store than the plain documents U is measured on; so each cell also gives the limit with
-U measured on a sample of the documents as modelgate stored them.
+"U stored", the upstream's rate on a sample of the documents as modelgate stored them in
+the cell's warm-up, measured like U (right before and after the timed run: U, U stored,
+modelgate, U stored, U).
 
 Beside the rates, each cell gives the CPU milliseconds per 1,000 documents of modelgate's
 process and of the upstream's (read from /proc where this machine runs them): on a busy
@@ -25,7 +27,7 @@ came out at 0.49 of its limit only because the upstream slid under it. So with t
 embedded upstream (no --upstream) each cell, and the no-model run, gets a stack of its
 own, a fresh upstream and a fresh modelgate in front (same arguments), torn down after
 it: every cell starts from the same state. Within a cell the upstream still slides,
-hence U right before and after. A given --upstream cannot be restarted: all the cells
+hence U and U stored right before and after. A given --upstream cannot be restarted: all the cells
 share one stack there, as one modelgate in front of it."""
 
 from __future__ import annotations
@@ -278,14 +280,24 @@ def insert_rate(
     return sum(counts) / (time.perf_counter() - started), sum(counts)
 
 
-def _proxy_rate(
+@dataclass(frozen=True)
+class _Attached:
+    """A fresh model attached inline to a fresh collection, warmed up, and a sample of
+    the documents as modelgate stored them in the warm-up (outputs in them)."""
+
+    name: str
+    collection: str
+    stored: list[dict[str, Any]]
+
+
+@contextlib.contextmanager
+def _attached(
     clients: Sequence[pymongo.MongoClient[dict[str, Any]]],
     workload: Workload,
     max_size: int,
     max_delay_ms: float,
-    duration_s: float,
-    probe: CpuProbe | None,
-) -> dict[str, Any]:
+    warm_up_s: float,
+) -> Iterator[_Attached]:
     tag = uuid.uuid4().hex[:8]
     name, collection = f"bench_{workload.name}_b{max_size}_{tag}", f"batched_{tag}"
     admin = clients[0]
@@ -301,17 +313,29 @@ def _proxy_rate(
         batch={"maxSize": max_size, "maxDelayMs": max_delay_ms},
     )
     try:
-        insert_rate(clients, collection, workload.documents, min(1.0, duration_s))  # warm-up
-        before = admin.admin.command({"modelStatus": name})
-        cpu = probe() if probe is not None else (None, None)
-        rate, docs = insert_rate(clients, collection, workload.documents, duration_s)
-        cpu_used = _cpu_ms_per_1k(probe, cpu, docs)
-        after = admin.admin.command({"modelStatus": name})
+        insert_rate(clients, collection, workload.documents, warm_up_s)
         stored = list(admin[DB_NAME][collection].find({}, {"_id": 0}).limit(DISTINCT))
+        yield _Attached(name, collection, stored)
     finally:
         with contextlib.suppress(pymongo.errors.PyMongoError):
             admin.admin.command({"dropModel": name})
         admin[DB_NAME].drop_collection(collection)
+
+
+def _proxy_rate(
+    clients: Sequence[pymongo.MongoClient[dict[str, Any]]],
+    attached: _Attached,
+    workload: Workload,
+    max_size: int,
+    duration_s: float,
+    probe: CpuProbe | None,
+) -> dict[str, Any]:
+    admin = clients[0].admin
+    before = admin.command({"modelStatus": attached.name})
+    cpu = probe() if probe is not None else (None, None)
+    rate, docs = insert_rate(clients, attached.collection, workload.documents, duration_s)
+    cpu_used = _cpu_ms_per_1k(probe, cpu, docs)
+    after = admin.command({"modelStatus": attached.name})
     batches = int(after.get("batches", 0)) - int(before.get("batches", 0))
     items = float(after.get("meanBatchSize", 0.0)) * int(after.get("batches", 0)) - float(
         before.get("meanBatchSize", 0.0)
@@ -320,7 +344,6 @@ def _proxy_rate(
         "max_size": max_size,
         "docs_per_s": rate,
         "mean_batch_size": items / batches if batches else 0.0,
-        "stored_documents": stored,
         **cpu_used,
     }
 
@@ -383,21 +406,33 @@ def batched_rows(
             direct += runs
             settings = []
             for max_size in (BATCH, CLIENTS * BATCH):
-                with stack_per_cell() as ends:
+                with (
+                    stack_per_cell() as ends,
+                    _attached(
+                        ends.proxy, workload, max_size, max_delay_ms, min(1.0, duration_s)
+                    ) as attached,
+                ):
+                    # U, and the upstream's rate on the documents as modelgate stored them
+                    # (outputs in them, which cost the upstream more than the plain ones),
+                    # each measured right before and right after the cell, in mirror order.
                     before = _upstream_rate(ends, workload, duration_s)
-                    cell = _proxy_rate(
-                        ends.proxy, workload, max_size, max_delay_ms, duration_s, ends.probe
+                    stored_before = _plain_rate(
+                        ends, ends.direct, attached.stored, duration_s, None
                     )
+                    cell = _proxy_rate(
+                        ends.proxy, attached, workload, max_size, duration_s, ends.probe
+                    )
+                    stored_runs = [
+                        stored_before,
+                        _plain_rate(ends, ends.direct, attached.stored, duration_s, None),
+                    ]
                     runs = [before, _upstream_rate(ends, workload, duration_s)]
                     _record_bracket(cell, ends, runs)
-                    # The documents as modelgate stored them (outputs in them) cost the
-                    # upstream more than the plain ones U is measured on: their rate
-                    # gives a second limit.
-                    stored = cell.pop("stored_documents")
-                    as_stored = _plain_rate(ends, ends.direct, stored, duration_s, None)
                 direct += runs
-                cell["stored_upstream_docs_per_s"] = as_stored["docs_per_s"]
-                cell["stored_limit_docs_per_s"] = 1 / (1 / as_stored["docs_per_s"] + 1 / model)
+                as_stored = sum(run["docs_per_s"] for run in stored_runs) / len(stored_runs)
+                cell["stored_upstream_docs_per_s"] = as_stored
+                cell["stored_upstream_runs"] = [run["docs_per_s"] for run in stored_runs]
+                cell["stored_limit_docs_per_s"] = 1 / (1 / as_stored + 1 / model)
                 cell["ratio_to_stored_limit"] = cell["docs_per_s"] / cell["stored_limit_docs_per_s"]
                 cell["limit_docs_per_s"] = 1 / (1 / cell["upstream_docs_per_s"] + 1 / model)
                 cell["ratio_to_limit"] = cell["docs_per_s"] / cell["limit_docs_per_s"]
@@ -454,7 +489,8 @@ def batched_report(batched: list[dict[str, Any]]) -> list[str]:
         f"{stacks}: U the upstream alone (the mean of the runs right before and after "
         "this one), M onnxruntime alone (batch 64), limit 1/(1/U + 1/M), modelgate per model batch "
         "maxSize; U stored: the upstream alone inserting the documents as modelgate stored "
-        "them (outputs included), /stored limit: modelgate over 1/(1/U stored + 1/M); "
+        "them (outputs included; measured like U), /stored limit: modelgate over "
+        "1/(1/U stored + 1/M); "
         "CPU: ms per 1,000 documents of modelgate's process and of the upstream's",
         format_table(
             [

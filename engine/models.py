@@ -22,6 +22,7 @@ from engine.metrics import EngineMetrics
 from engine.registry import ModelRecord
 from engine.runtime import CompiledModel, RuntimeSettings, load_model
 from engine.spec import ModelSpec
+from engine.upstream_failures import UpstreamRefusal
 
 __all__ = ["ModelSet", "Registry"]
 
@@ -60,6 +61,7 @@ class ModelSet:
         self._refresh_lock = trio.Lock()
         self._changed = trio.Event()
         self._loaded = trio.Event()
+        self._answered = trio.Event()
 
     # -- lookups used on every write ---------------------------------------------------
 
@@ -97,11 +99,18 @@ class ModelSet:
     @property
     def registry_loaded(self) -> bool:
         """Whether the registry has been read once: until then a restarted process does not
-        know the models registered before (writes and readiness wait for it)."""
+        know the models registered before (readiness waits for it)."""
         return self._loaded.is_set()
 
-    async def wait_until_loaded(self) -> None:
-        await self._loaded.wait()
+    @property
+    def registry_answered(self) -> bool:
+        """Whether the upstream has answered a read of the registry, with the models or
+        with a refusal (modelgate's own connection may not read it: no model can be
+        served then). Writes wait for it: until then one could miss a model."""
+        return self._answered.is_set()
+
+    async def wait_until_answered(self) -> None:
+        await self._answered.wait()
 
     async def next_change(self) -> None:
         """Return once a model is installed, replaced or removed. A caller that looks at
@@ -131,7 +140,11 @@ class ModelSet:
     async def refresh(self) -> None:
         """Bring the served models in step with the registry."""
         async with self._refresh_lock:
-            versions = await trio.to_thread.run_sync(self.registry.current_versions)
+            try:
+                versions = await trio.to_thread.run_sync(self.registry.current_versions)
+            except UpstreamRefusal:
+                self._answered.set()
+                raise
             for name in list(self.servers):
                 if name not in versions:
                     log.info("model '%s' was dropped", name)
@@ -152,6 +165,7 @@ class ModelSet:
                     continue
                 self._install(record, model)
             self._loaded.set()
+            self._answered.set()
 
     def _load(self, record: ModelRecord) -> CompiledModel:
         onnx_bytes = self.registry.onnx_bytes(record)

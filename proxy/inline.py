@@ -8,8 +8,8 @@ predict is stored with an error record (onError "record") or refused with a writ
 write stops at the first refused statement, an unordered one goes on, and every
 writeErrors index in the reply is the client's own.
 
-Until the process has read its model registry once, writes wait for it: a write let
-through before would miss the models registered earlier."""
+Until the upstream has answered the process's first read of its model registry, writes
+wait for it: a write let through before could miss a model registered earlier."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ from proxy.wire.opmsg import DocumentSequence, OpMsg
 __all__ = ["InlineWrites", "ServedModels"]
 
 WRITE_COMMANDS = frozenset({"insert", "update", "findAndModify", "findandmodify", "bulkWrite"})
-# How long a write waits for the first read of the model registry (the upstream being
-# unreachable at start, say) before it is refused: a driver's default server selection
+# How long a write waits for the upstream to answer the first read of the model registry
+# (it may be unreachable at start) before the write is refused: a driver's default server selection
 # timeout, so that a client waits about as long as it would for MongoDB itself.
 REGISTRY_WAIT_S = 30.0
 
@@ -169,9 +169,9 @@ class ServedModels(Protocol):
     def image_source(self) -> ImageSource | None: ...
 
     @property
-    def registry_loaded(self) -> bool: ...
+    def registry_answered(self) -> bool: ...
 
-    async def wait_until_loaded(self) -> None: ...
+    async def wait_until_answered(self) -> None: ...
 
     @property
     def has_inline(self) -> bool: ...
@@ -198,17 +198,17 @@ class InlineWrites:
 
     def wants(self, command: str) -> bool:
         return command in WRITE_COMMANDS and (
-            self.models.has_inline or self.models.has_deferred or not self.models.registry_loaded
+            self.models.has_inline or self.models.has_deferred or not self.models.registry_answered
         )
 
     async def intercept(
         self, context: CommandContext, command: str, message: OpMsg
     ) -> WriteDecision:
-        if not self.models.registry_loaded and not await self._registry_read():
+        if not self.models.registry_answered and not await self._registry_answered():
             return AnswerLocally(error_reply(HostUnreachable(
-                f"modelgate has not read its model registry from the upstream in"
-                f" {REGISTRY_WAIT_S:g} s (its log says why), so it cannot tell which models"
-                f" this {command} needs; nothing was written"
+                f"the upstream has not answered modelgate's read of its model registry in"
+                f" {REGISTRY_WAIT_S:g} s (modelgate's log says why), so modelgate cannot tell"
+                f" which models this {command} needs; nothing was written"
             )))  # fmt: skip
         body = bson.decode(message.body, codec_options=FAITHFUL)
         if command == "bulkWrite":
@@ -229,10 +229,10 @@ class InlineWrites:
                 decision = await self._find_and_modify(context, body, servers)
         return self._notify_deferred(decision, namespaces)
 
-    async def _registry_read(self) -> bool:
+    async def _registry_answered(self) -> bool:
         with trio.move_on_after(REGISTRY_WAIT_S):
-            await self.models.wait_until_loaded()
-        return self.models.registry_loaded
+            await self.models.wait_until_answered()
+        return self.models.registry_answered
 
     def _notify_deferred(self, decision: WriteDecision, namespaces: list[str]) -> WriteDecision:
         """A forwarded write to a namespace with deferred models nudges their workers once

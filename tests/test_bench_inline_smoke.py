@@ -61,7 +61,9 @@ def test_bench_inline_quick_digits(tmp_path: Path) -> None:
         assert [cell["max_size"] for cell in row["proxy"]] == [16, 64], row
         for cell in row["proxy"]:
             assert cell["docs_per_s"] > 0 and cell["ratio_to_limit"] > 0, cell
-            assert cell["stored_upstream_docs_per_s"] > 0, cell
+            # Measured like U: right before and right after the cell.
+            assert len(cell["stored_upstream_runs"]) == 2, cell
+            assert min(cell["stored_upstream_runs"]) > 0, cell
             assert 0 < cell["stored_limit_docs_per_s"] < cell["stored_upstream_docs_per_s"], cell
             assert "stored_documents" not in cell, cell
             assert cell["mean_batch_size"] >= 1, cell

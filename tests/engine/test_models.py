@@ -8,15 +8,17 @@ import datetime
 import hashlib
 import threading
 
+import pytest
 import trio
 import trio.testing
 
 from bench.support import onnx_models
-from engine.errors import ModelNotFound
+from engine.errors import HostUnreachable, ModelgateError, ModelNotFound
 from engine.models import ModelSet
 from engine.registry import ModelRecord
 from engine.runtime import RuntimeSettings
 from engine.spec import ClassifyPostprocess, Mode, ModelSpec, TensorPreprocess
+from engine.upstream_failures import UpstreamRefusal
 
 RUNTIME = RuntimeSettings(providers=("CPUExecutionProvider",), intra_op_threads=1)
 ONNX = onnx_models.linear_classifier()
@@ -43,6 +45,7 @@ class InMemoryRegistry:
         self.records: dict[str, ModelRecord] = {}
         self.files: dict[str, bytes] = {}
         self.registrations = 0
+        self.failure: ModelgateError | None = None  # what current_versions raises, if set
         self.reading = threading.Event()
         self._reads_open = threading.Event()
         self._reads_open.set()
@@ -79,6 +82,8 @@ class InMemoryRegistry:
         return record
 
     def current_versions(self) -> dict[str, int]:
+        if self.failure is not None:
+            raise self.failure
         with self._lock:
             snapshot = {name: record.version for name, record in self.records.items()}
         self.reading.set()
@@ -199,3 +204,23 @@ async def test_changes_wake_whoever_waits_for_them() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert changes == 3
         nursery.cancel_scope.cancel()
+
+
+async def test_the_registry_counts_as_answered_once_read_or_refused() -> None:
+    """Writes wait until the upstream answers a read of the registry: an unreachable
+    upstream is no answer; a refusal (modelgate may not read it) is one, though no model
+    can be served then; readiness waits for a read."""
+    registry = InMemoryRegistry()
+    models = model_set(registry)
+    assert not models.registry_answered and not models.registry_loaded
+    registry.failure = HostUnreachable("the upstream did not answer")
+    with pytest.raises(HostUnreachable):
+        await models.refresh()
+    assert not models.registry_answered and not models.registry_loaded
+    registry.failure = UpstreamRefusal("not authorized", code=13, code_name="Unauthorized")
+    with pytest.raises(UpstreamRefusal):
+        await models.refresh()
+    assert models.registry_answered and not models.registry_loaded
+    registry.failure = None
+    await models.refresh()
+    assert models.registry_answered and models.registry_loaded

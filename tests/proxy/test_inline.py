@@ -60,15 +60,15 @@ class _Served:
 
     def __init__(self, *servers: ModelServer) -> None:
         self.servers = servers
-        self.loaded = trio.Event()
-        self.loaded.set()
+        self.answered = trio.Event()
+        self.answered.set()
 
     @property
-    def registry_loaded(self) -> bool:
-        return self.loaded.is_set()
+    def registry_answered(self) -> bool:
+        return self.answered.is_set()
 
-    async def wait_until_loaded(self) -> None:
-        await self.loaded.wait()
+    async def wait_until_answered(self) -> None:
+        await self.answered.wait()
 
     def _of(self, namespace: str, mode: str) -> list[ModelServer]:
         return [
@@ -298,9 +298,9 @@ async def test_other_commands_are_not_wanted(command: str) -> None:
 # -- before the model registry has been read -------------------------------------------
 
 
-async def test_a_write_waits_for_the_first_registry_read() -> None:
+async def test_a_write_waits_for_the_upstream_to_answer_the_first_registry_read() -> None:
     served = _Served(_server())
-    served.loaded = trio.Event()
+    served.answered = trio.Event()
     writes = InlineWrites(served)  # type: ignore[arg-type]
     assert writes.wants("insert") and not writes.wants("find")
     message = OpMsg(0, bson.encode({"insert": "coll", **_inserts(A), "$db": "db"}))
@@ -313,21 +313,21 @@ async def test_a_write_waits_for_the_first_registry_read() -> None:
         nursery.start_soon(write)
         await trio.testing.wait_all_tasks_blocked()
         assert decisions == []
-        served.loaded.set()
+        served.answered.set()
     body, _ = _forwarded(decisions[0])
     assert _label(body["documents"][0]) == "a"
 
 
-async def test_a_write_is_refused_when_the_registry_stays_unread(
+async def test_a_write_is_refused_when_the_registry_read_stays_unanswered(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     served = _Served(_server())
-    served.loaded = trio.Event()
+    served.answered = trio.Event()
     message = OpMsg(0, bson.encode({"insert": "coll", **_inserts(A), "$db": "db"}))
     started = trio.current_time()
     decision = await InlineWrites(served).intercept(_context(), "insert", message)  # type: ignore[arg-type]
     assert trio.current_time() - started == pytest.approx(REGISTRY_WAIT_S)
     assert isinstance(decision, AnswerLocally)
     assert decision.reply["code"] == 6 and decision.reply["codeName"] == "HostUnreachable"
-    assert "has not read its model registry" in decision.reply["errmsg"]
+    assert "has not answered modelgate's read of its model registry" in decision.reply["errmsg"]
     assert "nothing was written" in decision.reply["errmsg"]
