@@ -27,8 +27,8 @@ came out at 0.49 of its limit only because the upstream slid under it. So with t
 embedded upstream (no --upstream) each cell, and the no-model run, gets a stack of its
 own, a fresh upstream and a fresh modelgate in front (same arguments), torn down after
 it: every cell starts from the same state. Within a cell the upstream still slides,
-hence U and U stored right before and after. A given --upstream cannot be restarted: all the cells
-share one stack there, as one modelgate in front of it."""
+hence U and U stored right before and after. A given --upstream cannot be restarted:
+all the cells share one stack there, as one modelgate in front of it."""
 
 from __future__ import annotations
 
@@ -371,10 +371,14 @@ def _upstream_rate(ends: Ends, workload: Workload, duration_s: float) -> dict[st
     return _plain_rate(ends, ends.direct, workload.documents, duration_s, ends.probe)
 
 
+def _mean_rate(runs: Sequence[dict[str, Any]]) -> float:
+    return sum(run["docs_per_s"] for run in runs) / len(runs)
+
+
 def _record_bracket(measured: dict[str, Any], ends: Ends, runs: list[dict[str, Any]]) -> None:
     """Give `measured` the mean of `runs` (U right before and after it) as its U, and
     the processes it ran on."""
-    measured["upstream_docs_per_s"] = sum(run["docs_per_s"] for run in runs) / len(runs)
+    measured["upstream_docs_per_s"] = _mean_rate(runs)
     measured["stack"] = ends.processes
 
 
@@ -429,7 +433,7 @@ def batched_rows(
                     runs = [before, _upstream_rate(ends, workload, duration_s)]
                     _record_bracket(cell, ends, runs)
                 direct += runs
-                as_stored = sum(run["docs_per_s"] for run in stored_runs) / len(stored_runs)
+                as_stored = _mean_rate(stored_runs)
                 cell["stored_upstream_docs_per_s"] = as_stored
                 cell["stored_upstream_runs"] = [run["docs_per_s"] for run in stored_runs]
                 cell["stored_limit_docs_per_s"] = 1 / (1 / as_stored + 1 / model)
@@ -437,7 +441,7 @@ def batched_rows(
                 cell["limit_docs_per_s"] = 1 / (1 / cell["upstream_docs_per_s"] + 1 / model)
                 cell["ratio_to_limit"] = cell["docs_per_s"] / cell["limit_docs_per_s"]
                 settings.append(cell)
-            upstream = sum(run["docs_per_s"] for run in direct) / len(direct)
+            upstream = _mean_rate(direct)
             rows.append(
                 {
                     "model": workload.name,

@@ -60,8 +60,8 @@ __all__ = ["InlineWrites", "ServedModels"]
 
 WRITE_COMMANDS = frozenset({"insert", "update", "findAndModify", "findandmodify", "bulkWrite"})
 # How long a write waits for the upstream to answer the first read of the model registry
-# (it may be unreachable at start) before the write is refused: a driver's default server selection
-# timeout, so that a client waits about as long as it would for MongoDB itself.
+# (it may be unreachable at start) before the write is refused: a driver's default server
+# selection timeout, so that a client waits about as long as it would for MongoDB itself.
 REGISTRY_WAIT_S = 30.0
 
 
