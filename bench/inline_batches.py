@@ -3,42 +3,44 @@ batches of BATCH documents through an inline model, against the machine's limit 
 in the same run.
 
 The limit: a document costs an upstream insert and a model run, so with U the upstream's
-insert rate of the same documents (same clients and batches, straight to it, no model;
-measured right before and after each modelgate run) and M onnxruntime's rate on the same
-inputs (batch MODEL_BATCH, input conversion included), nothing that does both in turn can
-beat 1/(1/U + 1/M). modelgate's rate is
+insert rate of the same documents (same clients and batches, straight to it, no model)
+and M onnxruntime's rate on the same inputs (batch MODEL_BATCH, input conversion
+included), nothing that does both in turn can beat 1/(1/U + 1/M). modelgate's rate is
 reported as a ratio of it, for two batch settings of the model: `maxSize` BATCH (each
 client's insert is its own batch, so one client's model run can overlap another's
 upstream insert) and CLIENTS x BATCH (the four clients' inserts merged into one batch).
 The documents modelgate stores carry their outputs, which cost the upstream more to
 store than the plain documents U is measured on; so each cell also gives the limit with
 "U stored", the upstream's rate on a sample of the documents as modelgate stored them in
-the cell's warm-up, measured like U (right before and after the timed run: U, U stored,
-modelgate, U stored, U).
+the cell's warm-up, measured like U.
+
+Interleaved: this machine's speed changes from second to second (a CPU-bound loop ran
+at 0.6 to 1.0 of its best rate over 2 s windows, with nothing else running), so U, U
+stored and modelgate are not measured one after the other but in rounds of at most
+ROUND_S seconds each, their order rotating from round to round, and each rate is over
+all of its rounds: every kind sees the same mix of fast and slow seconds.
 
 Beside the rates, each cell gives the CPU milliseconds per 1,000 documents of modelgate's
 process and of the upstream's (read from /proc where this machine runs them): on a busy
 host they move less than the rates do.
 
-Fresh stacks: the embedded SecantusDB gets slower with every write it has taken, dropped
-collections included (its CPU per insert doubled over 150,000 inserts), so cells run one
-after another on one upstream are measured against different upstreams; a cell once
-came out at 0.49 of its limit only because the upstream slid under it. So with the
-embedded upstream (no --upstream) each cell, and the no-model run, gets a stack of its
-own, a fresh upstream and a fresh modelgate in front (same arguments), torn down after
-it: every cell starts from the same state. Within a cell the upstream still slides,
-hence U and U stored right before and after. A given --upstream cannot be restarted:
-all the cells share one stack there, as one modelgate in front of it."""
+Fresh stacks: with the embedded upstream (no --upstream) each cell, and the no-model
+run, gets a stack of its own, a fresh SecantusDB and a fresh modelgate in front (same
+arguments), torn down after it, so that every cell starts from the same state (no
+collections of earlier cells, an oplog below its cap of 100,000 entries). The clients
+write without retryable writes (bench.insert_clients says why). A given --upstream
+cannot be restarted: all the cells share one stack there, as one modelgate in front."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,8 @@ MODEL_BATCH = 64
 FEATURES = 16
 DISTINCT = 256
 DB_NAME = "modelgate_bench_inline"
+# The longest run of one kind of inserts before the next kind's (see the module's docstring).
+ROUND_S = 3.0
 
 
 # CPU seconds used so far by (modelgate, the upstream); None for one this machine cannot read.
@@ -141,17 +145,6 @@ def _stacks(upstream_uri: str | None, proxy_args: Sequence[str]) -> Iterator[Sta
         return
     with bench_stack(upstream_uri, proxy_args=proxy_args) as stack, _ends(stack) as ends:
         yield lambda: contextlib.nullcontext(ends)
-
-
-def _cpu_ms_per_1k(
-    probe: CpuProbe | None, before: tuple[float | None, float | None], docs: int
-) -> dict[str, float | None]:
-    after = probe() if probe is not None else (None, None)
-    used = [
-        None if a is None or b is None or not docs else 1e6 * (a - b) / docs
-        for a, b in zip(after, before, strict=True)
-    ]
-    return {"proxy_cpu_ms_per_1k": used[0], "upstream_cpu_ms_per_1k": used[1]}
 
 
 @dataclass(frozen=True)
@@ -246,9 +239,10 @@ def insert_rate(
     collection: str,
     documents: Sequence[dict[str, Any]],
     duration_s: float,
-) -> tuple[float, int]:
-    """Documents/s of `clients`, each inserting BATCH documents per insert_many, and how
-    many they inserted."""
+) -> tuple[int, float]:
+    """How many documents `clients` inserted in `duration_s`, each inserting BATCH
+    documents per insert_many, and in how many seconds (from the start to the last
+    insert's end)."""
     counts = [0] * len(clients)
     errors: list[BaseException] = []
     start = threading.Barrier(len(clients) + 1)
@@ -277,7 +271,72 @@ def insert_rate(
         thread.join()
     if errors:
         raise BenchError(f"insert_many failed: {errors[0]!r}")
-    return sum(counts) / (time.perf_counter() - started), sum(counts)
+    return sum(counts), time.perf_counter() - started
+
+
+# Inserts of one kind for the given seconds: (documents inserted, seconds taken).
+Inserts = Callable[[float], tuple[int, float]]
+
+
+def _inserts(
+    clients: Sequence[pymongo.MongoClient[dict[str, Any]]],
+    collection: str,
+    documents: Sequence[dict[str, Any]],
+) -> Inserts:
+    return lambda seconds: insert_rate(clients, collection, documents, seconds)
+
+
+@dataclass
+class _Tally:
+    """One kind's runs over the rounds of a cell, and the CPU they cost."""
+
+    docs: int = 0
+    seconds: float = 0.0
+    rates: list[float] = field(default_factory=list)
+    cpu_s: list[float | None] = field(default_factory=lambda: [0.0, 0.0])  # proxy, upstream
+
+    def add(
+        self,
+        docs: int,
+        seconds: float,
+        before: tuple[float | None, float | None],
+        after: tuple[float | None, float | None],
+    ) -> None:
+        self.docs += docs
+        self.seconds += seconds
+        self.rates.append(docs / seconds)
+        self.cpu_s = [
+            None if used is None or a is None or b is None else used + a - b
+            for used, a, b in zip(self.cpu_s, after, before, strict=True)
+        ]
+
+    def result(self) -> dict[str, Any]:
+        per_1k = [None if used is None else 1e6 * used / self.docs for used in self.cpu_s]
+        return {
+            "docs_per_s": self.docs / self.seconds,
+            "runs": self.rates,
+            "proxy_cpu_ms_per_1k": per_1k[0],
+            "upstream_cpu_ms_per_1k": per_1k[1],
+        }
+
+
+def _interleaved(
+    kinds: dict[str, Inserts], duration_s: float, probe: CpuProbe
+) -> dict[str, dict[str, Any]]:
+    """Each kind of inserts for `duration_s` in all, in rounds of at most ROUND_S
+    seconds, their order rotating from round to round (see the module's docstring).
+    Per kind: docs/s over all its runs, each run's rate, and the CPU ms per 1,000
+    documents of modelgate's process and of the upstream's while it ran."""
+    rounds = max(2, math.ceil(duration_s / ROUND_S))
+    names = list(kinds)
+    tallies = {name: _Tally() for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            before = probe()
+            docs, seconds = kinds[name](duration_s / rounds)
+            tallies[name].add(docs, seconds, before, probe())
+    return {name: tally.result() for name, tally in tallies.items()}
 
 
 @dataclass(frozen=True)
@@ -322,64 +381,89 @@ def _attached(
         admin[DB_NAME].drop_collection(collection)
 
 
-def _proxy_rate(
-    clients: Sequence[pymongo.MongoClient[dict[str, Any]]],
-    attached: _Attached,
-    workload: Workload,
-    max_size: int,
-    duration_s: float,
-    probe: CpuProbe | None,
-) -> dict[str, Any]:
-    admin = clients[0].admin
-    before = admin.command({"modelStatus": attached.name})
-    cpu = probe() if probe is not None else (None, None)
-    rate, docs = insert_rate(clients, attached.collection, workload.documents, duration_s)
-    cpu_used = _cpu_ms_per_1k(probe, cpu, docs)
-    after = admin.command({"modelStatus": attached.name})
-    batches = int(after.get("batches", 0)) - int(before.get("batches", 0))
-    items = float(after.get("meanBatchSize", 0.0)) * int(after.get("batches", 0)) - float(
-        before.get("meanBatchSize", 0.0)
-    ) * int(before.get("batches", 0))
+@contextlib.contextmanager
+def _scratch_collections(ends: Ends, count: int) -> Iterator[list[str]]:
+    """`count` collections that no model watches, dropped afterwards."""
+    names = [f"plain_batched_{uuid.uuid4().hex[:8]}" for _ in range(count)]
+    try:
+        yield names
+    finally:
+        for name in names:
+            ends.direct[0][DB_NAME].drop_collection(name)
+
+
+def _batch_counters(
+    clients: Sequence[pymongo.MongoClient[dict[str, Any]]], name: str
+) -> tuple[int, float]:
+    """The model's batches so far, and the documents they held."""
+    status = clients[0].admin.command({"modelStatus": name})
+    batches = int(status.get("batches", 0))
+    return batches, float(status.get("meanBatchSize", 0.0)) * batches
+
+
+def _no_model(ends: Ends, workload: Workload, duration_s: float) -> dict[str, Any]:
+    """The proxy's own share: the workload's documents inserted through modelgate with no
+    model, interleaved with U."""
+    with _scratch_collections(ends, 2) as (direct, through):
+        measured = _interleaved(
+            {
+                "upstream": _inserts(ends.direct, direct, workload.documents),
+                "modelgate": _inserts(ends.proxy, through, workload.documents),
+            },
+            duration_s,
+            ends.probe,
+        )
     return {
-        "max_size": max_size,
-        "docs_per_s": rate,
-        "mean_batch_size": items / batches if batches else 0.0,
-        **cpu_used,
+        **measured["modelgate"],
+        "upstream": measured["upstream"],
+        "upstream_docs_per_s": measured["upstream"]["docs_per_s"],
+        "stack": ends.processes,
     }
 
 
-def _plain_rate(
+def _cell(
     ends: Ends,
-    clients: Sequence[pymongo.MongoClient[dict[str, Any]]],
-    documents: Sequence[dict[str, Any]],
+    workload: Workload,
+    model: float,
+    max_size: int,
+    max_delay_ms: float,
     duration_s: float,
-    probe: CpuProbe | None,
 ) -> dict[str, Any]:
-    """Inserts of `documents` by `clients` (of `ends`) into a collection no model
-    watches, and their CPU."""
-    collection = f"plain_batched_{uuid.uuid4().hex[:8]}"
-    try:
-        cpu = probe() if probe is not None else (None, None)
-        rate, docs = insert_rate(clients, collection, documents, duration_s)
-        return {"docs_per_s": rate, **_cpu_ms_per_1k(probe, cpu, docs)}
-    finally:
-        ends.direct[0][DB_NAME].drop_collection(collection)
-
-
-def _upstream_rate(ends: Ends, workload: Workload, duration_s: float) -> dict[str, Any]:
-    """U: the workload's documents inserted straight into the upstream."""
-    return _plain_rate(ends, ends.direct, workload.documents, duration_s, ends.probe)
-
-
-def _mean_rate(runs: Sequence[dict[str, Any]]) -> float:
-    return sum(run["docs_per_s"] for run in runs) / len(runs)
-
-
-def _record_bracket(measured: dict[str, Any], ends: Ends, runs: list[dict[str, Any]]) -> None:
-    """Give `measured` the mean of `runs` (U right before and after it) as its U, and
-    the processes it ran on."""
-    measured["upstream_docs_per_s"] = _mean_rate(runs)
-    measured["stack"] = ends.processes
+    """modelgate with the model attached at `max_size`, interleaved with U (the plain
+    documents straight to the upstream) and U stored (the documents as modelgate stored
+    them in the warm-up, straight to the upstream); its ratios to the two limits."""
+    with (
+        _attached(ends.proxy, workload, max_size, max_delay_ms, min(1.0, duration_s)) as attached,
+        _scratch_collections(ends, 2) as (plain, stored),
+    ):
+        batches_before, items_before = _batch_counters(ends.proxy, attached.name)
+        measured = _interleaved(
+            {
+                "upstream": _inserts(ends.direct, plain, workload.documents),
+                "stored": _inserts(ends.direct, stored, attached.stored),
+                "modelgate": _inserts(ends.proxy, attached.collection, workload.documents),
+            },
+            duration_s,
+            ends.probe,
+        )
+        batches_after, items_after = _batch_counters(ends.proxy, attached.name)
+    batches = batches_after - batches_before
+    upstream, as_stored = measured["upstream"]["docs_per_s"], measured["stored"]["docs_per_s"]
+    cell = {
+        "max_size": max_size,
+        **measured["modelgate"],
+        "mean_batch_size": (items_after - items_before) / batches if batches else 0.0,
+        "upstream_docs_per_s": upstream,
+        "upstream_runs": measured["upstream"]["runs"],
+        "stored_upstream_docs_per_s": as_stored,
+        "stored_upstream_runs": measured["stored"]["runs"],
+        "limit_docs_per_s": 1 / (1 / upstream + 1 / model),
+        "stored_limit_docs_per_s": 1 / (1 / as_stored + 1 / model),
+        "stack": ends.processes,
+    }
+    cell["ratio_to_limit"] = cell["docs_per_s"] / cell["limit_docs_per_s"]
+    cell["ratio_to_stored_limit"] = cell["docs_per_s"] / cell["stored_limit_docs_per_s"]
+    return cell
 
 
 def batched_rows(
@@ -393,55 +477,24 @@ def batched_rows(
 ) -> list[dict[str, Any]]:
     """One row per workload: U, M, the limit, and modelgate at each batch setting.
 
-    Each cell (and the no-model run) is measured between two runs of U, and its U is
-    their mean; with the embedded upstream (`upstream_uri` None) each on a fresh stack
-    (upstream and modelgate started with `proxy_args`), see the module's docstring."""
+    Each cell (and the no-model run) is interleaved with U (see the module's docstring);
+    with the embedded upstream (`upstream_uri` None) each on a fresh stack (upstream and
+    modelgate started with `proxy_args`)."""
     rows = []
     with _stacks(upstream_uri, proxy_args) as stack_per_cell:
         for workload in workloads:
             model = model_rate(workload, model_budget_s)
-            direct: list[dict[str, Any]] = []
             with stack_per_cell() as ends:
-                before = _upstream_rate(ends, workload, duration_s)
-                # The proxy's own share: the same inserts through modelgate, with no model.
-                no_model = _plain_rate(ends, ends.proxy, workload.documents, duration_s, ends.probe)
-                runs = [before, _upstream_rate(ends, workload, duration_s)]
-                _record_bracket(no_model, ends, runs)
-            direct += runs
+                no_model = _no_model(ends, workload, duration_s)
             settings = []
             for max_size in (BATCH, CLIENTS * BATCH):
-                with (
-                    stack_per_cell() as ends,
-                    _attached(
-                        ends.proxy, workload, max_size, max_delay_ms, min(1.0, duration_s)
-                    ) as attached,
-                ):
-                    # U, and the upstream's rate on the documents as modelgate stored them
-                    # (outputs in them, which cost the upstream more than the plain ones),
-                    # each measured right before and right after the cell, in mirror order.
-                    before = _upstream_rate(ends, workload, duration_s)
-                    stored_before = _plain_rate(
-                        ends, ends.direct, attached.stored, duration_s, None
+                with stack_per_cell() as ends:
+                    settings.append(
+                        _cell(ends, workload, model, max_size, max_delay_ms, duration_s)
                     )
-                    cell = _proxy_rate(
-                        ends.proxy, attached, workload, max_size, duration_s, ends.probe
-                    )
-                    stored_runs = [
-                        stored_before,
-                        _plain_rate(ends, ends.direct, attached.stored, duration_s, None),
-                    ]
-                    runs = [before, _upstream_rate(ends, workload, duration_s)]
-                    _record_bracket(cell, ends, runs)
-                direct += runs
-                as_stored = _mean_rate(stored_runs)
-                cell["stored_upstream_docs_per_s"] = as_stored
-                cell["stored_upstream_runs"] = [run["docs_per_s"] for run in stored_runs]
-                cell["stored_limit_docs_per_s"] = 1 / (1 / as_stored + 1 / model)
-                cell["ratio_to_stored_limit"] = cell["docs_per_s"] / cell["stored_limit_docs_per_s"]
-                cell["limit_docs_per_s"] = 1 / (1 / cell["upstream_docs_per_s"] + 1 / model)
-                cell["ratio_to_limit"] = cell["docs_per_s"] / cell["limit_docs_per_s"]
-                settings.append(cell)
-            upstream = _mean_rate(direct)
+            upstream_rates = [no_model["upstream_docs_per_s"]]
+            upstream_rates += [cell["upstream_docs_per_s"] for cell in settings]
+            upstream = sum(upstream_rates) / len(upstream_rates)
             rows.append(
                 {
                     "model": workload.name,
@@ -449,7 +502,6 @@ def batched_rows(
                     "insert_batch": BATCH,
                     "stack_per_cell": upstream_uri is None,
                     "upstream_docs_per_s": upstream,
-                    "upstream_runs": direct,
                     "proxy_no_model_docs_per_s": no_model["docs_per_s"],
                     "proxy_no_model": no_model,
                     "model_docs_per_s": model,
@@ -490,8 +542,8 @@ def batched_report(batched: list[dict[str, Any]]) -> list[str]:
     return [
         "",
         f"{first['clients']} clients inserting batches of {first['insert_batch']} (docs/s), "
-        f"{stacks}: U the upstream alone (the mean of the runs right before and after "
-        "this one), M onnxruntime alone (batch 64), limit 1/(1/U + 1/M), modelgate per model batch "
+        f"{stacks}: U the upstream alone (interleaved with modelgate, in rounds), M "
+        "onnxruntime alone (batch 64), limit 1/(1/U + 1/M), modelgate per model batch "
         "maxSize; U stored: the upstream alone inserting the documents as modelgate stored "
         "them (outputs included; measured like U), /stored limit: modelgate over "
         "1/(1/U stored + 1/M); "
@@ -507,17 +559,17 @@ def batched_report(batched: list[dict[str, Any]]) -> list[str]:
                 *(".0f", ".2f", ".1f", ".0f", ".0f"),
             ],
         ),
-        "no model: " + "; ".join(_no_model(row) for row in batched),
+        "no model: " + "; ".join(_no_model_text(row) for row in batched),
     ]
 
 
-def _no_model(row: dict[str, Any]) -> str:
+def _no_model_text(row: dict[str, Any]) -> str:
     through = row["proxy_no_model"]
     return (
         f"{row['model']} through modelgate {through['docs_per_s']:.0f} docs/s "
         f"(x{through['docs_per_s'] / through['upstream_docs_per_s']:.2f} of U), proxy CPU "
         f"{_ms(through['proxy_cpu_ms_per_1k'])}, upstream CPU "
-        f"{_ms(row['upstream_runs'][0]['upstream_cpu_ms_per_1k'])} direct"
+        f"{_ms(through['upstream']['upstream_cpu_ms_per_1k'])} direct"
     )
 
 
