@@ -27,7 +27,7 @@ host they move less than the rates do.
 Fresh stacks: with the embedded upstream (no --upstream) each cell, and the no-model
 run, gets a stack of its own, a fresh SecantusDB and a fresh modelgate in front (same
 arguments), torn down after it, so that every cell starts from the same state (no
-collections of earlier cells, an oplog below its cap of 100,000 entries). The clients
+collections of earlier cells), with a small oplog (EMBEDDED_OPLOG_CAP). The clients
 write without retryable writes (bench.insert_clients says why). A given --upstream
 cannot be restarted: all the cells share one stack there, as one modelgate in front."""
 
@@ -53,6 +53,7 @@ from bench.harness import format_table
 from bench.insert_clients import ClientPool
 from bench.models import BenchModel, noise_pngs
 from bench.onnx_baseline import open_session, preprocess_spec
+from bench.support.forwarder import forwarder
 from bench.support.processes import DIRECT, PROXY, BenchError, Stack, bench_stack, redact_uri
 from modelgate.admin import register_model
 
@@ -73,6 +74,11 @@ MODEL_BATCH = 64
 FEATURES = 16
 DISTINCT = 256
 DB_NAME = "modelgate_bench_inline"
+# The embedded upstream's oplog cap: its inserts cost a third more once the oplog is at
+# its cap (100,000 entries by default; 69 to 91 ms of its CPU per 1,000 documents before,
+# 113 to 139 after); at this cap it is there within a cell's warm-up, so that every round
+# meets the same upstream.
+EMBEDDED_OPLOG_CAP = 5_000
 # The longest run of one kind of inserts before the next kind's (see the module's docstring).
 ROUND_S = 3.0
 
@@ -95,11 +101,12 @@ def process_cpu_s(pid: int | None) -> float | None:
 @dataclass(frozen=True)
 class Ends:
     """One stack as the batched rows use it: CLIENTS clients to modelgate and as many
-    straight to the upstream, the CPU probe of its two processes, and which processes
-    they are (recorded with every cell measured on them)."""
+    straight to the upstream, the upstream's URI, the CPU probe of the two processes,
+    and which processes they are (recorded with every cell measured on them)."""
 
     proxy: list[pymongo.MongoClient[dict[str, Any]]]
     direct: list[pymongo.MongoClient[dict[str, Any]]]
+    direct_uri: str
     probe: CpuProbe
     processes: dict[str, Any]
 
@@ -115,6 +122,7 @@ def _ends(stack: Stack) -> Iterator[Ends]:
         yield Ends(
             proxy=pools[PROXY].clients,
             direct=pools[DIRECT].clients,
+            direct_uri=stack.direct_uri,
             probe=lambda: (process_cpu_s(proxy_pid), upstream_cpu_seconds(stack.direct_uri)),
             processes={
                 "upstream": redact_uri(stack.direct_uri),
@@ -138,7 +146,11 @@ def _stacks(upstream_uri: str | None, proxy_args: Sequence[str]) -> Iterator[Sta
 
         @contextlib.contextmanager
         def fresh() -> Iterator[Ends]:
-            with bench_stack(None, proxy_args=proxy_args) as stack, _ends(stack) as ends:
+            embedded_args = ("--oplog-max-entries", str(EMBEDDED_OPLOG_CAP))
+            with (
+                bench_stack(None, proxy_args=proxy_args, embedded_args=embedded_args) as stack,
+                _ends(stack) as ends,
+            ):
                 yield ends
 
         yield fresh
@@ -403,11 +415,17 @@ def _batch_counters(
 
 def _no_model(ends: Ends, workload: Workload, duration_s: float) -> dict[str, Any]:
     """The proxy's own share: the workload's documents inserted through modelgate with no
-    model, interleaved with U."""
-    with _scratch_collections(ends, 2) as (direct, through):
+    model, interleaved with U and with the same inserts through the bare frame forwarder
+    (bench.support.forwarder: what any proxy on trio costs, the floor of modelgate's)."""
+    with (
+        forwarder(ends.direct_uri) as forwarder_uri,
+        contextlib.closing(ClientPool(forwarder_uri, CLIENTS)) as forwarded,
+        _scratch_collections(ends, 3) as (direct, through_forwarder, through),
+    ):
         measured = _interleaved(
             {
                 "upstream": _inserts(ends.direct, direct, workload.documents),
+                "forwarder": _inserts(forwarded.clients, through_forwarder, workload.documents),
                 "modelgate": _inserts(ends.proxy, through, workload.documents),
             },
             duration_s,
@@ -417,6 +435,7 @@ def _no_model(ends: Ends, workload: Workload, duration_s: float) -> dict[str, An
         **measured["modelgate"],
         "upstream": measured["upstream"],
         "upstream_docs_per_s": measured["upstream"]["docs_per_s"],
+        "forwarder_docs_per_s": measured["forwarder"]["docs_per_s"],
         "stack": ends.processes,
     }
 
@@ -567,7 +586,9 @@ def _no_model_text(row: dict[str, Any]) -> str:
     through = row["proxy_no_model"]
     return (
         f"{row['model']} through modelgate {through['docs_per_s']:.0f} docs/s "
-        f"(x{through['docs_per_s'] / through['upstream_docs_per_s']:.2f} of U), proxy CPU "
+        f"(x{through['docs_per_s'] / through['upstream_docs_per_s']:.2f} of U; the bare "
+        f"frame forwarder x{through['forwarder_docs_per_s'] / through['upstream_docs_per_s']:.2f}"
+        "), proxy CPU "
         f"{_ms(through['proxy_cpu_ms_per_1k'])}, upstream CPU "
         f"{_ms(through['upstream']['upstream_cpu_ms_per_1k'])} direct"
     )

@@ -57,6 +57,7 @@ def test_bench_inline_quick_digits(tmp_path: Path) -> None:
     for row in payload["batched"]:
         for key in ("upstream_docs_per_s", "proxy_no_model_docs_per_s", "model_docs_per_s"):
             assert row[key] > 0, (row["model"], key)
+        assert row["proxy_no_model"]["forwarder_docs_per_s"] > 0, row
         assert 0 < row["limit_docs_per_s"] < row["upstream_docs_per_s"], row
         assert [cell["max_size"] for cell in row["proxy"]] == [16, 64], row
         for cell in row["proxy"]:

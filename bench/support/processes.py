@@ -164,16 +164,16 @@ class ProxyProcess:
 
 
 @contextlib.contextmanager
-def upstream(uri: str | None = None) -> Iterator[str]:
+def upstream(uri: str | None = None, *, embedded_args: Sequence[str] = ()) -> Iterator[str]:
     """Yield the upstream URI: `uri` as given, or an embedded in-memory SecantusDB
-    started now and stopped on exit."""
+    started now (with `embedded_args`) and stopped on exit."""
     if uri:
         wait_for_ping(uri, timeout=10)
         yield uri
         return
     from proxy.embedded import EmbeddedUpstream, EmbeddedUpstreamError
 
-    embedded = EmbeddedUpstream(":memory:")
+    embedded = EmbeddedUpstream(":memory:", extra_args=tuple(embedded_args))
     try:
         embedded.start()
     except EmbeddedUpstreamError as exc:
@@ -206,10 +206,11 @@ def bench_stack(
     proxy_env: Mapping[str, str] | None = None,
     log_path: Path | None = None,
     profile: Path | None = None,
+    embedded_args: Sequence[str] = (),
 ) -> Iterator[Stack]:
     """Start (or reach) the upstream, start modelgate in front, yield both URIs; stop
     everything on exit, also on error, Ctrl-C and (under `finish`) SIGTERM."""
-    with upstream(upstream_uri) as uri:
+    with upstream(upstream_uri, embedded_args=embedded_args) as uri:
         args = (*BENCH_PROXY_ARGS, *proxy_args)
         proxy = ProxyProcess(uri, log_path, args=args, env=proxy_env, profile=profile)
         with proxy:
