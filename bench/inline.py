@@ -18,9 +18,9 @@ PNGs; random weights, see bench/models.py):
 - no model: the same documents inserted through modelgate and straight into the
   upstream, same concurrencies, so the proxy's own cost is visible.
 - batched rows (bench/inline_batches.py): 4 clients inserting batches of 16 through an
-  MLP and the digits CNN, against the limit 1/(1/U + 1/M) of the same run; with the
-  embedded upstream each of their cells on a fresh upstream and modelgate of its own,
-  because the embedded SecantusDB gets slower with every write it has taken.
+  MLP and the digits CNN, against the limit 1/(1/U + 1/M) of the same run, U and
+  modelgate interleaved in rounds; with the embedded upstream each of their cells on a
+  fresh upstream and modelgate of its own, so that all start from the same state.
 
 Everything (this process, modelgate, the embedded SecantusDB) shares the machine's
 CPUs; the table's header says how many."""
@@ -546,9 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-batched",
         action="store_true",
         help="skip the batched-insert rows (4 clients, batches of 16, against the limit "
-        "1/(1/U + 1/M); with the embedded upstream each of their cells starts a fresh "
-        "upstream and modelgate of its own, since the embedded SecantusDB slows down with "
-        "every write it has taken)",
+        "1/(1/U + 1/M), U and modelgate interleaved in rounds of at most 3 s; with the "
+        "embedded upstream each of their cells starts a fresh upstream and modelgate of "
+        "its own)",
     )
     parser.add_argument(
         "--profile-proxy",
