@@ -440,6 +440,12 @@ def _no_model(ends: Ends, workload: Workload, duration_s: float) -> dict[str, An
     }
 
 
+def _limit(upstream: float, model: float) -> float:
+    """The machine's limit for documents that cost an upstream insert and a model run in
+    turn (see the module's docstring), from the rates of each alone."""
+    return 1 / (1 / upstream + 1 / model)
+
+
 def _cell(
     ends: Ends,
     workload: Workload,
@@ -476,8 +482,8 @@ def _cell(
         "upstream_runs": measured["upstream"]["runs"],
         "stored_upstream_docs_per_s": as_stored,
         "stored_upstream_runs": measured["stored"]["runs"],
-        "limit_docs_per_s": 1 / (1 / upstream + 1 / model),
-        "stored_limit_docs_per_s": 1 / (1 / as_stored + 1 / model),
+        "limit_docs_per_s": _limit(upstream, model),
+        "stored_limit_docs_per_s": _limit(as_stored, model),
         "stack": ends.processes,
     }
     cell["ratio_to_limit"] = cell["docs_per_s"] / cell["limit_docs_per_s"]
@@ -524,7 +530,7 @@ def batched_rows(
                     "proxy_no_model_docs_per_s": no_model["docs_per_s"],
                     "proxy_no_model": no_model,
                     "model_docs_per_s": model,
-                    "limit_docs_per_s": 1 / (1 / upstream + 1 / model),
+                    "limit_docs_per_s": _limit(upstream, model),
                     "proxy": settings,
                 }
             )
