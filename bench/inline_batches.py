@@ -21,8 +21,10 @@ ROUND_S seconds each, their order rotating from round to round, and each rate is
 all of its rounds: every kind sees the same mix of fast and slow seconds.
 
 Beside the rates, each cell gives the CPU milliseconds per 1,000 documents of modelgate's
-process and of the upstream's (read from /proc where this machine runs them): on a busy
-host they move less than the rates do.
+process, of the upstream's (read from /proc where this machine runs them) and of the
+clients (this process): on a busy host they move less than the rates do; and the cores
+the three kept busy (their CPU seconds over the run's), which says whether the machine's
+cores were what held a rate back.
 
 Fresh stacks: with the embedded upstream (no --upstream) each cell, and the no-model
 run, gets a stack of its own, a fresh SecantusDB and a fresh modelgate in front (same
@@ -83,8 +85,10 @@ EMBEDDED_OPLOG_CAP = 5_000
 ROUND_S = 3.0
 
 
-# CPU seconds used so far by (modelgate, the upstream); None for one this machine cannot read.
-CpuProbe = Callable[[], tuple[float | None, float | None]]
+# CPU seconds used so far by (modelgate, the upstream, the clients); None for one this machine
+# cannot read.
+Cpu = tuple[float | None, float | None, float | None]
+CpuProbe = Callable[[], Cpu]
 
 
 def process_cpu_s(pid: int | None) -> float | None:
@@ -123,7 +127,11 @@ def _ends(stack: Stack) -> Iterator[Ends]:
             proxy=pools[PROXY].clients,
             direct=pools[DIRECT].clients,
             direct_uri=stack.direct_uri,
-            probe=lambda: (process_cpu_s(proxy_pid), upstream_cpu_seconds(stack.direct_uri)),
+            probe=lambda: (
+                process_cpu_s(proxy_pid),
+                upstream_cpu_seconds(stack.direct_uri),
+                time.process_time(),  # the clients are this process's threads
+            ),
             processes={
                 "upstream": redact_uri(stack.direct_uri),
                 "upstream_pid": upstream_pid,
@@ -305,15 +313,9 @@ class _Tally:
     docs: int = 0
     seconds: float = 0.0
     rates: list[float] = field(default_factory=list)
-    cpu_s: list[float | None] = field(default_factory=lambda: [0.0, 0.0])  # proxy, upstream
+    cpu_s: list[float | None] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # as in Cpu
 
-    def add(
-        self,
-        docs: int,
-        seconds: float,
-        before: tuple[float | None, float | None],
-        after: tuple[float | None, float | None],
-    ) -> None:
+    def add(self, docs: int, seconds: float, before: Cpu, after: Cpu) -> None:
         self.docs += docs
         self.seconds += seconds
         self.rates.append(docs / seconds)
@@ -324,11 +326,15 @@ class _Tally:
 
     def result(self) -> dict[str, Any]:
         per_1k = [None if used is None else 1e6 * used / self.docs for used in self.cpu_s]
+        known = [used for used in self.cpu_s if used is not None]
         return {
             "docs_per_s": self.docs / self.seconds,
             "runs": self.rates,
             "proxy_cpu_ms_per_1k": per_1k[0],
             "upstream_cpu_ms_per_1k": per_1k[1],
+            "clients_cpu_ms_per_1k": per_1k[2],
+            # None where a process's CPU cannot be read (a remote upstream's, say).
+            "cores_busy": sum(known) / self.seconds if len(known) == len(self.cpu_s) else None,
         }
 
 
@@ -337,8 +343,9 @@ def _interleaved(
 ) -> dict[str, dict[str, Any]]:
     """Each kind of inserts for `duration_s` in all, in rounds of at most ROUND_S
     seconds, their order rotating from round to round (see the module's docstring).
-    Per kind: docs/s over all its runs, each run's rate, and the CPU ms per 1,000
-    documents of modelgate's process and of the upstream's while it ran."""
+    Per kind: docs/s over all its runs, each run's rate, the CPU ms per 1,000 documents
+    of modelgate's process, the upstream's and the clients' while it ran, and the cores
+    the three kept busy."""
     rounds = max(2, math.ceil(duration_s / ROUND_S))
     names = list(kinds)
     tallies = {name: _Tally() for name in names}
@@ -480,6 +487,7 @@ def _cell(
         "mean_batch_size": (items_after - items_before) / batches if batches else 0.0,
         "upstream_docs_per_s": upstream,
         "upstream_runs": measured["upstream"]["runs"],
+        "upstream_cores_busy": measured["upstream"]["cores_busy"],
         "stored_upstream_docs_per_s": as_stored,
         "stored_upstream_runs": measured["stored"]["runs"],
         "limit_docs_per_s": _limit(upstream, model),
@@ -554,6 +562,8 @@ def batched_report(batched: list[dict[str, Any]]) -> list[str]:
             cell["mean_batch_size"],
             cell.get("proxy_cpu_ms_per_1k"),
             cell.get("upstream_cpu_ms_per_1k"),
+            cell.get("clients_cpu_ms_per_1k"),
+            _busy(cell),
         ]
         for row in batched
         for cell in row["proxy"]
@@ -572,16 +582,18 @@ def batched_report(batched: list[dict[str, Any]]) -> list[str]:
         "maxSize; U stored: the upstream alone inserting the documents as modelgate stored "
         "them (outputs included; measured like U), /stored limit: modelgate over "
         "1/(1/U stored + 1/M); "
-        "CPU: ms per 1,000 documents of modelgate's process and of the upstream's",
+        "CPU: ms per 1,000 documents of modelgate's process, the upstream's and the "
+        "clients'; busy: the cores those three kept busy in modelgate's runs / in U's",
         format_table(
             [
                 *("model", "maxSize", "U", "M", "limit", "modelgate", "/limit"),
                 *("U stored", "/stored limit", "mean batch", "proxy CPU", "upstream CPU"),
+                *("clients CPU", "busy"),
             ],
             rows,
             floatfmt=[
                 *("", "", ".0f", ".0f", ".0f", ".0f", ".2f"),
-                *(".0f", ".2f", ".1f", ".0f", ".0f"),
+                *(".0f", ".2f", ".1f", ".0f", ".0f", ".0f", ""),
             ],
         ),
         "no model: " + "; ".join(_no_model_text(row) for row in batched),
@@ -598,6 +610,11 @@ def _no_model_text(row: dict[str, Any]) -> str:
         f"{_ms(through['proxy_cpu_ms_per_1k'])}, upstream CPU "
         f"{_ms(through['upstream']['upstream_cpu_ms_per_1k'])} direct"
     )
+
+
+def _busy(cell: dict[str, Any]) -> str:
+    cores = (cell.get("cores_busy"), cell.get("upstream_cores_busy"))
+    return "/".join("-" if value is None else f"{value:.2f}" for value in cores)
 
 
 def _ms(value: float | None) -> str:

@@ -70,6 +70,11 @@ def test_bench_inline_quick_digits(tmp_path: Path) -> None:
             assert 0 < cell["stored_limit_docs_per_s"] < cell["stored_upstream_docs_per_s"], cell
             assert "stored_documents" not in cell, cell
             assert cell["mean_batch_size"] >= 1, cell
+            # CPU accounting: the embedded upstream runs on this machine, so all three
+            # processes' CPU is read, and the cores they kept busy follow from it.
+            for key in ("proxy", "upstream", "clients"):
+                assert cell[f"{key}_cpu_ms_per_1k"] > 0, (key, cell)
+            assert cell["cores_busy"] > 0 and cell["upstream_cores_busy"] > 0, cell
     assert "/limit" in text and "/stored limit" in text
     # With the embedded upstream each batched cell (and each no-model run) gets a fresh
     # upstream and modelgate, so that all start from the same state; a given upstream is
